@@ -1,0 +1,244 @@
+//! Local enrolment: the pods of this node, read from Kubernetes-shaped YAML.
+//!
+//! The same files work with `kubectl apply`: Namespace and Pod documents are read, every other
+//! kind is ignored. A pod is enrolled when its namespace (or the pod itself) says
+//! `nodemesh.io/dataplane-mode: ambient`, the pod does not opt out with `none`, and it is
+//! scheduled on this node. Its netns path comes from the `nodemesh.io/netns` annotation.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+pub const DATAPLANE_MODE: &str = "nodemesh.io/dataplane-mode";
+pub const NETNS_ANNOTATION: &str = "nodemesh.io/netns";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}{location}: {message}")]
+    Yaml { path: PathBuf, location: Location, message: String },
+    #[error("{path}: {kind} {object}: {problem}")]
+    Invalid { path: PathBuf, kind: &'static str, object: String, problem: String },
+    #[error("pod {object} is defined twice: in {first} and in {second}")]
+    Duplicate { object: String, first: PathBuf, second: PathBuf },
+}
+
+/// Where in a file a YAML error is, if known.
+#[derive(Debug, Default)]
+pub struct Location(Option<(usize, usize)>);
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some((line, column)) => write!(f, ":{line}:{column}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Identifies a pod across reloads.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PodKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A pod this node must capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrolledPodSpec {
+    pub key: PodKey,
+    pub ip: Ipv4Addr,
+    pub netns: PathBuf,
+    pub service_account: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Document {
+    kind: Option<String>,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    spec: PodSpecFields,
+    #[serde(default)]
+    status: PodStatusFields,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Metadata {
+    name: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// Returns the dataplane mode, annotation first, as Kubernetes mode reads it.
+    fn dataplane_mode(&self) -> Option<&str> {
+        self.annotations.get(DATAPLANE_MODE).or_else(|| self.labels.get(DATAPLANE_MODE)).map(String::as_str)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpecFields {
+    node_name: Option<String>,
+    service_account_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodStatusFields {
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+}
+
+/// Reads a YAML file, or every `*.yaml` / `*.yml` file of a directory, and returns the pods
+/// enrolled on `node`.
+pub fn load(path: &Path, node: &str) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
+    let files = yaml_files(path)?;
+    let mut namespaces = HashMap::new();
+    let mut pods = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|source| ManifestError::Read { path: file.clone(), source })?;
+        for doc in parse_documents(file, &text)? {
+            match doc.kind.as_deref() {
+                Some("Namespace") => {
+                    let name = required(file, "Namespace", &doc.metadata.name, "metadata.name", "?")?;
+                    namespaces.insert(name.to_owned(), doc.metadata.dataplane_mode() == Some("ambient"));
+                }
+                Some("Pod") => pods.push((file.clone(), doc)),
+                _ => {}
+            }
+        }
+    }
+    select_enrolled(pods, &namespaces, node)
+}
+
+fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let read_err = |source| ManifestError::Read { path: path.to_owned(), source };
+    if !path.is_dir() {
+        std::fs::metadata(path).map_err(read_err)?;
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(read_err)? {
+        let file = entry.map_err(read_err)?.path();
+        if matches!(file.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            files.push(file);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn parse_documents(file: &Path, text: &str) -> Result<Vec<Document>, ManifestError> {
+    let docs: Vec<Option<Document>> =
+        serde_saphyr::from_multiple(text).map_err(|err| ManifestError::Yaml {
+            path: file.to_owned(),
+            location: Location(err.location().map(|l| (l.line() as usize, l.column() as usize))),
+            message: first_line(&err.to_string()),
+        })?;
+    Ok(docs.into_iter().flatten().collect())
+}
+
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or(message).to_owned()
+}
+
+fn required<'a>(
+    file: &Path,
+    kind: &'static str,
+    value: &'a Option<String>,
+    field: &str,
+    object: &str,
+) -> Result<&'a str, ManifestError> {
+    match value.as_deref() {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(ManifestError::Invalid {
+            path: file.to_owned(),
+            kind,
+            object: object.to_owned(),
+            problem: format!("{field} is required"),
+        }),
+    }
+}
+
+fn select_enrolled(
+    pods: Vec<(PathBuf, Document)>,
+    ambient_namespaces: &HashMap<String, bool>,
+    node: &str,
+) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
+    let mut seen: HashMap<PodKey, PathBuf> = HashMap::new();
+    let mut enrolled = Vec::new();
+    for (file, doc) in pods {
+        let name = required(&file, "Pod", &doc.metadata.name, "metadata.name", "?")?;
+        let namespace = doc.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+        let key = PodKey { namespace, name: name.to_owned() };
+        if let Some(first) = seen.insert(key.clone(), file.clone()) {
+            return Err(ManifestError::Duplicate { object: key.to_string(), first, second: file });
+        }
+        let invalid = |problem: String| ManifestError::Invalid {
+            path: file.clone(),
+            kind: "Pod",
+            object: key.to_string(),
+            problem,
+        };
+        let opted_in = match doc.metadata.dataplane_mode() {
+            Some("none") => false,
+            Some("ambient") => true,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "{DATAPLANE_MODE} must be \"ambient\" or \"none\", not {other:?}"
+                )));
+            }
+            None => ambient_namespaces.get(&key.namespace).copied().unwrap_or(false),
+        };
+        if !opted_in || doc.spec.node_name.as_deref() != Some(node) {
+            continue;
+        }
+        let Some(ip) = doc.status.pod_ip.as_deref() else {
+            // Not running yet: nothing to capture until it has an address.
+            continue;
+        };
+        let ip = match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => ip,
+            Ok(IpAddr::V6(_)) => {
+                return Err(invalid(format!("status.podIP {ip}: IPv6 pod addresses are not supported yet")));
+            }
+            Err(_) => return Err(invalid(format!("status.podIP {ip:?} is not an IP address"))),
+        };
+        let netns = doc.metadata.annotations.get(NETNS_ANNOTATION).ok_or_else(|| {
+            invalid(format!("annotation {NETNS_ANNOTATION} (path of the pod's network namespace) is required in local mode"))
+        })?;
+        if !netns.starts_with('/') {
+            return Err(invalid(format!("annotation {NETNS_ANNOTATION} must be an absolute path, not {netns:?}")));
+        }
+        enrolled.push(EnrolledPodSpec {
+            key,
+            ip,
+            netns: PathBuf::from(netns),
+            service_account: doc.spec.service_account_name.clone().unwrap_or_else(|| "default".to_owned()),
+        });
+    }
+    enrolled.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(enrolled)
+}
+
+#[cfg(test)]
+mod tests;

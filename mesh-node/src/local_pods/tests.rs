@@ -1,0 +1,107 @@
+use super::*;
+
+fn load_str(yaml: &str, node: &str) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
+    let dir = std::env::temp_dir().join(format!("nm-local-pods-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("pods.yaml");
+    std::fs::write(&file, yaml).expect("write");
+    let result = load(&file, node);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    nodemesh.io/dataplane-mode: ambient\n";
+
+fn pod(name: &str, node: &str, ip: &str, extra_annotations: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations:\n    nodemesh.io/netns: /run/netns/{name}\n{extra_annotations}spec:\n  nodeName: {node}\n  serviceAccountName: sa-{name}\nstatus:\n  podIP: {ip}\n"
+    )
+}
+
+#[test]
+fn enrols_pods_of_ambient_namespace_on_this_node_only() {
+    let yaml = format!(
+        "{NAMESPACE}{}{}{}",
+        pod("a1", "node-a", "10.1.1.2", ""),
+        pod("b1", "node-b", "10.1.2.2", ""),
+        pod("a3", "node-a", "10.1.1.4", "    nodemesh.io/dataplane-mode: none\n"),
+    );
+    let pods = load_str(&yaml, "node-a").expect("valid");
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].key.to_string(), "demo/a1");
+    assert_eq!(pods[0].ip, Ipv4Addr::new(10, 1, 1, 2));
+    assert_eq!(pods[0].netns, PathBuf::from("/run/netns/a1"));
+    assert_eq!(pods[0].service_account, "sa-a1");
+}
+
+#[test]
+fn namespace_not_ambient_enrols_nothing_unless_pod_opts_in() {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n{}{}",
+        pod("a1", "node-a", "10.1.1.2", ""),
+        pod("a2", "node-a", "10.1.1.3", "    nodemesh.io/dataplane-mode: ambient\n"),
+    );
+    let pods = load_str(&yaml, "node-a").expect("valid");
+    assert_eq!(pods.iter().map(|p| p.key.name.as_str()).collect::<Vec<_>>(), ["a2"]);
+}
+
+#[test]
+fn pod_without_ip_waits() {
+    let yaml = format!("{NAMESPACE}---\nkind: Pod\nmetadata:\n  name: p\n  namespace: demo\nspec:\n  nodeName: node-a\n");
+    assert!(load_str(&yaml, "node-a").expect("valid").is_empty());
+}
+
+#[test]
+fn other_kinds_are_ignored() {
+    let yaml = format!("{NAMESPACE}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s\nspec:\n  ports: [{{port: 80}}]\n{}", pod("a1", "node-a", "10.1.1.2", ""));
+    assert_eq!(load_str(&yaml, "node-a").expect("valid").len(), 1);
+}
+
+#[test]
+fn bad_input_names_file_and_problem() {
+    let cases = [
+        (format!("{NAMESPACE}{}", pod("a1", "node-a", "10.1.1.999", "")), "status.podIP \"10.1.1.999\" is not an IP address"),
+        (format!("{NAMESPACE}{}", pod("a1", "node-a", "fd00::1", "")), "IPv6 pod addresses are not supported yet"),
+        (format!("{NAMESPACE}{}", pod("a1", "node-a", "10.1.1.2", "    nodemesh.io/dataplane-mode: sidecar\n")), "must be \"ambient\" or \"none\""),
+        (format!("{NAMESPACE}{}{}", pod("a1", "node-a", "10.1.1.2", ""), pod("a1", "node-a", "10.1.1.3", "")), "defined twice"),
+        (format!("{NAMESPACE}---\nkind: Pod\nmetadata:\n  namespace: demo\n"), "metadata.name is required"),
+        (format!("{NAMESPACE}---\nkind: Pod\nmetadata:\n  name: x\n  namespace: demo\nspec:\n  nodeName: node-a\nstatus:\n  podIP: 10.0.0.1\n"), "annotation nodemesh.io/netns"),
+        ("kind: Pod\nmetadata: [unclosed\n".to_owned(), "pods.yaml:"),
+        ("kind: Pod\nmetadata:\n  name: [1, 2]\n".to_owned(), "pods.yaml"),
+    ];
+    for (yaml, expected) in cases {
+        let err = load_str(&yaml, "node-a").expect_err(expected).to_string();
+        assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+        assert!(err.contains("pods.yaml"), "error must name the file: {err}");
+    }
+}
+
+#[test]
+fn yaml_error_has_line_number() {
+    let err = load_str("kind: Pod\nmetadata:\n  name: ok\n  labels: {a: [}\n", "node-a").expect_err("bad yaml");
+    assert!(err.to_string().contains("pods.yaml:4"), "{err}");
+}
+
+#[test]
+fn reads_every_yaml_file_of_a_directory() {
+    let dir = std::env::temp_dir().join(format!("nm-local-dir-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("00-ns.yaml"), NAMESPACE).expect("write");
+    std::fs::write(dir.join("a1.yml"), pod("a1", "node-a", "10.1.1.2", "")).expect("write");
+    std::fs::write(dir.join("notes.txt"), "not yaml: [").expect("write");
+    let pods = load(&dir, "node-a");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(pods.expect("valid").len(), 1);
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let err = load(Path::new("/nonexistent/pods.yaml"), "node-a").unwrap_err();
+    assert!(err.to_string().starts_with("cannot read /nonexistent/pods.yaml"), "{err}");
+}

@@ -1,0 +1,299 @@
+//! mesh-node: nodemesh's per-node agent and shared proxy, one process per node.
+//!
+//! It installs the capture programs, enrols the node's pods (opening listeners inside each
+//! pod's netns), forwards their captured connections, and serves admin, metrics and readiness.
+//! See ARCHITECTURE.md for the data path.
+
+mod admin;
+mod bpffs;
+mod capture;
+mod cgroup;
+mod local_pods;
+mod metrics;
+mod netns;
+mod node;
+mod pod;
+mod proxy;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    admin::Endpoint,
+    capture::{Capture, CaptureConfig, KernelLogger},
+    node::Node,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "mesh-node", version, about = "nodemesh node agent and shared proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "NODEMESH_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Installs capture, enrols this node's pods and runs the proxy.
+    Run(RunArgs),
+    /// Detaches and unpins everything mesh-node installed for a node (uninstall).
+    Cleanup {
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// This node's name: only pods with this `spec.nodeName` are enrolled.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// A YAML file or directory of Kubernetes-shaped Namespace and Pod manifests.
+    #[arg(long)]
+    pods: PathBuf,
+    /// The cgroup v2 directory holding this node's pods; capture applies below it.
+    #[arg(long)]
+    pods_cgroup: PathBuf,
+    /// The cgroup v2 directory mesh-node moves itself into (created if missing).
+    #[arg(long)]
+    proxy_cgroup: PathBuf,
+    /// Mount point of the BPF filesystem (mounted if needed); pins go to <bpffs>/nodemesh/<node>.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// The kernel programs' object file (built by `cargo xtask build-ebpf`).
+    #[arg(long, env = "NODEMESH_BPF_OBJECT")]
+    bpf_object: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// How often the pod manifests are re-read.
+    #[arg(long, default_value_t = 1000)]
+    reload_interval_ms: u64,
+    /// Destination ports never captured outbound (repeatable).
+    #[arg(long = "exclude-outbound-port")]
+    excluded_ports: Vec<u16>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Cleanup { node_name, bpffs } => cleanup(&node_name, &bpffs),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            let message = error_chain(&err);
+            tracing::error!("{message}");
+            eprintln!("mesh-node: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Joins an error and its causes, skipping causes whose text the message already contains
+/// (most of our errors spell out their source).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut message = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+    }
+    message
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // The fmt subscriber also installs the `log` bridge, which carries aya-log's kernel records.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+fn default_bpf_object() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release/mesh-ebpf");
+    if built.is_file() { built } else { PathBuf::from("/usr/lib/nodemesh/mesh-ebpf") }
+}
+
+/// Raises the open-files limit to the hard limit: each proxied connection holds two sockets.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+fn pin_root(bpffs: &Path, node: &str) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        !node.is_empty() && node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'),
+        "node name {node:?} must be a Kubernetes node name (letters, digits, '-' and '.')"
+    );
+    Ok(bpffs.join("nodemesh").join(node))
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("mesh-node must run as root (it loads BPF programs and enters pod network namespaces)");
+    }
+    let pin_root = pin_root(&args.bpffs, &args.node_name)?;
+    let pods_cgroup = cgroup::validate_pods_cgroup(&args.pods_cgroup)?;
+    // Before any socket exists: sockets belong to the cgroup of the process creating them.
+    let proxy_cgroup = cgroup::join_proxy_cgroup(&args.proxy_cgroup, &pods_cgroup)?;
+    raise_fd_limit();
+    bpffs::ensure_mounted(&args.bpffs)?;
+    let desired = local_pods::load(&args.pods, &args.node_name)
+        .with_context(|| format!("reading pods of node {}", args.node_name))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("mesh-node").build()?;
+    runtime.block_on(async move {
+        let config = CaptureConfig {
+            object: args.bpf_object.clone().unwrap_or_else(default_bpf_object),
+            pin_root,
+            pods_cgroup: pods_cgroup.clone(),
+            excluded_ports: args.excluded_ports.clone(),
+        };
+        let (capture, logger) = Capture::install(&config)?;
+        tokio::spawn(forward_kernel_logs(logger));
+        tracing::info!(
+            node = %args.node_name, pods_cgroup = %pods_cgroup.display(), proxy_cgroup = %proxy_cgroup.display(),
+            pins = %config.pin_root.display(), "capture programs attached"
+        );
+        let node = Arc::new(Node::new(args.node_name.clone(), args.pods.clone(), Arc::new(capture)));
+
+        let endpoints = [
+            (args.admin_addr, Endpoint::Admin),
+            (args.metrics_addr, Endpoint::Metrics),
+            (args.readiness_addr, Endpoint::Readiness),
+        ];
+        for (addr, endpoint) in endpoints {
+            let listener = admin::bind(addr).await.with_context(|| format!("binding the {endpoint:?} endpoint on {addr}"))?;
+            tokio::spawn(admin::serve(listener, node.clone(), endpoint));
+        }
+
+        node.apply(&desired).await;
+        node.prune_leftovers().await;
+        node.set_ready();
+        tracing::info!(pods = desired.len(), "ready");
+
+        tokio::spawn(reload_loop(node.clone(), desired, Duration::from_millis(args.reload_interval_ms.max(50))));
+        wait_for_shutdown().await?;
+        // Capture stays pinned: until the next mesh-node starts, enrolled pods fail closed.
+        tracing::info!("shutting down; capture stays installed for the next mesh-node");
+        Ok(())
+    })
+}
+
+/// Re-reads the pod source and applies changes; on a bad file the last good state stays.
+async fn reload_loop(node: Arc<Node>, mut current: Vec<local_pods::EnrolledPodSpec>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error = None;
+    loop {
+        ticker.tick().await;
+        let (path, name) = (node.pods_source.clone(), node.name.clone());
+        let loaded = tokio::task::spawn_blocking(move || local_pods::load(&path, &name)).await;
+        match loaded {
+            Ok(Ok(desired)) => {
+                if last_error.take().is_some() {
+                    tracing::info!("pod manifests are valid again");
+                    node.set_source_error(None);
+                }
+                if desired != current {
+                    node.apply(&desired).await;
+                    current = desired;
+                } else if !node.status().await.failed_pods.is_empty() {
+                    // Retry pods that failed to enrol.
+                    node.apply(&desired).await;
+                }
+            }
+            Ok(Err(err)) => {
+                let message = err.to_string();
+                if last_error.as_ref() != Some(&message) {
+                    tracing::error!(error = %message, "pod manifests are invalid; keeping the last good state");
+                    node.set_source_error(Some(message.clone()));
+                    last_error = Some(message);
+                }
+            }
+            Err(err) => tracing::error!(error = %err, "reading pod manifests panicked"),
+        }
+    }
+}
+
+/// Polls aya-log's ring buffer and hands records to `log`, which tracing receives.
+async fn forward_kernel_logs(logger: KernelLogger) {
+    // SAFETY: the AsyncFd owns the logger, so the ring buffer's fd stays open while registered.
+    let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut logger = match registered {
+        Ok(fd) => fd,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read kernel program logs");
+            return;
+        }
+    };
+    loop {
+        match logger.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "kernel program log reader stopped");
+                return;
+            }
+        }
+    }
+}
+
+async fn wait_for_shutdown() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn cleanup(node: &str, bpffs: &Path) -> anyhow::Result<()> {
+    let root = pin_root(bpffs, node)?;
+    if !root.exists() {
+        println!("nothing installed for node {node} under {}", root.display());
+        return Ok(());
+    }
+    let removed = capture::remove_all(&root)?;
+    println!("removed {removed} pinned links and maps of node {node} from {}", root.display());
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The node: its capture, its enrolled pods, and reconciliation against the desired pods.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+};
+
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use crate::{
+    capture::{Capture, LinkName},
+    local_pods::{EnrolledPodSpec, PodKey},
+    metrics::Metrics,
+    pod::{PodRuntime, PodStatus},
+};
+
+/// One node's agent state, shared by the reconciler and the HTTP endpoints.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub pods_source: PathBuf,
+    pub capture: Arc<Capture>,
+    pub metrics: Metrics,
+    pods: Mutex<BTreeMap<PodKey, PodRuntime>>,
+    /// Pods that should be enrolled but could not be, with the reason (retried every reload).
+    failures: std::sync::Mutex<BTreeMap<PodKey, String>>,
+    /// The last error reading the pod source, if the last read failed.
+    source_error: std::sync::Mutex<Option<String>>,
+    ready: AtomicBool,
+    next_index: AtomicU32,
+}
+
+/// The node as the admin endpoint shows it.
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub ready: bool,
+    pub pods: Vec<PodStatus>,
+    pub failed_pods: BTreeMap<String, String>,
+    pub source: String,
+    pub source_error: Option<String>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Node {
+    pub fn new(name: String, pods_source: PathBuf, capture: Arc<Capture>) -> Self {
+        Node {
+            name,
+            pods_source,
+            capture,
+            metrics: Metrics::new(),
+            pods: Mutex::new(BTreeMap::new()),
+            failures: std::sync::Mutex::new(BTreeMap::new()),
+            source_error: std::sync::Mutex::new(None),
+            ready: AtomicBool::new(false),
+            next_index: AtomicU32::new(0),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    pub fn set_source_error(&self, error: Option<String>) {
+        *lock(&self.source_error) = error;
+    }
+
+    /// Brings the enrolled pods in line with `desired`: withdraws pods no longer wanted (or
+    /// whose address or netns changed), then enrols new ones. A pod that fails is recorded and
+    /// retried on the next call; the others are not held up.
+    pub async fn apply(&self, desired: &[EnrolledPodSpec]) {
+        let mut pods = self.pods.lock().await;
+        let wanted: BTreeMap<&PodKey, &EnrolledPodSpec> = desired.iter().map(|p| (&p.key, p)).collect();
+        let stale: Vec<PodKey> = pods
+            .iter()
+            .filter(|(key, runtime)| wanted.get(key).is_none_or(|spec| **spec != runtime.spec))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(runtime) = pods.remove(&key)
+                && let Err(err) = runtime.stop(&self.metrics).await
+            {
+                tracing::error!(pod = %key, error = %err, "withdrawing pod left something behind");
+            }
+        }
+        lock(&self.failures).retain(|key, _| wanted.contains_key(key));
+        for spec in desired {
+            if pods.contains_key(&spec.key) {
+                continue;
+            }
+            let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+            match PodRuntime::start(spec.clone(), index, self.capture.clone(), &self.metrics).await {
+                Ok(runtime) => {
+                    lock(&self.failures).remove(&spec.key);
+                    pods.insert(spec.key.clone(), runtime);
+                }
+                Err(err) => {
+                    let message = err.to_string();
+                    let previous = lock(&self.failures).insert(spec.key.clone(), message.clone());
+                    if previous.as_ref() != Some(&message) {
+                        tracing::error!(pod = %spec.key, error = %message, "cannot enrol pod; retrying every reload");
+                    }
+                    // Undo whatever part of the enrolment happened, so nothing half-works.
+                    let _ = self.capture.withdraw(Some(&LinkName::pod(&spec.key.namespace, &spec.key.name)), None, Some(spec.ip));
+                }
+            }
+        }
+        self.metrics.set_pods_enrolled(pods.len());
+    }
+
+    /// Removes what a previous mesh-node left enrolled for pods that are no longer wanted.
+    /// Runs once, after the first [`Node::apply`], when every wanted pod has been re-adopted.
+    pub async fn prune_leftovers(&self) {
+        let pods = self.pods.lock().await;
+        let cookies: HashSet<u64> = pods.values().map(|p| p.ctx.netns_cookie).collect();
+        let ips: HashSet<_> = pods.values().map(|p| p.spec.ip).collect();
+        let links: HashSet<LinkName> = pods.keys().map(|k| LinkName::pod(&k.namespace, &k.name)).collect();
+        let leftovers = self.capture.leftovers();
+        for cookie in leftovers.netns_cookies.into_iter().filter(|c| !cookies.contains(c)) {
+            tracing::info!(netns_cookie = cookie, "removing a pod netns left enrolled by a previous mesh-node");
+            let _ = self.capture.withdraw(None, Some(cookie), None);
+        }
+        for ip in leftovers.addrs.into_iter().filter(|ip| !ips.contains(ip)) {
+            tracing::info!(ip = %ip, "removing a pod address left enrolled by a previous mesh-node");
+            let _ = self.capture.withdraw(None, None, Some(ip));
+        }
+        match self.capture.pinned_pod_links() {
+            Ok(pinned) => {
+                for link in pinned.into_iter().filter(|l| !links.contains(l)) {
+                    tracing::info!(link = %link, "detaching a pod link left by a previous mesh-node");
+                    let _ = self.capture.withdraw(Some(&link), None, None);
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot list pinned links"),
+        }
+    }
+
+    pub async fn status(&self) -> NodeStatus {
+        let pods = self.pods.lock().await;
+        NodeStatus {
+            node: self.name.clone(),
+            ready: self.is_ready(),
+            pods: pods.values().map(PodRuntime::status).collect(),
+            failed_pods: lock(&self.failures).iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            source: self.pods_source.display().to_string(),
+            source_error: lock(&self.source_error).clone(),
+        }
+    }
+
+}

@@ -1,0 +1,51 @@
+//! The shared node proxy's plaintext paths: outbound (15001) and inbound (15006) per pod.
+
+pub mod inbound;
+pub mod outbound;
+pub mod relay;
+
+use std::{io, net::SocketAddr, time::Duration};
+
+/// How long the proxy waits for a TCP connect before failing the captured connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no original destination recorded for this connection (not captured by nodemesh)")]
+    NoOriginalDestination,
+    #[error("cannot create a socket in the pod's network namespace: {0}")]
+    Socket(#[source] io::Error),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error("connect to {dst} failed: {source}")]
+    Connect { dst: SocketAddr, source: io::Error },
+    #[error("connect to {dst} timed out after {timeout:?}")]
+    ConnectTimeout { dst: SocketAddr, timeout: Duration },
+    #[error("refusing a connection from {peer}: it is one of the proxy's own deliveries (capture loop)")]
+    Loop { peer: SocketAddr },
+    #[error("cannot find a delivery source port that does not collide with a live connection")]
+    NoFreePort,
+    #[error("cannot register the delivery with sk_lookup: {0}")]
+    Capture(#[from] crate::capture::CaptureError),
+}
+
+/// Closes a captured connection with a reset, so the app sees a failure, not an empty reply.
+pub fn reset(stream: tokio::net::TcpStream) {
+    if let Ok(std) = stream.into_std() {
+        let _ = socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// Connects a socket that was created (in some pod's netns) and configured already.
+pub async fn connect(socket: socket2::Socket, dst: SocketAddr) -> Result<tokio::net::TcpStream, ProxyError> {
+    socket.set_nonblocking(true).map_err(ProxyError::Socket)?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(source)) => Err(ProxyError::Connect { dst, source }),
+        Err(_) => Err(ProxyError::ConnectTimeout { dst, timeout: CONNECT_TIMEOUT }),
+    }
+}

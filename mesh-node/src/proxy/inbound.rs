@@ -1,0 +1,131 @@
+//! Inbound: sk_lookup steers a connection for the pod's address to the pod's 15006 listener;
+//! the proxy delivers it to the app from inside the pod netns, bound to the client's own
+//! address, so the app sees the real client IP.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use mesh_ebpf_common::{DELIVERY_MARK, DeliveryKey};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument as _;
+
+use super::{ProxyError, connect, relay::relay, reset};
+use crate::{capture::ip_addr, pod::{PodContext, lock}};
+
+/// Attempts at a delivery source port that does not collide with a live connection.
+const PORT_ATTEMPTS: u32 = 8;
+
+pub async fn accept_loop(pod: Arc<PodContext>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                let span = tracing::debug_span!("inbound", src = %peer);
+                tokio::spawn(handle(pod.clone(), client, peer).instrument(span));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Removes the live-connection entry however the connection ends.
+struct LiveInbound<'a> {
+    pod: &'a PodContext,
+    key: (SocketAddr, SocketAddr),
+}
+
+impl Drop for LiveInbound<'_> {
+    fn drop(&mut self) {
+        lock(&self.pod.live_inbound).remove(&self.key);
+    }
+}
+
+async fn handle(pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
+    let _active = pod.inbound.open();
+    let started = std::time::Instant::now();
+    let result = tokio::select! {
+        r = deliver_and_relay(&pod, client, peer) => r,
+        () = pod.withdrawn.cancelled() => Ok(None),
+    };
+    match result {
+        Ok(Some((dst, received, sent))) => tracing::debug!(
+            dst.addr = %dst, bytes.received = received, bytes.sent = sent,
+            duration_ms = started.elapsed().as_millis() as u64, "inbound connection closed"
+        ),
+        Ok(None) => tracing::debug!("inbound connection closed: pod withdrawn"),
+        Err(err) => {
+            pod.inbound.failed.inc();
+            tracing::warn!(error = %err, "inbound connection failed");
+        }
+    }
+}
+
+async fn deliver_and_relay(pod: &PodContext, client: TcpStream, peer: SocketAddr) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
+    let orig = match client.local_addr() {
+        Ok(addr) => addr,
+        Err(source) => return Err(ProxyError::Socket(source)),
+    };
+    if lock(&pod.deliveries_in_flight).contains(&peer) {
+        reset(client);
+        return Err(ProxyError::Loop { peer });
+    }
+    let _live = {
+        let key = (peer, orig);
+        lock(&pod.live_inbound).insert(key);
+        LiveInbound { pod, key }
+    };
+    let app = match deliver(pod, peer, orig).await {
+        Ok(app) => app,
+        Err(err) => {
+            reset(client);
+            return Err(err);
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let (received, sent) = relay(client, app, &pod.inbound.bytes_received, &pod.inbound.bytes_sent)
+        .await
+        .map_err(|source| ProxyError::Connect { dst: orig, source })?;
+    Ok(Some((orig, received, sent)))
+}
+
+/// Connects to the app at `orig` from the client's address, inside the pod netns.
+async fn deliver(pod: &PodContext, client: SocketAddr, orig: SocketAddr) -> Result<TcpStream, ProxyError> {
+    let client_ip = client.ip();
+    for _ in 0..PORT_ATTEMPTS {
+        let socket = pod
+            .worker
+            .run(move || -> std::io::Result<socket2::Socket> {
+                let s = socket2::Socket::new(socket2::Domain::for_address(orig), socket2::Type::STREAM, None)?;
+                s.set_ip_transparent_v4(true)?;
+                s.set_mark(DELIVERY_MARK)?;
+                s.bind(&SocketAddr::new(client_ip, 0).into())?;
+                Ok(s)
+            })
+            .await?
+            .map_err(ProxyError::Socket)?;
+        let Some(source) = socket.local_addr().map_err(ProxyError::Socket)?.as_socket() else {
+            return Err(ProxyError::Socket(std::io::ErrorKind::AddrNotAvailable.into()));
+        };
+        if lock(&pod.live_inbound).contains(&(source, orig)) {
+            // The kernel picked the port of a live captured connection from the same client to
+            // the same destination: the app could not tell the two apart.
+            continue;
+        }
+        let key = DeliveryKey {
+            remote: ip_addr(source.ip()),
+            local: ip_addr(orig.ip()),
+            remote_port: source.port(),
+            local_port: orig.port(),
+            _pad: 0,
+        };
+        pod.capture.allow_delivery(key)?;
+        lock(&pod.deliveries_in_flight).insert(source);
+        let result = connect(socket, orig).await;
+        // The SYN has passed sk_lookup (or the connect failed): the entries are done.
+        pod.capture.forget_delivery(&key);
+        lock(&pod.deliveries_in_flight).remove(&source);
+        return result;
+    }
+    Err(ProxyError::NoFreePort)
+}
