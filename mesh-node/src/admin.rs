@@ -47,7 +47,9 @@ async fn route(node: &Node, endpoint: Endpoint, req: &Request<Incoming>) -> Resp
             "links": node.capture.link_names(),
             "stats": node.capture.stats(),
         })),
-        (Endpoint::Admin, "/") => respond(StatusCode::OK, "text/plain", "mesh-node admin: /pods /ebpf /metrics /healthz/ready\n"),
+        (Endpoint::Admin, "/") => {
+            respond(StatusCode::OK, "text/plain", "mesh-node admin: /pods /ebpf /metrics /healthz/ready\n")
+        }
         (Endpoint::Admin | Endpoint::Metrics, "/metrics") => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -57,7 +59,11 @@ async fn route(node: &Node, endpoint: Endpoint, req: &Request<Incoming>) -> Resp
             if node.is_ready() {
                 respond(StatusCode::OK, "text/plain", "ready\n")
             } else {
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: capture is being installed\n")
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: capture is being installed\n",
+                )
             }
         }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
@@ -86,7 +92,10 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, endpoint: Endpoint) {
                 let node = node.clone();
                 async move { Ok::<_, Infallible>(route(&node, endpoint, &req).await) }
             });
-            if let Err(err) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(error = %err, "admin connection ended with an error");
             }
         });

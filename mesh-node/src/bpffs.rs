@@ -1,6 +1,9 @@
 //! The BPF filesystem that holds nodemesh's pinned maps and links.
 
-use std::{io, path::{Path, PathBuf}};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -36,12 +39,11 @@ pub fn ensure_mounted(path: &Path) -> Result<(), BpffsError> {
     if is_bpffs(path)? {
         return Ok(());
     }
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| BpffsError::Mount { path: path.to_owned(), source: io::ErrorKind::InvalidInput.into() })?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        BpffsError::Mount { path: path.to_owned(), source: io::ErrorKind::InvalidInput.into() }
+    })?;
     // SAFETY: all strings are NUL-terminated and live for the call.
-    let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(BpffsError::Mount { path: path.to_owned(), source: io::Error::last_os_error() });
     }

@@ -26,8 +26,8 @@ use mesh_ebpf_common::{
     Addr, DeliveryKey, EnrolledAddr, EnrolledPod, OrigDst, PortKey, maps, programs, stats,
 };
 
-pub use links::{LinkError, LinkName};
 use links::PinnedLinks;
+pub use links::{LinkError, LinkName};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -53,7 +53,10 @@ fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureErro
     move |source| CaptureError::Map { map, source: Box::new(source) }
 }
 
-fn prog_err<E: Into<BoxError>>(program: &'static str, action: &'static str) -> impl FnOnce(E) -> CaptureError {
+fn prog_err<E: Into<BoxError>>(
+    program: &'static str,
+    action: &'static str,
+) -> impl FnOnce(E) -> CaptureError {
     move |source| CaptureError::Program { program, action, source: source.into() }
 }
 
@@ -142,7 +145,9 @@ impl Capture {
         // no multi-attach flag for them ("Single" sends none).
         let cgroup = File::open(&config.pods_cgroup)
             .map_err(|source| CaptureError::Open { path: config.pods_cgroup.clone(), source })?;
-        for (name, link) in [(programs::CONNECT4, LinkName::Connect4), (programs::CONNECT6, LinkName::Connect6)] {
+        for (name, link) in
+            [(programs::CONNECT4, LinkName::Connect4), (programs::CONNECT6, LinkName::Connect6)]
+        {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name, "load"))?;
             let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(name, "attach"))?;
@@ -217,27 +222,35 @@ impl Capture {
         lock(&self.enrolled_netns)
             .insert(netns_cookie, EnrolledPod { pod_index, _reserved: 0 }, 0)
             .map_err(map_err(maps::ENROLLED_NETNS))?;
-        let netns_file = File::open(netns).map_err(|source| CaptureError::Open { path: netns.to_owned(), source })?;
+        let netns_file =
+            File::open(netns).map_err(|source| CaptureError::Open { path: netns.to_owned(), source })?;
         let mut ebpf = lock(&self.ebpf);
         let name = programs::SK_LOOKUP;
         let prog: &mut SkLookup = program(&mut ebpf, name)?;
         let id = prog.attach(netns_file).map_err(prog_err(name, "attach"))?;
-        let fd_link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name, "attach"))?)
-            .map_err(prog_err(name, "attach"))?;
+        let fd_link = FdLink::from(prog.take_link(id).map_err(prog_err(name, "attach"))?);
         self.links.install(link, fd_link)?;
         Ok(())
     }
 
     /// Withdraws a pod: capture stops, then its sk_lookup link is detached. Entries that are
     /// already gone are not an error (withdrawing is idempotent).
-    pub fn withdraw(&self, link: Option<&LinkName>, netns_cookie: Option<u64>, ip: Option<Ipv4Addr>) -> Result<(), CaptureError> {
+    pub fn withdraw(
+        &self,
+        link: Option<&LinkName>,
+        netns_cookie: Option<u64>,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<(), CaptureError> {
         if let Some(cookie) = netns_cookie {
-            ignore_missing(lock(&self.enrolled_netns).remove(&cookie)).map_err(map_err(maps::ENROLLED_NETNS))?;
+            ignore_missing(lock(&self.enrolled_netns).remove(&cookie))
+                .map_err(map_err(maps::ENROLLED_NETNS))?;
         }
         if let Some(ip) = ip {
             let addr = v4_addr(ip);
-            ignore_missing(lock(&self.enrolled_addrs).remove(&addr)).map_err(map_err(maps::ENROLLED_ADDRS))?;
-            ignore_missing(lock(&self.inbound_listeners).remove(&addr)).map_err(map_err(maps::INBOUND_LISTENERS))?;
+            ignore_missing(lock(&self.enrolled_addrs).remove(&addr))
+                .map_err(map_err(maps::ENROLLED_ADDRS))?;
+            ignore_missing(lock(&self.inbound_listeners).remove(&addr))
+                .map_err(map_err(maps::INBOUND_LISTENERS))?;
         }
         if let Some(link) = link {
             self.links.retire_all(link)?;
@@ -289,7 +302,9 @@ impl Capture {
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -336,9 +351,12 @@ pub fn remove_all(pin_root: &Path) -> Result<usize, CaptureError> {
     }
     let map_dir = pin_root.join("maps");
     if map_dir.is_dir() {
-        for entry in std::fs::read_dir(&map_dir).map_err(|source| CaptureError::Open { path: map_dir.clone(), source })? {
+        for entry in std::fs::read_dir(&map_dir)
+            .map_err(|source| CaptureError::Open { path: map_dir.clone(), source })?
+        {
             let path = entry.map_err(|source| CaptureError::Open { path: map_dir.clone(), source })?.path();
-            std::fs::remove_file(&path).map_err(|source| CaptureError::Open { path: path.clone(), source })?;
+            std::fs::remove_file(&path)
+                .map_err(|source| CaptureError::Open { path: path.clone(), source })?;
             removed += 1;
         }
     }

@@ -4,7 +4,10 @@
 //! below. The proxy moves itself into a cgroup outside that subtree before it opens any socket,
 //! so its own connections are never captured (its mark is a second line of defence).
 
-use std::{io, path::{Path, PathBuf}};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 /// `CGROUP2_SUPER_MAGIC` from `linux/magic.h`.
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -13,7 +16,9 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 pub enum CgroupError {
     #[error("{path} is not a cgroup v2 directory")]
     NotCgroup2 { path: PathBuf },
-    #[error("{path} is the root of the cgroup v2 hierarchy: refusing to capture every process on the machine; give the cgroup that holds the pods")]
+    #[error(
+        "{path} is the root of the cgroup v2 hierarchy: refusing to capture every process on the machine; give the cgroup that holds the pods"
+    )]
     RootCgroup { path: PathBuf },
     #[error("the proxy cgroup {proxy} is inside the pods cgroup {pods}: the proxy would capture itself")]
     ProxyInsidePods { proxy: PathBuf, pods: PathBuf },
@@ -71,7 +76,10 @@ pub fn join_proxy_cgroup(proxy: &Path, pods: &Path) -> Result<PathBuf, CgroupErr
         return Err(CgroupError::ProxyInsidePods { proxy, pods: pods.to_owned() });
     }
     let procs = proxy.join("cgroup.procs");
-    std::fs::write(&procs, std::process::id().to_string())
-        .map_err(|source| CgroupError::Io { action: "join", path: procs, source })?;
+    std::fs::write(&procs, std::process::id().to_string()).map_err(|source| CgroupError::Io {
+        action: "join",
+        path: procs,
+        source,
+    })?;
     Ok(proxy)
 }

@@ -227,7 +227,9 @@ fn select_enrolled(
             invalid(format!("annotation {NETNS_ANNOTATION} (path of the pod's network namespace) is required in local mode"))
         })?;
         if !netns.starts_with('/') {
-            return Err(invalid(format!("annotation {NETNS_ANNOTATION} must be an absolute path, not {netns:?}")));
+            return Err(invalid(format!(
+                "annotation {NETNS_ANNOTATION} must be an absolute path, not {netns:?}"
+            )));
         }
         enrolled.push(EnrolledPodSpec {
             key,

@@ -51,7 +51,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Installs capture, enrols this node's pods and runs the proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detaches and unpins everything mesh-node installed for a node (uninstall).
     Cleanup {
         #[arg(long, env = "NODE_NAME")]
@@ -99,7 +99,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Cleanup { node_name, bpffs } => cleanup(&node_name, &bpffs),
     };
     match result {
@@ -138,7 +138,8 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn default_bpf_object() -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release/mesh-ebpf");
+    let built =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release/mesh-ebpf");
     if built.is_file() { built } else { PathBuf::from("/usr/lib/nodemesh/mesh-ebpf") }
 }
 
@@ -176,7 +177,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let desired = local_pods::load(&args.pods, &args.node_name)
         .with_context(|| format!("reading pods of node {}", args.node_name))?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("mesh-node").build()?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("mesh-node").build()?;
     runtime.block_on(async move {
         let config = CaptureConfig {
             object: args.bpf_object.clone().unwrap_or_else(default_bpf_object),

@@ -80,10 +80,22 @@ impl Metrics {
         let active = Family::<TrafficLabels, Gauge>::default();
         let bytes = Family::<ByteLabels, Counter>::default();
         let pods_enrolled = Gauge::default();
-        registry.register("proxy_connections", "Captured connections accepted by the node proxy", connections.clone());
-        registry.register("proxy_connections_failed", "Captured connections the proxy could not complete", failed.clone());
+        registry.register(
+            "proxy_connections",
+            "Captured connections accepted by the node proxy",
+            connections.clone(),
+        );
+        registry.register(
+            "proxy_connections_failed",
+            "Captured connections the proxy could not complete",
+            failed.clone(),
+        );
         registry.register("proxy_connections_active", "Captured connections currently open", active.clone());
-        registry.register("proxy_bytes", "Bytes relayed for captured connections, from the pod's point of view", bytes.clone());
+        registry.register(
+            "proxy_bytes",
+            "Bytes relayed for captured connections, from the pod's point of view",
+            bytes.clone(),
+        );
         registry.register("pods_enrolled", "Pods whose traffic this node captures", pods_enrolled.clone());
         Metrics { registry, connections, failed, active, bytes, pods_enrolled }
     }
@@ -93,7 +105,12 @@ impl Metrics {
         let labels = TrafficLabels { namespace: namespace.to_owned(), pod: pod.to_owned(), direction };
         let bytes = |flow| {
             self.bytes
-                .get_or_create(&ByteLabels { namespace: namespace.to_owned(), pod: pod.to_owned(), direction, flow })
+                .get_or_create(&ByteLabels {
+                    namespace: namespace.to_owned(),
+                    pod: pod.to_owned(),
+                    direction,
+                    flow,
+                })
                 .clone()
         };
         TrafficCounters {
@@ -113,7 +130,12 @@ impl Metrics {
             self.failed.remove(&labels);
             self.active.remove(&labels);
             for flow in [Flow::Sent, Flow::Received] {
-                self.bytes.remove(&ByteLabels { namespace: namespace.to_owned(), pod: pod.to_owned(), direction, flow });
+                self.bytes.remove(&ByteLabels {
+                    namespace: namespace.to_owned(),
+                    pod: pod.to_owned(),
+                    direction,
+                    flow,
+                });
             }
         }
     }
@@ -130,7 +152,10 @@ impl Metrics {
         }
         let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_owned();
         let mut out = body;
-        let _ = writeln!(out, "# HELP nodemesh_ebpf_events Events counted by the capture programs in the kernel.");
+        let _ = writeln!(
+            out,
+            "# HELP nodemesh_ebpf_events Events counted by the capture programs in the kernel."
+        );
         let _ = writeln!(out, "# TYPE nodemesh_ebpf_events counter");
         for (event, value) in kernel_stats {
             let _ = writeln!(out, "nodemesh_ebpf_events_total{{event=\"{event}\"}} {value}");
@@ -204,9 +229,24 @@ mod tests {
         t.bytes_sent.inc_by(42);
         let stats = [("outbound_redirected", 7u64)].into_iter().collect();
         let text = m.render(&stats);
-        assert!(text.contains(r#"nodemesh_proxy_connections_total{namespace="demo",pod="a1",direction="outbound"} 1"#), "{text}");
-        assert!(text.contains(r#"nodemesh_proxy_bytes_total{namespace="demo",pod="a1",direction="outbound",flow="sent"} 42"#), "{text}");
-        assert!(text.contains(r#"nodemesh_proxy_connections_active{namespace="demo",pod="a1",direction="outbound"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"nodemesh_proxy_connections_total{namespace="demo",pod="a1",direction="outbound"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"nodemesh_proxy_bytes_total{namespace="demo",pod="a1",direction="outbound",flow="sent"} 42"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"nodemesh_proxy_connections_active{namespace="demo",pod="a1",direction="outbound"} 1"#
+            ),
+            "{text}"
+        );
         assert!(text.contains(r#"nodemesh_ebpf_events_total{event="outbound_redirected"} 7"#), "{text}");
         assert!(text.ends_with("# EOF\n"));
         drop(guard);

@@ -41,8 +41,7 @@ pub struct NetnsWorker {
 impl NetnsWorker {
     /// Starts a thread that enters the netns at `path` and waits for jobs.
     pub fn spawn(path: &Path, name: &str) -> Result<Self, NetnsError> {
-        let target = File::open(path)
-            .map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
+        let target = File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
         let (jobs, queue) = mpsc::channel::<Job>();
         let (entered_tx, entered_rx) = mpsc::channel();
         let owned_path = path.to_owned();
@@ -83,9 +82,7 @@ impl NetnsWorker {
     }
 
     fn submit(&self, f: impl FnOnce() + Send + 'static) -> Result<(), NetnsError> {
-        self.jobs
-            .send(Box::new(f))
-            .map_err(|_| NetnsError::WorkerGone { path: self.path.clone() })
+        self.jobs.send(Box::new(f)).map_err(|_| NetnsError::WorkerGone { path: self.path.clone() })
     }
 }
 
@@ -118,8 +115,7 @@ mod tests {
             .await
             .expect("job ran")
             .expect("cookie");
-        let ours = netns_cookie(&std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-            .expect("cookie");
+        let ours = netns_cookie(&std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).expect("cookie");
         assert_eq!(theirs, ours);
     }
 

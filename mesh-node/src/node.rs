@@ -113,7 +113,11 @@ impl Node {
                         tracing::error!(pod = %spec.key, error = %message, "cannot enrol pod; retrying every reload");
                     }
                     // Undo whatever part of the enrolment happened, so nothing half-works.
-                    let _ = self.capture.withdraw(Some(&LinkName::pod(&spec.key.namespace, &spec.key.name)), None, Some(spec.ip));
+                    let _ = self.capture.withdraw(
+                        Some(&LinkName::pod(&spec.key.namespace, &spec.key.name)),
+                        None,
+                        Some(spec.ip),
+                    );
                 }
             }
         }
@@ -129,7 +133,10 @@ impl Node {
         let links: HashSet<LinkName> = pods.keys().map(|k| LinkName::pod(&k.namespace, &k.name)).collect();
         let leftovers = self.capture.leftovers();
         for cookie in leftovers.netns_cookies.into_iter().filter(|c| !cookies.contains(c)) {
-            tracing::info!(netns_cookie = cookie, "removing a pod netns left enrolled by a previous mesh-node");
+            tracing::info!(
+                netns_cookie = cookie,
+                "removing a pod netns left enrolled by a previous mesh-node"
+            );
             let _ = self.capture.withdraw(None, Some(cookie), None);
         }
         for ip in leftovers.addrs.into_iter().filter(|ip| !ips.contains(ip)) {
@@ -158,5 +165,4 @@ impl Node {
             source_error: lock(&self.source_error).clone(),
         }
     }
-
 }

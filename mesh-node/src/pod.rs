@@ -88,7 +88,8 @@ pub struct PodStatus {
 
 fn listen(addr: SocketAddr) -> Result<std::net::TcpListener, PodError> {
     let err = |source| PodError::Listen { addr, source };
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(err)?;
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
     socket.listen(LISTEN_BACKLOG).map_err(err)?;
@@ -109,7 +110,12 @@ struct PodSockets {
 impl PodRuntime {
     /// Enrols a pod: opens its listeners inside its netns, sets up delivery routing, puts it
     /// into the capture maps and attaches sk_lookup, then starts accepting.
-    pub async fn start(spec: EnrolledPodSpec, index: u32, capture: Arc<Capture>, metrics: &Metrics) -> Result<Self, PodError> {
+    pub async fn start(
+        spec: EnrolledPodSpec,
+        index: u32,
+        capture: Arc<Capture>,
+        metrics: &Metrics,
+    ) -> Result<Self, PodError> {
         let worker = NetnsWorker::spawn(&spec.netns, &spec.key.name)?;
         let runtime = tokio::runtime::Handle::current();
         let sockets = worker

@@ -22,8 +22,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_ebpf_common::{
-    Addr, DeliveryKey, EnrolledAddr, EnrolledPod, HBONE_PORT, OUTBOUND_CAPTURE_PORT, OrigDst,
-    PROXY_MARK, PortKey, stats,
+    Addr, DeliveryKey, EnrolledAddr, EnrolledPod, HBONE_PORT, OUTBOUND_CAPTURE_PORT, OrigDst, PROXY_MARK,
+    PortKey, stats,
 };
 
 const AF_INET: u16 = 2;

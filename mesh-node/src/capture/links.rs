@@ -131,7 +131,9 @@ impl PinnedLinks {
     /// Pins a new attachment of `link`, then detaches older ones.
     pub fn install(&self, link: &LinkName, fd_link: FdLink) -> Result<(), LinkError> {
         let path = self.dir.join(format!("{link}@{}", self.generation));
-        let pinned = fd_link.pin(&path).map_err(|source| LinkError::Pin { path: path.clone(), source: Box::new(source) })?;
+        let pinned = fd_link
+            .pin(&path)
+            .map_err(|source| LinkError::Pin { path: path.clone(), source: Box::new(source) })?;
         let previous = self
             .installed
             .lock()
@@ -176,7 +178,9 @@ fn unpin(path: &Path) -> Result<(), LinkError> {
     match PinnedLink::from_pin(path) {
         // Unpinning removes the file; dropping the returned link closes the last reference,
         // which detaches the program.
-        Ok(link) => link.unpin().map(drop).map_err(|source| LinkError::Unpin { path: path.to_owned(), source }),
+        Ok(link) => {
+            link.unpin().map(drop).map_err(|source| LinkError::Unpin { path: path.to_owned(), source })
+        }
         Err(source) => {
             if !path.exists() {
                 return Ok(());
@@ -192,7 +196,13 @@ mod tests {
 
     #[test]
     fn link_names_round_trip() {
-        for link in [LinkName::Connect4, LinkName::Connect6, LinkName::SockOps, LinkName::pod("demo", "a1"), LinkName::pod("kube.system", "x.y")] {
+        for link in [
+            LinkName::Connect4,
+            LinkName::Connect6,
+            LinkName::SockOps,
+            LinkName::pod("demo", "a1"),
+            LinkName::pod("kube.system", "x.y"),
+        ] {
             assert_eq!(LinkName::parse(&link.to_string()), Some(link));
         }
         assert_eq!(LinkName::parse("something-else"), None);

@@ -53,25 +53,54 @@ fn namespace_not_ambient_enrols_nothing_unless_pod_opts_in() {
 
 #[test]
 fn pod_without_ip_waits() {
-    let yaml = format!("{NAMESPACE}---\nkind: Pod\nmetadata:\n  name: p\n  namespace: demo\nspec:\n  nodeName: node-a\n");
+    let yaml = format!(
+        "{NAMESPACE}---\nkind: Pod\nmetadata:\n  name: p\n  namespace: demo\nspec:\n  nodeName: node-a\n"
+    );
     assert!(load_str(&yaml, "node-a").expect("valid").is_empty());
 }
 
 #[test]
 fn other_kinds_are_ignored() {
-    let yaml = format!("{NAMESPACE}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s\nspec:\n  ports: [{{port: 80}}]\n{}", pod("a1", "node-a", "10.1.1.2", ""));
+    let yaml = format!(
+        "{NAMESPACE}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s\nspec:\n  ports: [{{port: 80}}]\n{}",
+        pod("a1", "node-a", "10.1.1.2", "")
+    );
     assert_eq!(load_str(&yaml, "node-a").expect("valid").len(), 1);
 }
 
 #[test]
 fn bad_input_names_file_and_problem() {
     let cases = [
-        (format!("{NAMESPACE}{}", pod("a1", "node-a", "10.1.1.999", "")), "status.podIP \"10.1.1.999\" is not an IP address"),
-        (format!("{NAMESPACE}{}", pod("a1", "node-a", "fd00::1", "")), "IPv6 pod addresses are not supported yet"),
-        (format!("{NAMESPACE}{}", pod("a1", "node-a", "10.1.1.2", "    nodemesh.io/dataplane-mode: sidecar\n")), "must be \"ambient\" or \"none\""),
-        (format!("{NAMESPACE}{}{}", pod("a1", "node-a", "10.1.1.2", ""), pod("a1", "node-a", "10.1.1.3", "")), "defined twice"),
+        (
+            format!("{NAMESPACE}{}", pod("a1", "node-a", "10.1.1.999", "")),
+            "status.podIP \"10.1.1.999\" is not an IP address",
+        ),
+        (
+            format!("{NAMESPACE}{}", pod("a1", "node-a", "fd00::1", "")),
+            "IPv6 pod addresses are not supported yet",
+        ),
+        (
+            format!(
+                "{NAMESPACE}{}",
+                pod("a1", "node-a", "10.1.1.2", "    nodemesh.io/dataplane-mode: sidecar\n")
+            ),
+            "must be \"ambient\" or \"none\"",
+        ),
+        (
+            format!(
+                "{NAMESPACE}{}{}",
+                pod("a1", "node-a", "10.1.1.2", ""),
+                pod("a1", "node-a", "10.1.1.3", "")
+            ),
+            "defined twice",
+        ),
         (format!("{NAMESPACE}---\nkind: Pod\nmetadata:\n  namespace: demo\n"), "metadata.name is required"),
-        (format!("{NAMESPACE}---\nkind: Pod\nmetadata:\n  name: x\n  namespace: demo\nspec:\n  nodeName: node-a\nstatus:\n  podIP: 10.0.0.1\n"), "annotation nodemesh.io/netns"),
+        (
+            format!(
+                "{NAMESPACE}---\nkind: Pod\nmetadata:\n  name: x\n  namespace: demo\nspec:\n  nodeName: node-a\nstatus:\n  podIP: 10.0.0.1\n"
+            ),
+            "annotation nodemesh.io/netns",
+        ),
         ("kind: Pod\nmetadata: [unclosed\n".to_owned(), "pods.yaml:"),
         ("kind: Pod\nmetadata:\n  name: [1, 2]\n".to_owned(), "pods.yaml"),
     ];
@@ -84,7 +113,8 @@ fn bad_input_names_file_and_problem() {
 
 #[test]
 fn yaml_error_has_line_number() {
-    let err = load_str("kind: Pod\nmetadata:\n  name: ok\n  labels: {a: [}\n", "node-a").expect_err("bad yaml");
+    let err =
+        load_str("kind: Pod\nmetadata:\n  name: ok\n  labels: {a: [}\n", "node-a").expect_err("bad yaml");
     assert!(err.to_string().contains("pods.yaml:4"), "{err}");
 }
 

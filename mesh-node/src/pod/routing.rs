@@ -47,7 +47,8 @@ pub fn enable_mark_inheritance() -> Result<(), RoutingError> {
 fn is_delivery_rule(rule: &RuleMessage) -> bool {
     let has = |want: &RuleAttribute| rule.attributes.iter().any(|a| a == want);
     has(&RuleAttribute::FwMark(DELIVERY_MARK))
-        && (rule.header.table == DELIVERY_ROUTE_TABLE as u8 || has(&RuleAttribute::Table(DELIVERY_ROUTE_TABLE)))
+        && (rule.header.table == DELIVERY_ROUTE_TABLE as u8
+            || has(&RuleAttribute::Table(DELIVERY_ROUTE_TABLE)))
 }
 
 async fn delivery_rules(handle: &Handle) -> Result<Vec<RuleMessage>, RoutingError> {

@@ -9,7 +9,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
 use super::{ProxyError, connect, relay::relay, reset};
-use crate::{capture::ip_addr, pod::{PodContext, lock}};
+use crate::{
+    capture::ip_addr,
+    pod::{PodContext, lock},
+};
 
 /// Attempts at a delivery source port that does not collide with a live connection.
 const PORT_ATTEMPTS: u32 = 8;
@@ -61,7 +64,11 @@ async fn handle(pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
     }
 }
 
-async fn deliver_and_relay(pod: &PodContext, client: TcpStream, peer: SocketAddr) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
+async fn deliver_and_relay(
+    pod: &PodContext,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
     let orig = match client.local_addr() {
         Ok(addr) => addr,
         Err(source) => return Err(ProxyError::Socket(source)),
@@ -96,7 +103,8 @@ async fn deliver(pod: &PodContext, client: SocketAddr, orig: SocketAddr) -> Resu
         let socket = pod
             .worker
             .run(move || -> std::io::Result<socket2::Socket> {
-                let s = socket2::Socket::new(socket2::Domain::for_address(orig), socket2::Type::STREAM, None)?;
+                let s =
+                    socket2::Socket::new(socket2::Domain::for_address(orig), socket2::Type::STREAM, None)?;
                 s.set_ip_transparent_v4(true)?;
                 s.set_mark(DELIVERY_MARK)?;
                 s.bind(&SocketAddr::new(client_ip, 0).into())?;

@@ -52,7 +52,11 @@ async fn handle(pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
 }
 
 /// Returns the original destination and the bytes relayed each way.
-async fn forward(pod: &PodContext, client: TcpStream, peer: SocketAddr) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
+async fn forward(
+    pod: &PodContext,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
     let mut dst = None;
     for attempt in 0..LOOKUP_ATTEMPTS {
         dst = pod.capture.take_original_destination(pod.netns_cookie, peer.port());
