@@ -1,0 +1,304 @@
+//! pod-app: the application the end-to-end tests and the demo run inside pods.
+//!
+//! `serve` accepts connections, first tells each client the peer address it sees (`PEER ip:port`),
+//! then echoes everything until EOF. `client` opens many concurrent connections, streams a
+//! deterministic pseudo-random payload on each while reading the echo back, verifies every byte,
+//! and prints one JSON report.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use nodemesh_testbed::report::ClientReport;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "pod-app", about = "nodemesh test application")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Echo server that first reports the peer address it sees.
+    Serve {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Concurrent verifying client; prints a JSON report.
+    Client {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        conns: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 5000)]
+        connect_timeout_ms: u64,
+        /// Overall deadline for each connection's transfer.
+        #[arg(long, default_value_t = 120_000)]
+        timeout_ms: u64,
+    },
+}
+
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("pod-app: cannot start runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { port } => serve(port).await,
+            Command::Client { to, bytes, conns, seed, connect_timeout_ms, timeout_ms } => {
+                let report = client(
+                    to,
+                    bytes,
+                    conns,
+                    seed,
+                    Duration::from_millis(connect_timeout_ms),
+                    Duration::from_millis(timeout_ms),
+                )
+                .await;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("pod-app: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    // The testbed waits for this line before it starts clients.
+    println!("LISTENING {port}");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                eprintln!("pod-app: accept: {err}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(err) = echo(stream, peer).await {
+                eprintln!("pod-app: connection from {peer}: {err}");
+            }
+        });
+    }
+}
+
+async fn echo(mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+    stream.write_all(format!("PEER {peer}\n").as_bytes()).await?;
+    let (mut read, mut write) = stream.split();
+    tokio::io::copy(&mut read, &mut write).await?;
+    write.shutdown().await
+}
+
+/// A deterministic byte stream (xorshift64*), so sender and checker agree without storing it.
+/// Bytes come out in the same order however the caller slices them.
+struct Stream {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl Stream {
+    fn new(seed: u64) -> Self {
+        Stream { state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, word: [0; 8], used: 8 }
+    }
+
+    fn next_word(&mut self) -> [u8; 8] {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes()
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        let mut at = 0;
+        while at < buf.len() {
+            if self.used == 8 {
+                if buf.len() - at >= 8 {
+                    let word = self.next_word();
+                    buf[at..at + 8].copy_from_slice(&word);
+                    at += 8;
+                    continue;
+                }
+                self.word = self.next_word();
+                self.used = 0;
+            }
+            let n = (8 - self.used).min(buf.len() - at);
+            buf[at..at + n].copy_from_slice(&self.word[self.used..self.used + n]);
+            self.used += n;
+            at += n;
+        }
+    }
+}
+
+struct ConnResult {
+    sent: u64,
+    received: u64,
+    peer: String,
+}
+
+async fn client(
+    to: SocketAddr,
+    bytes: u64,
+    conns: u32,
+    seed: u64,
+    connect_timeout: Duration,
+    timeout: Duration,
+) -> ClientReport {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..conns)
+        .map(|i| {
+            tokio::spawn(async move {
+                match tokio::time::timeout(
+                    timeout,
+                    one_connection(to, bytes, seed.wrapping_add(u64::from(i)), connect_timeout),
+                )
+                .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(format!("transfer timed out after {timeout:?}")),
+                }
+            })
+        })
+        .collect();
+    let mut report = ClientReport { conns, ..ClientReport::default() };
+    for task in tasks {
+        match task.await {
+            Ok(Ok(r)) => {
+                report.succeeded += 1;
+                report.bytes_sent += r.sent;
+                report.bytes_received += r.received;
+                if !report.peers_seen.contains(&r.peer) {
+                    report.peers_seen.push(r.peer);
+                }
+            }
+            Ok(Err(err)) => {
+                report.failed += 1;
+                if report.errors.len() < 5 {
+                    report.errors.push(err);
+                }
+            }
+            Err(err) => {
+                report.failed += 1;
+                report.errors.push(format!("task failed: {err}"));
+            }
+        }
+    }
+    report.ok = report.failed == 0 && report.succeeded == conns;
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    report
+}
+
+async fn one_connection(
+    to: SocketAddr,
+    bytes: u64,
+    seed: u64,
+    connect_timeout: Duration,
+) -> Result<ConnResult, String> {
+    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(to)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(err)) => return Err(format!("connect {to}: {err}")),
+        Err(_) => return Err(format!("connect {to}: timed out after {connect_timeout:?}")),
+    };
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut line = String::new();
+    read.read_line(&mut line).await.map_err(|e| format!("reading PEER line: {e}"))?;
+    let peer = line
+        .strip_prefix("PEER ")
+        .map(|p| p.trim().to_owned())
+        .ok_or_else(|| format!("expected a PEER line, got {line:?}"))?;
+    let sender = async move {
+        let mut stream = Stream::new(seed);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            stream.fill(&mut buf[..n]);
+            write.write_all(&buf[..n]).await.map_err(|e| format!("send: {e}"))?;
+            left -= n as u64;
+        }
+        write.shutdown().await.map_err(|e| format!("half-close: {e}"))?;
+        Ok::<u64, String>(bytes)
+    };
+    let checker = async move {
+        let mut expected = Stream::new(seed);
+        let mut got = vec![0u8; 64 * 1024];
+        let mut want = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = read.read(&mut got).await.map_err(|e| format!("receive after {total} bytes: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            expected.fill(&mut want[..n]);
+            if got[..n] != want[..n] {
+                return Err(format!(
+                    "echo differs from what was sent within bytes {total}..{}",
+                    total + n as u64
+                ));
+            }
+            total += n as u64;
+        }
+        if total != bytes {
+            return Err(format!("echo ended after {total} of {bytes} bytes"));
+        }
+        Ok(total)
+    };
+    let (sent, received) = tokio::try_join!(sender, checker)?;
+    Ok(ConnResult { sent, received, peer })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stream;
+
+    #[test]
+    fn stream_is_the_same_however_it_is_sliced() {
+        let mut whole = vec![0u8; 1000];
+        Stream::new(7).fill(&mut whole);
+        let mut sliced = Vec::new();
+        let mut s = Stream::new(7);
+        for n in [3usize, 1, 8, 13, 64, 5, 906] {
+            let mut part = vec![0u8; n];
+            s.fill(&mut part);
+            sliced.extend(part);
+        }
+        assert_eq!(whole, sliced);
+    }
+}

@@ -1,0 +1,26 @@
+//! nodemesh's test bed: topologies of network namespaces with real mesh-node processes.
+//!
+//! Used by the end-to-end tests in `tests/tests/` and by `cargo xtask demo`. A [`Topology`]
+//! builds two nodes (netns joined by a veth link, a bridge for each node's pods), pods behind
+//! veths, an external host outside the mesh, a cgroup tree per node under a test-owned cgroup,
+//! and a private bpffs; it starts mesh-node and pod-app processes inside them and tears all of
+//! it down on drop, also sweeping what an interrupted earlier run of the same name left.
+
+pub mod netns;
+pub mod process;
+pub mod report;
+pub mod topology;
+
+pub use report::{ClientReport, PodReport, PodsReport, Traffic};
+pub use topology::{NodeId, PodSpec, Topology};
+
+/// Fails with one clear line when not running as root.
+pub fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "end-to-end tests need root (BPF, network namespaces, cgroups): run `sudo cargo xtask test`"
+        );
+    }
+    Ok(())
+}
