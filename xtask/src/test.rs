@@ -18,7 +18,8 @@ pub struct Selection {
 
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(crate::workspace_root());
+    // Logs are read by people and by the failure excerpt: no colour codes.
+    cmd.current_dir(crate::workspace_root()).env("CARGO_TERM_COLOR", "never");
     cmd
 }
 
@@ -68,7 +69,11 @@ fn test_summary(log: &str) -> String {
 pub fn run(selection: Selection) -> anyhow::Result<()> {
     let object = toolchain::build_ebpf()?;
     if !selection.e2e_only {
-        step("formatting (cargo fmt --check)", "fmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
+        step(
+            "formatting (cargo fmt --check)",
+            "fmt",
+            cargo().args(["fmt", "--all", "--", "--check", "--color", "never"]),
+        )?;
         step(
             "lints (cargo clippy -D warnings)",
             "clippy",

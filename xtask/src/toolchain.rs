@@ -86,10 +86,7 @@ fn ensure_packages(packages: &[Package]) -> anyhow::Result<()> {
     }
     step.detail("apt-get install");
     let mut install = Command::new("apt-get");
-    install
-        .args(["install", "-y", "-q"])
-        .args(&names)
-        .env("DEBIAN_FRONTEND", "noninteractive");
+    install.args(["install", "-y", "-q"]).args(&names).env("DEBIAN_FRONTEND", "noninteractive");
     match run_logged(&step, "apt-install", &mut install) {
         Ok(_) => step.done(),
         Err(err) => {
