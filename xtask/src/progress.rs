@@ -103,14 +103,23 @@ pub fn excerpt(log: &Path) -> String {
     for (i, line) in lines.iter().enumerate() {
         let lower = line.to_lowercase();
         if lower.starts_with("error") || line.contains("panicked at") {
-            picked.extend(lines[i..(i + 6).min(lines.len())].iter().map(|l| format!("  | {l}")));
+            picked.extend(lines[i..(i + 6).min(lines.len())].iter().map(|l| quote(l)));
             if picked.len() >= 24 {
                 break;
             }
         }
     }
     if picked.is_empty() {
-        picked = lines[lines.len().saturating_sub(12)..].iter().map(|l| format!("  | {l}")).collect();
+        picked = lines[lines.len().saturating_sub(12)..].iter().map(|l| quote(l)).collect();
     }
     picked.join("\n")
+}
+
+/// Quotes one log line, cut short: a linker command line can be thousands of characters.
+fn quote(line: &str) -> String {
+    const MAX: usize = 200;
+    match line.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("  | {} …", &line[..cut]),
+        None => format!("  | {line}"),
+    }
 }
