@@ -36,8 +36,9 @@ const EBPF_PACKAGES: [Package; 4] = [
     Package { name: "rust-web-src", marker: RUST_SRC, why: "core's source, for -Z build-std=core" },
     Package {
         name: "llvm-22-dev",
-        marker: "/usr/lib/llvm-22/bin/llvm-config",
-        why: "LLVM 22, to build bpf-linker",
+        // llvm-config comes with llvm-22; the -dev package is what provides libLLVM.so to link.
+        marker: "/usr/lib/llvm-22/lib/libLLVM.so",
+        why: "LLVM 22's libLLVM.so, to build bpf-linker",
     },
 ];
 
