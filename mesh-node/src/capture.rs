@@ -202,8 +202,24 @@ impl Capture {
 
     /// Enrols a pod: its inbound listener goes into the sockhash first, then its address and
     /// netns are marked enrolled, then sk_lookup is attached to its netns (replacing the link of
-    /// a previous mesh-node, if any).
+    /// a previous mesh-node, if any). On failure nothing of the pod is left enrolled.
     pub fn enrol(
+        &self,
+        link: &LinkName,
+        netns: &Path,
+        netns_cookie: u64,
+        ip: Ipv4Addr,
+        inbound_listener: &impl AsRawFd,
+        pod_index: u32,
+    ) -> Result<(), CaptureError> {
+        let result = self.try_enrol(link, netns, netns_cookie, ip, inbound_listener, pod_index);
+        if result.is_err() {
+            let _ = self.withdraw(Some(link), Some(netns_cookie), Some(ip));
+        }
+        result
+    }
+
+    fn try_enrol(
         &self,
         link: &LinkName,
         netns: &Path,

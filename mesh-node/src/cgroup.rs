@@ -83,3 +83,31 @@ pub fn join_proxy_cgroup(proxy: &Path, pods: &Path) -> Result<PathBuf, CgroupErr
     })?;
     Ok(proxy)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns the cgroup v2 mount point of this machine, if it has one.
+    fn cgroup2_mount() -> Option<PathBuf> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+        mounts.lines().find_map(|l| {
+            let mut fields = l.split_whitespace();
+            let (_, dir, fs) = (fields.next(), fields.next()?, fields.next()?);
+            (fs == "cgroup2").then(|| PathBuf::from(dir))
+        })
+    }
+
+    #[test]
+    fn refuses_the_root_cgroup_and_non_cgroup_directories() {
+        let Some(root) = cgroup2_mount() else {
+            eprintln!("no cgroup v2 mount on this machine: nothing to check");
+            return;
+        };
+        assert!(matches!(validate_pods_cgroup(&root), Err(CgroupError::RootCgroup { .. })));
+        let tmp = std::env::temp_dir();
+        assert!(matches!(validate_pods_cgroup(&tmp), Err(CgroupError::NotCgroup2 { .. })));
+        let missing = validate_pods_cgroup(Path::new("/nonexistent/cgroup")).unwrap_err();
+        assert!(missing.to_string().contains("/nonexistent/cgroup"), "{missing}");
+    }
+}

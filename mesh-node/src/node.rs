@@ -112,7 +112,8 @@ impl Node {
                     if previous.as_ref() != Some(&message) {
                         tracing::error!(pod = %spec.key, error = %message, "cannot enrol pod; retrying every reload");
                     }
-                    // Undo whatever part of the enrolment happened, so nothing half-works.
+                    // Drop what an earlier mesh-node left enrolled for this pod, so nothing
+                    // half-works while it cannot be enrolled.
                     let _ = self.capture.withdraw(
                         Some(&LinkName::pod(&spec.key.namespace, &spec.key.name)),
                         None,

@@ -134,14 +134,17 @@ impl PodRuntime {
         let (connection, netlink) = sockets.netlink;
         tokio::spawn(connection);
         routing::install(&netlink).await?;
-        capture.enrol(
+        if let Err(err) = capture.enrol(
             &LinkName::pod(&spec.key.namespace, &spec.key.name),
             &spec.netns,
             sockets.cookie,
             spec.ip,
             &sockets.inbound,
             index,
-        )?;
+        ) {
+            let _ = routing::remove(&netlink).await;
+            return Err(err.into());
+        }
 
         let ctx = Arc::new(PodContext {
             netns_cookie: sockets.cookie,

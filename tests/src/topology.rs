@@ -273,11 +273,21 @@ impl Topology {
                 ip = pod.ip,
             ));
         }
+        self.write_raw_manifests(node, &yaml)
+    }
+
+    /// Replaces a node's manifests with arbitrary text (to test bad input).
+    pub fn write_raw_manifests(&self, node: NodeId, yaml: &str) -> anyhow::Result<()> {
         let path = self.manifest_path(node);
         let tmp = path.with_extension("yaml.tmp");
         std::fs::write(&tmp, yaml)?;
         std::fs::rename(&tmp, &path)?;
         Ok(())
+    }
+
+    /// Rewrites a node's manifests from the topology (undoing [`Topology::write_raw_manifests`]).
+    pub fn restore_manifests(&self, node: NodeId) -> anyhow::Result<()> {
+        self.write_manifests(node)
     }
 
     /// Enrols or withdraws a pod by rewriting its node's manifests.
@@ -364,6 +374,14 @@ impl Topology {
         let (status, body) = netns::http_get(&self.node_netns(node), ADMIN, "/pods")?;
         anyhow::ensure!(status == 200, "admin /pods answered {status}: {body}");
         serde_json::from_str(&body).with_context(|| format!("parsing /pods: {body}"))
+    }
+
+    /// Fetches a node's Prometheus endpoint (`:15020/metrics`).
+    pub fn node_metrics(&self, node: NodeId) -> anyhow::Result<String> {
+        let (status, body) =
+            netns::http_get(&self.node_netns(node), SocketAddr::from((node.link_ip(), 15020)), "/metrics")?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}: {body}");
+        Ok(body)
     }
 
     /// Fetches a node's admin endpoint at `path` (e.g. `/ebpf`, `/metrics`).

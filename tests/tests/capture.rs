@@ -59,6 +59,60 @@ fn cross_node_connection_is_captured_on_both_nodes_and_64mib_arrive_intact() {
         "node-b relayed it all: {b1:?}"
     );
     assert_eq!((a1.failed, b1.failed, a1.active, b1.active), (0, 0, 0, 0));
+
+    // The Prometheus endpoint counts the same traffic.
+    let metrics = topology.node_metrics(NodeId::B).expect("metrics");
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no sample {name} in:\n{metrics}"))
+    };
+    assert_eq!(
+        sample(r#"nodemesh_proxy_connections_total{namespace="demo",pod="b1",direction="inbound"}"#),
+        1
+    );
+    assert_eq!(
+        sample(
+            r#"nodemesh_proxy_bytes_total{namespace="demo",pod="b1",direction="inbound",flow="received"}"#
+        ),
+        BYTES
+    );
+    assert_eq!(sample(r#"nodemesh_ebpf_events_total{event="inbound_assigned"}"#), 1);
+    assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+}
+
+#[test]
+fn invalid_manifests_keep_the_last_good_state_with_a_clear_error() {
+    let topology = started("capture_bad_manifest");
+    topology.serve("b1", PORT).expect("server");
+    topology
+        .write_raw_manifests(
+            NodeId::A,
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a1\n  labels: {oops: [}\n",
+        )
+        .expect("write");
+    let mut report = pods(&topology, NodeId::A);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            report = pods(&topology, NodeId::A);
+            report.source_error.is_some()
+        }),
+        "the bad file is reported"
+    );
+    let error = report.source_error.clone().unwrap_or_default();
+    assert!(error.contains("node-a-pods.yaml:5"), "error names file and line: {error}");
+    assert_eq!(report.pods.len(), 2, "a1 and a2 stay enrolled: {report:?}");
+    assert!(topology.client("a1", addr(&topology, "b1"), 1024, 1).expect("client").ok);
+    assert_eq!(pods(&topology, NodeId::A).pod("a1").expect("a1").outbound.connections, 1, "still captured");
+
+    topology.restore_manifests(NodeId::A).expect("restore");
+    assert!(
+        eventually(Duration::from_secs(5), || pods(&topology, NodeId::A).source_error.is_none()),
+        "the error clears once the file is valid"
+    );
 }
 
 #[test]
