@@ -8,7 +8,6 @@ mod admin;
 mod bpffs;
 mod capture;
 mod cgroup;
-mod local_pods;
 mod metrics;
 mod netns;
 mod node;
@@ -174,7 +173,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let proxy_cgroup = cgroup::join_proxy_cgroup(&args.proxy_cgroup, &pods_cgroup)?;
     raise_fd_limit();
     bpffs::ensure_mounted(&args.bpffs)?;
-    let desired = local_pods::load(&args.pods, &args.node_name)
+    let desired = mesh_manifests::load(&args.pods, &args.node_name)
         .with_context(|| format!("reading pods of node {}", args.node_name))?;
 
     let runtime =
@@ -218,14 +217,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// Re-reads the pod source and applies changes; on a bad file the last good state stays.
-async fn reload_loop(node: Arc<Node>, mut current: Vec<local_pods::EnrolledPodSpec>, interval: Duration) {
+async fn reload_loop(node: Arc<Node>, mut current: Vec<mesh_manifests::EnrolledPodSpec>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error = None;
     loop {
         ticker.tick().await;
         let (path, name) = (node.pods_source.clone(), node.name.clone());
-        let loaded = tokio::task::spawn_blocking(move || local_pods::load(&path, &name)).await;
+        let loaded = tokio::task::spawn_blocking(move || mesh_manifests::load(&path, &name)).await;
         match loaded {
             Ok(Ok(desired)) => {
                 if last_error.take().is_some() {

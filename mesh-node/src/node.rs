@@ -9,12 +9,12 @@ use std::{
     },
 };
 
+use mesh_manifests::{EnrolledPodSpec, PodKey};
 use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::{
     capture::{Capture, LinkName},
-    local_pods::{EnrolledPodSpec, PodKey},
     metrics::Metrics,
     pod::{PodRuntime, PodStatus},
 };

@@ -10,6 +10,7 @@ use std::{
 };
 
 use mesh_ebpf_common::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT};
+use mesh_manifests::EnrolledPodSpec;
 use serde::Serialize;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -17,7 +18,6 @@ use tracing::Instrument as _;
 
 use crate::{
     capture::{Capture, CaptureError, LinkName},
-    local_pods::EnrolledPodSpec,
     metrics::{Direction, Metrics, TrafficCounters, TrafficSnapshot},
     netns::{NetnsError, NetnsWorker, netns_cookie},
     proxy,

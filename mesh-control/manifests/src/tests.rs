@@ -10,6 +10,16 @@ fn load_str(yaml: &str, node: &str) -> Result<Vec<EnrolledPodSpec>, ManifestErro
     result
 }
 
+fn load_str_all(yaml: &str) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
+    let dir = std::env::temp_dir().join(format!("nm-local-pods-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("pods.yaml");
+    std::fs::write(&file, yaml).expect("write");
+    let result = load_all(&file);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -38,6 +48,15 @@ fn enrols_pods_of_ambient_namespace_on_this_node_only() {
     assert_eq!(pods[0].ip, Ipv4Addr::new(10, 1, 1, 2));
     assert_eq!(pods[0].netns, PathBuf::from("/run/netns/a1"));
     assert_eq!(pods[0].service_account, "sa-a1");
+}
+
+#[test]
+fn load_all_returns_every_node_with_its_node_name() {
+    let yaml =
+        format!("{NAMESPACE}{}{}", pod("a1", "node-a", "10.1.1.2", ""), pod("b1", "node-b", "10.1.2.2", ""));
+    let pods = load_str_all(&yaml).expect("valid");
+    let nodes: Vec<_> = pods.iter().map(|p| (p.key.name.as_str(), p.node.as_str())).collect();
+    assert_eq!(nodes, [("a1", "node-a"), ("b1", "node-b")]);
 }
 
 #[test]

@@ -1,9 +1,10 @@
-//! Local enrolment: the pods of this node, read from Kubernetes-shaped YAML.
+//! Local mode: the mesh's pods, read from Kubernetes-shaped YAML.
 //!
 //! The same files work with `kubectl apply`: Namespace and Pod documents are read, every other
 //! kind is ignored. A pod is enrolled when its namespace (or the pod itself) says
-//! `nodemesh.io/dataplane-mode: ambient`, the pod does not opt out with `none`, and it is
-//! scheduled on this node. Its netns path comes from the `nodemesh.io/netns` annotation.
+//! `nodemesh.io/dataplane-mode: ambient` and the pod does not opt out with `none`. Its netns path
+//! comes from the `nodemesh.io/netns` annotation. mesh-node enrols the pods scheduled on its node;
+//! the CA issues a node only the identities of pods scheduled on it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -55,10 +56,12 @@ impl fmt::Display for PodKey {
     }
 }
 
-/// A pod this node must capture.
+/// An enrolled pod with an address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EnrolledPodSpec {
     pub key: PodKey,
+    /// `spec.nodeName`.
+    pub node: String,
     pub ip: Ipv4Addr,
     pub netns: PathBuf,
     pub service_account: String,
@@ -110,6 +113,11 @@ struct PodStatusFields {
 /// Reads a YAML file, or every `*.yaml` / `*.yml` file of a directory, and returns the pods
 /// enrolled on `node`.
 pub fn load(path: &Path, node: &str) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
+    Ok(load_all(path)?.into_iter().filter(|p| p.node == node).collect())
+}
+
+/// Like [`load`], for every node.
+pub fn load_all(path: &Path) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
     let files = yaml_files(path)?;
     let mut namespaces = HashMap::new();
     let mut pods = Vec::new();
@@ -127,7 +135,7 @@ pub fn load(path: &Path, node: &str) -> Result<Vec<EnrolledPodSpec>, ManifestErr
             }
         }
     }
-    select_enrolled(pods, &namespaces, node)
+    select_enrolled(pods, &namespaces)
 }
 
 fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
@@ -182,7 +190,6 @@ fn required<'a>(
 fn select_enrolled(
     pods: Vec<(PathBuf, Document)>,
     ambient_namespaces: &HashMap<String, bool>,
-    node: &str,
 ) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
     let mut seen: HashMap<PodKey, PathBuf> = HashMap::new();
     let mut enrolled = Vec::new();
@@ -209,7 +216,11 @@ fn select_enrolled(
             }
             None => ambient_namespaces.get(&key.namespace).copied().unwrap_or(false),
         };
-        if !opted_in || doc.spec.node_name.as_deref() != Some(node) {
+        let Some(node) = doc.spec.node_name.clone().filter(|n| !n.is_empty()) else {
+            // Not scheduled yet.
+            continue;
+        };
+        if !opted_in {
             continue;
         }
         let Some(ip) = doc.status.pod_ip.as_deref() else {
@@ -233,6 +244,7 @@ fn select_enrolled(
         }
         enrolled.push(EnrolledPodSpec {
             key,
+            node,
             ip,
             netns: PathBuf::from(netns),
             service_account: doc.spec.service_account_name.clone().unwrap_or_else(|| "default".to_owned()),
