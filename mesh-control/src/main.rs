@@ -1,1 +1,83 @@
-fn main() {}
+//! mesh-control: runs nodemesh's control plane.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use clap::Parser;
+use mesh_control::{
+    ca::TtlPolicy,
+    control_plane::{Config, ControlPlane},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "mesh-control", version, about = "nodemesh control plane")]
+struct Cli {
+    /// Directory (or file) of Kubernetes-shaped manifests (local mode).
+    #[arg(long)]
+    config_dir: PathBuf,
+    /// Where the root CA (`ca/`) and node tokens (`nodes/`) are kept.
+    #[arg(long, default_value = "/var/lib/nodemesh/control")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Default certificate lifetime, seconds.
+    #[arg(long, default_value_t = 24 * 3600)]
+    cert_ttl_secs: u64,
+    #[arg(long, default_value_t = 60)]
+    min_cert_ttl_secs: u64,
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    max_cert_ttl_secs: u64,
+    /// Extra trusted root (PEM), repeatable: used while rotating the root.
+    #[arg(long = "extra-trust-root")]
+    extra_roots: Vec<PathBuf>,
+    /// Extra DNS name or IP for the serving certificate, repeatable.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    #[arg(long, default_value_t = 1000)]
+    reload_interval_ms: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("mesh-control: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let ttl = TtlPolicy {
+        default: Duration::from_secs(cli.cert_ttl_secs),
+        min: Duration::from_secs(cli.min_cert_ttl_secs),
+        max: Duration::from_secs(cli.max_cert_ttl_secs),
+    };
+    anyhow::ensure!(
+        ttl.min <= ttl.default && ttl.default <= ttl.max,
+        "certificate TTLs must satisfy min <= default <= max (got {}s, {}s, {}s)",
+        cli.min_cert_ttl_secs,
+        cli.cert_ttl_secs,
+        cli.max_cert_ttl_secs
+    );
+    let config = Config {
+        config_dir: cli.config_dir,
+        state_dir: cli.state_dir,
+        trust_domain: cli.trust_domain,
+        ttl,
+        extra_roots: cli.extra_roots,
+        server_names: cli.server_names,
+        reload_interval: Duration::from_millis(cli.reload_interval_ms.max(50)),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let plane = Arc::new(ControlPlane::open(config)?);
+        let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+        tracing::info!(listen = %cli.listen, trust_domain = %plane.config.trust_domain, "mesh-control serving the CA");
+        plane.serve(listener).await
+    })
+}

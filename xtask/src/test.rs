@@ -79,7 +79,18 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
             "clippy",
             cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
         )?;
-        step("unit tests", "unit-tests", cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
+        // Everything that needs no root: unit tests, and the integration tests of every crate
+        // but the end-to-end test bed (whose own unit tests run here too).
+        step(
+            "unit and integration tests",
+            "unit-tests",
+            cargo().args(["test", "--workspace", "--exclude", "nodemesh-testbed"]),
+        )?;
+        step(
+            "test bed unit tests",
+            "testbed-unit-tests",
+            cargo().args(["test", "-p", "nodemesh-testbed", "--lib", "--bins"]),
+        )?;
     }
     if selection.unit_only {
         return Ok(());
