@@ -43,13 +43,19 @@ async fn route(node: &Node, endpoint: Endpoint, req: &Request<Incoming>) -> Resp
     }
     match (endpoint, req.uri().path()) {
         (Endpoint::Admin, "/pods") => json_response(&node.status().await),
+        (Endpoint::Admin, "/certs") => json_response(&json!({
+            "ca": node.identities.is_some(),
+            "certificates": node.certificates(),
+        })),
         (Endpoint::Admin, "/ebpf") => json_response(&json!({
             "links": node.capture.link_names(),
             "stats": node.capture.stats(),
         })),
-        (Endpoint::Admin, "/") => {
-            respond(StatusCode::OK, "text/plain", "mesh-node admin: /pods /ebpf /metrics /healthz/ready\n")
-        }
+        (Endpoint::Admin, "/") => respond(
+            StatusCode::OK,
+            "text/plain",
+            "mesh-node admin: /pods /certs /ebpf /metrics /healthz/ready\n",
+        ),
         (Endpoint::Admin | Endpoint::Metrics, "/metrics") => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -8,6 +8,7 @@ mod admin;
 mod bpffs;
 mod capture;
 mod cgroup;
+mod identity;
 mod metrics;
 mod netns;
 mod node;
@@ -92,6 +93,21 @@ struct RunArgs {
     /// Destination ports never captured outbound (repeatable).
     #[arg(long = "exclude-outbound-port")]
     excluded_ports: Vec<u16>,
+    /// mesh-control's CA, e.g. `https://10.0.0.1:15012`. Without it no workload certificates
+    /// are requested.
+    #[arg(long, requires_all = ["ca_trust_roots", "node_token_file"])]
+    ca_address: Option<String>,
+    /// PEM roots that sign mesh-control's serving certificate (the mesh trust bundle).
+    #[arg(long)]
+    ca_trust_roots: Option<PathBuf>,
+    /// This node's token for the CA (local mode), as mesh-control wrote it.
+    #[arg(long)]
+    node_token_file: Option<PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Requested workload certificate lifetime in seconds; 0 = the CA's default.
+    #[arg(long, default_value_t = 0)]
+    cert_validity_secs: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -191,7 +207,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             node = %args.node_name, pods_cgroup = %pods_cgroup.display(), proxy_cgroup = %proxy_cgroup.display(),
             pins = %config.pin_root.display(), "capture programs attached"
         );
-        let node = Arc::new(Node::new(args.node_name.clone(), args.pods.clone(), Arc::new(capture)));
+        let identities = identity_manager(&args)?;
+        let node = Arc::new(Node::new(
+            args.node_name.clone(),
+            args.pods.clone(),
+            Arc::new(capture),
+            identities,
+            args.trust_domain.clone(),
+        ));
 
         let endpoints = [
             (args.admin_addr, Endpoint::Admin),
@@ -214,6 +237,27 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down; capture stays installed for the next mesh-node");
         Ok(())
     })
+}
+
+/// Builds the identity manager when a CA is configured.
+fn identity_manager(args: &RunArgs) -> anyhow::Result<Option<Arc<identity::IdentityManager>>> {
+    let (Some(address), Some(roots), Some(token)) =
+        (&args.ca_address, &args.ca_trust_roots, &args.node_token_file)
+    else {
+        return Ok(None);
+    };
+    let trust_roots_pem = std::fs::read_to_string(roots)
+        .with_context(|| format!("reading CA trust roots {}", roots.display()))?;
+    let token =
+        std::fs::read_to_string(token).with_context(|| format!("reading node token {}", token.display()))?;
+    let client = identity::CaClient::new(identity::CaClientConfig {
+        address: address.clone(),
+        trust_roots_pem,
+        node: args.node_name.clone(),
+        token: token.trim().to_owned(),
+        validity: Duration::from_secs(args.cert_validity_secs),
+    })?;
+    Ok(Some(identity::IdentityManager::new(client)))
 }
 
 /// Re-reads the pod source and applies changes; on a bad file the last good state stays.

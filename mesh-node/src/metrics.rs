@@ -66,14 +66,9 @@ pub struct Metrics {
     pods_enrolled: Gauge,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
+    /// Creates the families; `cert_expiry` (from the identity manager) is registered when given.
+    pub fn new(cert_expiry: Option<Family<Vec<(String, String)>, Gauge>>) -> Self {
         let mut registry = Registry::with_prefix("nodemesh");
         let connections = Family::<TrafficLabels, Counter>::default();
         let failed = Family::<TrafficLabels, Counter>::default();
@@ -97,6 +92,13 @@ impl Metrics {
             bytes.clone(),
         );
         registry.register("pods_enrolled", "Pods whose traffic this node captures", pods_enrolled.clone());
+        if let Some(family) = cert_expiry {
+            registry.register(
+                "workload_cert_expiry_timestamp_seconds",
+                "When each served identity's current certificate expires (Unix time)",
+                family,
+            );
+        }
         Metrics { registry, connections, failed, active, bytes, pods_enrolled }
     }
 
@@ -223,7 +225,7 @@ mod tests {
 
     #[test]
     fn renders_pod_counters_and_kernel_events() {
-        let m = Metrics::new();
+        let m = Metrics::new(None);
         let t = m.traffic("demo", "a1", Direction::Outbound);
         let guard = t.open();
         t.bytes_sent.inc_by(42);

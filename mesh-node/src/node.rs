@@ -9,12 +9,14 @@ use std::{
     },
 };
 
+use mesh_api::SpiffeId;
 use mesh_manifests::{EnrolledPodSpec, PodKey};
 use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::{
     capture::{Capture, LinkName},
+    identity::{CertStatus, IdentityManager},
     metrics::Metrics,
     pod::{PodRuntime, PodStatus},
 };
@@ -26,6 +28,9 @@ pub struct Node {
     pub pods_source: PathBuf,
     pub capture: Arc<Capture>,
     pub metrics: Metrics,
+    /// Workload certificates, when a CA is configured.
+    pub identities: Option<Arc<IdentityManager>>,
+    trust_domain: String,
     pods: Mutex<BTreeMap<PodKey, PodRuntime>>,
     /// Pods that should be enrolled but could not be, with the reason (retried every reload).
     failures: std::sync::Mutex<BTreeMap<PodKey, String>>,
@@ -51,12 +56,21 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Node {
-    pub fn new(name: String, pods_source: PathBuf, capture: Arc<Capture>) -> Self {
+    pub fn new(
+        name: String,
+        pods_source: PathBuf,
+        capture: Arc<Capture>,
+        identities: Option<Arc<IdentityManager>>,
+        trust_domain: String,
+    ) -> Self {
+        let metrics = Metrics::new(identities.as_ref().map(|i| i.expiry_gauge()));
         Node {
             name,
             pods_source,
             capture,
-            metrics: Metrics::new(),
+            metrics,
+            identities,
+            trust_domain,
             pods: Mutex::new(BTreeMap::new()),
             failures: std::sync::Mutex::new(BTreeMap::new()),
             source_error: std::sync::Mutex::new(None),
@@ -89,10 +103,11 @@ impl Node {
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
-            if let Some(runtime) = pods.remove(&key)
-                && let Err(err) = runtime.stop(&self.metrics).await
-            {
-                tracing::error!(pod = %key, error = %err, "withdrawing pod left something behind");
+            if let Some(runtime) = pods.remove(&key) {
+                self.use_identity(&runtime.spec, false);
+                if let Err(err) = runtime.stop(&self.metrics).await {
+                    tracing::error!(pod = %key, error = %err, "withdrawing pod left something behind");
+                }
             }
         }
         lock(&self.failures).retain(|key, _| wanted.contains_key(key));
@@ -104,6 +119,7 @@ impl Node {
             match PodRuntime::start(spec.clone(), index, self.capture.clone(), &self.metrics).await {
                 Ok(runtime) => {
                     lock(&self.failures).remove(&spec.key);
+                    self.use_identity(spec, true);
                     pods.insert(spec.key.clone(), runtime);
                 }
                 Err(err) => {
@@ -123,6 +139,21 @@ impl Node {
             }
         }
         self.metrics.set_pods_enrolled(pods.len());
+    }
+
+    /// Starts (or stops) using the pod's workload identity.
+    fn use_identity(&self, spec: &EnrolledPodSpec, used: bool) {
+        let Some(identities) = &self.identities else { return };
+        match SpiffeId::new(&self.trust_domain, &spec.key.namespace, &spec.service_account) {
+            Ok(id) if used => identities.acquire(&id),
+            Ok(id) => identities.release(&id),
+            Err(err) => tracing::error!(pod = %spec.key, error = %err, "pod has no valid workload identity"),
+        }
+    }
+
+    /// Returns the workload certificates' status (empty without a CA).
+    pub fn certificates(&self) -> Vec<CertStatus> {
+        self.identities.as_ref().map(|i| i.status()).unwrap_or_default()
     }
 
     /// Removes what a previous mesh-node left enrolled for pods that are no longer wanted.

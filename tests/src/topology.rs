@@ -89,7 +89,12 @@ pub struct Topology {
     pods: Vec<PodSpec>,
     nodes: Mutex<BTreeMap<NodeId, Child>>,
     apps: Mutex<Vec<Child>>,
+    control_plane: Mutex<Option<Child>>,
 }
+
+/// Where mesh-control listens: node-a's link address (like a control-plane pod on host network).
+pub const CONTROL_PLANE: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 15012);
 
 impl std::fmt::Debug for Topology {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,6 +156,7 @@ impl Topology {
             pods,
             nodes: Mutex::new(BTreeMap::new()),
             apps: Mutex::new(Vec::new()),
+            control_plane: Mutex::new(None),
         };
         // An interrupted earlier run of the same test may have left all of this behind.
         topology.teardown();
@@ -298,6 +304,61 @@ impl Topology {
         self.write_manifests(node)
     }
 
+    fn control_dir(&self) -> PathBuf {
+        self.state_dir.join("control")
+    }
+
+    /// Starts mesh-control (its CA) in node-a's netns, reading every node's manifests, and
+    /// waits until it serves and has written a token for each node. Nodes started afterwards
+    /// request workload certificates from it.
+    pub fn start_control_plane(&self) -> anyhow::Result<()> {
+        let binary = find_binary("mesh-control")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.join("mesh-control.log"))?;
+        let mut cmd = Command::new(&binary);
+        cmd.arg("--config-dir")
+            .arg(&self.state_dir)
+            .arg("--state-dir")
+            .arg(self.control_dir())
+            .args(["--listen", &CONTROL_PLANE.to_string(), "--reload-interval-ms", "200"])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        place(&mut cmd, &netns::path(&self.node_netns(NodeId::A)), None)?;
+        let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        *self.control_plane.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let ns = self.node_netns(NodeId::A);
+        loop {
+            let tokens = NodeId::ALL.iter().all(|n| self.node_token(*n).exists());
+            let listening = netns::run_in(&ns, || {
+                std::net::TcpStream::connect_timeout(&CONTROL_PLANE, Duration::from_millis(200)).is_ok()
+            })?;
+            if tokens && listening {
+                return Ok(());
+            }
+            if let Some(child) = self.control_plane.lock().unwrap_or_else(|e| e.into_inner()).as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!(
+                    "mesh-control exited ({status}): see {}",
+                    self.state_dir.join("mesh-control.log").display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("mesh-control not serving after {READY_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn node_token(&self, node: NodeId) -> PathBuf {
+        self.control_dir().join("nodes").join(format!("{}.token", node.name()))
+    }
+
     /// Starts the node's mesh-node and waits until it reports ready.
     pub fn start_node(&self, node: NodeId) -> anyhow::Result<()> {
         let binary = find_binary("mesh-node")?;
@@ -314,8 +375,15 @@ impl Topology {
             .arg(node_cgroup.join("proxy"))
             .arg("--bpffs")
             .arg(&self.bpffs)
-            .args(["--reload-interval-ms", "200"])
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .args(["--reload-interval-ms", "200"]);
+        if self.control_plane.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            cmd.args(["--ca-address", &format!("https://{CONTROL_PLANE}")])
+                .arg("--ca-trust-roots")
+                .arg(self.control_dir().join("ca/root-cert.pem"))
+                .arg("--node-token-file")
+                .arg(self.node_token(node));
+        }
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -456,6 +524,10 @@ impl Topology {
         for (_, mut child) in std::mem::take(&mut *self.nodes.lock().unwrap_or_else(|e| e.into_inner())) {
             terminate(&mut child, Duration::from_secs(2));
         }
+        if let Some(mut child) = self.control_plane.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            terminate(&mut child, Duration::from_secs(2));
+        }
+        let _ = std::fs::remove_dir_all(self.control_dir());
         for mut child in std::mem::take(&mut *self.apps.lock().unwrap_or_else(|e| e.into_inner())) {
             let _ = child.kill();
             let _ = child.wait();

@@ -100,14 +100,20 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
         bail!("end-to-end tests need root (BPF, network namespaces, cgroups): run `sudo cargo xtask test`");
     }
     toolchain::ensure_test_tools()?;
-    step("building mesh-node", "build-mesh-node", cargo().args(["build", "-p", "mesh-node", "--bins"]))?;
+    step(
+        "building mesh-node and mesh-control",
+        "build-binaries",
+        cargo().args(["build", "-p", "mesh-node", "-p", "mesh-control", "--bins"]),
+    )?;
     let mesh_node = crate::workspace_root().join("target/debug/mesh-node");
+    let mesh_control = crate::workspace_root().join("target/debug/mesh-control");
     step(
         "end-to-end tests (real eBPF, network namespaces, mesh-node processes)",
         "e2e-tests",
         cargo()
             .args(["test", "-p", "nodemesh-testbed", "--test", "*"])
             .env("MESH_NODE_BIN", &mesh_node)
+            .env("MESH_CONTROL_BIN", &mesh_control)
             .env("NODEMESH_BPF_OBJECT", &object),
     )?;
     eprintln!("all tests passed");

@@ -1,0 +1,148 @@
+//! The node's client of mesh-control's CA.
+
+use std::time::Duration;
+
+use mesh_api::{
+    SpiffeId,
+    ca::v1::{CertificateRequest, WorkloadIdentity, certificate_service_client::CertificateServiceClient},
+};
+use rcgen::{CertificateParams, KeyPair};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _};
+use time::OffsetDateTime;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+use super::WorkloadCert;
+
+/// The name mesh-control's serving certificate carries, whatever address is dialled.
+const CONTROL_PLANE_NAME: &str = "mesh-control";
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaClientError {
+    #[error("invalid control plane address {0:?}")]
+    Address(String),
+    #[error("control plane TLS configuration: {0}")]
+    Tls(String),
+    #[error("the CA refused: {code:?}: {message}")]
+    Refused { code: tonic::Code, message: String },
+    #[error("cannot generate a key or CSR: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("the CA answered with an unusable certificate: {0}")]
+    BadResponse(String),
+}
+
+/// Where the CA is and how this node proves who it is.
+#[derive(Clone, Debug)]
+pub struct CaClientConfig {
+    /// `https://host:port`.
+    pub address: String,
+    /// PEM roots that sign mesh-control's serving certificate (the mesh trust bundle).
+    pub trust_roots_pem: String,
+    pub node: String,
+    pub token: String,
+    /// Requested certificate lifetime; 0 = the CA's default.
+    pub validity: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaClient {
+    config: CaClientConfig,
+    grpc: CertificateServiceClient<Channel>,
+}
+
+impl CaClient {
+    /// Prepares a client; the connection is made (and re-made) on demand.
+    pub fn new(config: CaClientConfig) -> Result<Self, CaClientError> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&config.trust_roots_pem))
+            .domain_name(CONTROL_PLANE_NAME);
+        let channel = Channel::from_shared(config.address.clone())
+            .map_err(|_| CaClientError::Address(config.address.clone()))?
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(REQUEST_TIMEOUT)
+            .tls_config(tls)
+            .map_err(|e| CaClientError::Tls(e.to_string()))?
+            .connect_lazy();
+        Ok(CaClient { config, grpc: CertificateServiceClient::new(channel) })
+    }
+
+    /// Generates a key, asks the CA to certify it for `identity`, and checks the answer.
+    pub async fn request(&self, identity: &SpiffeId) -> Result<WorkloadCert, CaClientError> {
+        let key = KeyPair::generate()?;
+        let csr = CertificateParams::default().serialize_request(&key)?.pem()?;
+        let mut request = tonic::Request::new(CertificateRequest {
+            csr,
+            validity_duration: self.config.validity.as_secs() as i64,
+            identity: Some(WorkloadIdentity {
+                namespace: identity.namespace().to_owned(),
+                service_account: identity.service_account().to_owned(),
+            }),
+        });
+        let metadata = request.metadata_mut();
+        metadata.insert(
+            "x-nodemesh-node",
+            self.config.node.parse().map_err(|_| CaClientError::Address(self.config.node.clone()))?,
+        );
+        metadata.insert(
+            "authorization",
+            format!("Bearer {}", self.config.token)
+                .parse()
+                .map_err(|_| CaClientError::Tls("node token is not ASCII".into()))?,
+        );
+        let response = self
+            .grpc
+            .clone()
+            .create_certificate(request)
+            .await
+            .map_err(|s| CaClientError::Refused { code: s.code(), message: s.message().to_owned() })?
+            .into_inner();
+        let parse = |pems: &[String]| -> Result<Vec<CertificateDer<'static>>, CaClientError> {
+            pems.iter()
+                .map(|p| {
+                    CertificateDer::from_pem_slice(p.as_bytes())
+                        .map_err(|e| CaClientError::BadResponse(e.to_string()))
+                })
+                .collect()
+        };
+        let chain = parse(&response.cert_chain)?;
+        let trust_bundle = parse(&response.trust_bundle)?;
+        let leaf =
+            chain.first().ok_or_else(|| CaClientError::BadResponse("empty certificate chain".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| CaClientError::BadResponse(e.to_string()))?;
+        let uri_sans: Vec<String> = parsed
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|ext| {
+                ext.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if uri_sans != [identity.uri()] {
+            return Err(CaClientError::BadResponse(format!(
+                "certificate names {uri_sans:?}, not {identity}"
+            )));
+        }
+        let when = |t: x509_parser::time::ASN1Time| {
+            OffsetDateTime::from_unix_timestamp(t.timestamp())
+                .map_err(|e| CaClientError::BadResponse(e.to_string()))
+        };
+        Ok(WorkloadCert {
+            identity: identity.clone(),
+            not_before: when(parsed.validity().not_before)?,
+            not_after: when(parsed.validity().not_after)?,
+            received: OffsetDateTime::now_utc(),
+            serial: parsed.raw_serial_as_string(),
+            chain,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            trust_bundle,
+        })
+    }
+}
