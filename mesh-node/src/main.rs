@@ -14,6 +14,8 @@ mod netns;
 mod node;
 mod pod;
 mod proxy;
+#[cfg_attr(not(test), expect(dead_code, reason = "used by the HBONE data path ([mtls], next)"))]
+mod tls;
 
 use std::{
     net::SocketAddr,
