@@ -97,7 +97,7 @@ impl ServerCertVerifier for SpiffeVerifier {
             now,
             self.algorithms.all,
         )?;
-        let actual = spiffe_id_of(end_entity).map_err(|e| TlsError::General(e))?;
+        let actual = spiffe_id_of(end_entity).map_err(TlsError::General)?;
         if actual != self.expected {
             tracing::warn!(expected = %self.expected, presented = %actual, "peer presented the wrong identity");
             return Err(TlsError::InvalidCertificate(CertificateError::NotValidForName));
