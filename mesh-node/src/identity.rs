@@ -31,10 +31,6 @@ const JITTER_FRACTION: f64 = 0.05;
 
 /// A certificate and its key, ready for rustls.
 #[derive(Debug)]
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the chain, key and bundle are presented by the HBONE path ([mtls], next)")
-)]
 pub struct WorkloadCert {
     pub identity: SpiffeId,
     /// Leaf first.
@@ -147,14 +143,12 @@ impl IdentityManager {
     }
 
     /// Returns the current certificate, if one was issued.
-    #[cfg_attr(not(test), expect(dead_code, reason = "read by the HBONE path ([mtls], next)"))]
     pub fn current(&self, identity: &SpiffeId) -> Option<Arc<WorkloadCert>> {
         let slots = self.slots.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         slots.get(identity).and_then(|s| s.current.borrow().clone())
     }
 
     /// Waits up to `timeout` for a certificate of `identity`.
-    #[cfg_attr(not(test), expect(dead_code, reason = "awaited by the HBONE path ([mtls], next)"))]
     pub async fn wait_for(
         &self,
         identity: &SpiffeId,

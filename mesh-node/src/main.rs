@@ -9,12 +9,12 @@ mod bpffs;
 mod capture;
 mod cgroup;
 mod identity;
+mod mesh;
 mod metrics;
 mod netns;
 mod node;
 mod pod;
 mod proxy;
-#[cfg_attr(not(test), expect(dead_code, reason = "used by the HBONE data path ([mtls], next)"))]
 mod tls;
 
 use std::{
@@ -191,8 +191,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let proxy_cgroup = cgroup::join_proxy_cgroup(&args.proxy_cgroup, &pods_cgroup)?;
     raise_fd_limit();
     bpffs::ensure_mounted(&args.bpffs)?;
-    let desired = mesh_manifests::load(&args.pods, &args.node_name)
-        .with_context(|| format!("reading pods of node {}", args.node_name))?;
+    let all_pods =
+        mesh_manifests::load_all(&args.pods).with_context(|| format!("reading {}", args.pods.display()))?;
+    let desired = pods_of(&all_pods, &args.node_name);
 
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("mesh-node").build()?;
@@ -228,6 +229,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tokio::spawn(admin::serve(listener, node.clone(), endpoint));
         }
 
+        node.set_mesh(&all_pods);
         node.apply(&desired).await;
         node.prune_leftovers().await;
         node.set_ready();
@@ -239,6 +241,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down; capture stays installed for the next mesh-node");
         Ok(())
     })
+}
+
+/// Returns the pods scheduled on `node`.
+fn pods_of(all: &[mesh_manifests::EnrolledPodSpec], node: &str) -> Vec<mesh_manifests::EnrolledPodSpec> {
+    all.iter().filter(|p| p.node == node).cloned().collect()
 }
 
 /// Builds the identity manager when a CA is configured.
@@ -270,9 +277,16 @@ async fn reload_loop(node: Arc<Node>, mut current: Vec<mesh_manifests::EnrolledP
     loop {
         ticker.tick().await;
         let (path, name) = (node.pods_source.clone(), node.name.clone());
-        let loaded = tokio::task::spawn_blocking(move || mesh_manifests::load(&path, &name)).await;
+        let loaded = tokio::task::spawn_blocking(move || {
+            mesh_manifests::load_all(&path).map(|all| {
+                let mine = pods_of(&all, &name);
+                (all, mine)
+            })
+        })
+        .await;
         match loaded {
-            Ok(Ok(desired)) => {
+            Ok(Ok((all, desired))) => {
+                node.set_mesh(&all);
                 if last_error.take().is_some() {
                     tracing::info!("pod manifests are valid again");
                     node.set_source_error(None);

@@ -17,8 +17,9 @@ use tokio::sync::Mutex;
 use crate::{
     capture::{Capture, LinkName},
     identity::{CertStatus, IdentityManager},
+    mesh::MeshDirectory,
     metrics::Metrics,
-    pod::{PodRuntime, PodStatus},
+    pod::{NodeServices, PodRuntime, PodStatus},
 };
 
 /// One node's agent state, shared by the reconciler and the HTTP endpoints.
@@ -30,6 +31,7 @@ pub struct Node {
     pub metrics: Metrics,
     /// Workload certificates, when a CA is configured.
     pub identities: Option<Arc<IdentityManager>>,
+    pub mesh: Arc<MeshDirectory>,
     trust_domain: String,
     pods: Mutex<BTreeMap<PodKey, PodRuntime>>,
     /// Pods that should be enrolled but could not be, with the reason (retried every reload).
@@ -70,6 +72,7 @@ impl Node {
             capture,
             metrics,
             identities,
+            mesh: Arc::new(MeshDirectory::default()),
             trust_domain,
             pods: Mutex::new(BTreeMap::new()),
             failures: std::sync::Mutex::new(BTreeMap::new()),
@@ -116,7 +119,13 @@ impl Node {
                 continue;
             }
             let index = self.next_index.fetch_add(1, Ordering::Relaxed);
-            match PodRuntime::start(spec.clone(), index, self.capture.clone(), &self.metrics).await {
+            let services = NodeServices {
+                capture: self.capture.clone(),
+                identities: self.identities.clone(),
+                mesh: self.mesh.clone(),
+                trust_domain: self.trust_domain.clone(),
+            };
+            match PodRuntime::start(spec.clone(), index, &services, &self.metrics).await {
                 Ok(runtime) => {
                     lock(&self.failures).remove(&spec.key);
                     self.use_identity(spec, true);
@@ -139,6 +148,11 @@ impl Node {
             }
         }
         self.metrics.set_pods_enrolled(pods.len());
+    }
+
+    /// Updates the view of every meshed pod (all nodes), for outbound HBONE decisions.
+    pub fn set_mesh(&self, all_pods: &[EnrolledPodSpec]) {
+        self.mesh.replace(all_pods, &self.trust_domain);
     }
 
     /// Starts (or stops) using the pod's workload identity.

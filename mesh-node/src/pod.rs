@@ -9,7 +9,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use mesh_ebpf_common::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT};
+use mesh_api::SpiffeId;
+use mesh_ebpf_common::{HBONE_PORT, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT};
 use mesh_manifests::EnrolledPodSpec;
 use serde::Serialize;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -18,9 +19,11 @@ use tracing::Instrument as _;
 
 use crate::{
     capture::{Capture, CaptureError, LinkName},
+    identity::IdentityManager,
+    mesh::MeshDirectory,
     metrics::{Direction, Metrics, TrafficCounters, TrafficSnapshot},
     netns::{NetnsError, NetnsWorker, netns_cookie},
-    proxy,
+    proxy::{self, hbone_outbound::TunnelPool},
 };
 
 /// Backlog of the capture listeners: a burst of connects from a pod must not be refused.
@@ -40,11 +43,15 @@ pub enum PodError {
     Routing(#[from] routing::RoutingError),
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    #[error("the pod has no valid workload identity: {0}")]
+    Identity(#[from] mesh_api::IdentityError),
 }
 
 /// What the proxy tasks of one pod share.
 #[derive(Debug)]
 pub struct PodContext {
+    pub ip: Ipv4Addr,
+    pub identity: SpiffeId,
     pub netns_cookie: u64,
     pub worker: NetnsWorker,
     pub capture: Arc<Capture>,
@@ -57,6 +64,20 @@ pub struct PodContext {
     pub live_inbound: Mutex<HashSet<(SocketAddr, SocketAddr)>>,
     /// Cancelled when the pod is withdrawn: its proxied connections end.
     pub withdrawn: CancellationToken,
+    /// Workload certificates; `None` without a CA (then traffic stays plain TCP).
+    pub identities: Option<Arc<IdentityManager>>,
+    pub mesh: Arc<MeshDirectory>,
+    /// This pod's HBONE tunnels to meshed destinations.
+    pub tunnels: TunnelPool,
+}
+
+/// What a pod's runtime needs from its node.
+#[derive(Clone, Debug)]
+pub struct NodeServices {
+    pub capture: Arc<Capture>,
+    pub identities: Option<Arc<IdentityManager>>,
+    pub mesh: Arc<MeshDirectory>,
+    pub trust_domain: String,
 }
 
 /// Locks a set shared by proxy tasks; a panic elsewhere cannot leave a set half-updated.
@@ -103,6 +124,7 @@ type NetlinkConnection = rtnetlink::proto::Connection<rtnetlink::packet_route::R
 struct PodSockets {
     outbound: std::net::TcpListener,
     inbound: std::net::TcpListener,
+    hbone: Option<std::net::TcpListener>,
     cookie: u64,
     netlink: (NetlinkConnection, rtnetlink::Handle),
 }
@@ -113,22 +135,30 @@ impl PodRuntime {
     pub async fn start(
         spec: EnrolledPodSpec,
         index: u32,
-        capture: Arc<Capture>,
+        services: &NodeServices,
         metrics: &Metrics,
     ) -> Result<Self, PodError> {
+        let identity = SpiffeId::new(&services.trust_domain, &spec.key.namespace, &spec.service_account)?;
+        let capture = services.capture.clone();
         let worker = NetnsWorker::spawn(&spec.netns, &spec.key.name)?;
         let runtime = tokio::runtime::Handle::current();
+        let with_hbone = services.identities.is_some();
         let sockets = worker
             .run(move || -> Result<PodSockets, PodError> {
                 let outbound = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_CAPTURE_PORT)))?;
                 let inbound = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, INBOUND_CAPTURE_PORT)))?;
+                let hbone = if with_hbone {
+                    Some(listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)))?)
+                } else {
+                    None
+                };
                 let cookie = netns_cookie(&outbound).map_err(PodError::Cookie)?;
                 routing::enable_mark_inheritance()?;
                 // The netlink socket is created here, in the pod netns, and registered with the
                 // main runtime so it can be driven from there.
                 let _entered = runtime.enter();
                 let (connection, handle, _) = rtnetlink::new_connection().map_err(PodError::Netlink)?;
-                Ok(PodSockets { outbound, inbound, cookie, netlink: (connection, handle) })
+                Ok(PodSockets { outbound, inbound, hbone, cookie, netlink: (connection, handle) })
             })
             .await??;
         let (connection, netlink) = sockets.netlink;
@@ -147,6 +177,11 @@ impl PodRuntime {
         }
 
         let ctx = Arc::new(PodContext {
+            ip: spec.ip,
+            identity,
+            identities: services.identities.clone(),
+            mesh: services.mesh.clone(),
+            tunnels: TunnelPool::default(),
             netns_cookie: sockets.cookie,
             worker,
             capture,
@@ -165,10 +200,18 @@ impl PodRuntime {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, INBOUND_CAPTURE_PORT)),
             source,
         })?;
-        let accept_loops = vec![
+        let mut accept_loops = vec![
             tokio::spawn(proxy::outbound::accept_loop(ctx.clone(), outbound).instrument(span.clone())),
-            tokio::spawn(proxy::inbound::accept_loop(ctx.clone(), inbound).instrument(span)),
+            tokio::spawn(proxy::inbound::accept_loop(ctx.clone(), inbound).instrument(span.clone())),
         ];
+        if let Some(hbone) = sockets.hbone {
+            let hbone = TcpListener::from_std(hbone).map_err(|source| PodError::Listen {
+                addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)),
+                source,
+            })?;
+            accept_loops
+                .push(tokio::spawn(proxy::hbone_inbound::accept_loop(ctx.clone(), hbone).instrument(span)));
+        }
         tracing::info!(pod = %spec.key, ip = %spec.ip, netns = %spec.netns.display(), netns_cookie = sockets.cookie, "pod enrolled");
         Ok(PodRuntime { spec, ctx, netlink, accept_loops })
     }

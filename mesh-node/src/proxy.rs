@@ -1,5 +1,8 @@
 //! The shared node proxy's plaintext paths: outbound (15001) and inbound (15006) per pod.
 
+pub mod hbone;
+pub mod hbone_inbound;
+pub mod hbone_outbound;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
@@ -25,6 +28,8 @@ pub enum ProxyError {
     Loop { peer: SocketAddr },
     #[error("cannot find a delivery source port that does not collide with a live connection")]
     NoFreePort,
+    #[error("HBONE: {0}")]
+    Tunnel(String),
     #[error("cannot register the delivery with sk_lookup: {0}")]
     Capture(#[from] crate::capture::CaptureError),
 }

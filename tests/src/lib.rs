@@ -7,8 +7,10 @@
 //! it down on drop, also sweeping what an interrupted earlier run of the same name left.
 
 pub mod netns;
+pub mod payload;
 pub mod process;
 pub mod report;
+pub mod sniff;
 pub mod topology;
 
 pub use report::{ClientReport, PodReport, PodsReport, Traffic};

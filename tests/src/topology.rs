@@ -158,8 +158,10 @@ impl Topology {
             apps: Mutex::new(Vec::new()),
             control_plane: Mutex::new(None),
         };
-        // An interrupted earlier run of the same test may have left all of this behind.
+        // An interrupted earlier run of the same test may have left all of this behind; its logs
+        // and manifests go too, so this run's logs hold only this run.
         topology.teardown();
+        let _ = std::fs::remove_dir_all(&topology.state_dir);
         topology.create().with_context(|| format!("building topology {}", topology.name))?;
         Ok(topology)
     }
@@ -367,8 +369,9 @@ impl Topology {
         let node_cgroup = self.cgroup_root.join(node.name());
         let mut cmd = Command::new(&binary);
         cmd.args(["run", "--node-name", node.name()])
+            // The whole cluster's manifests: the node enrols its own pods and learns its peers.
             .arg("--pods")
-            .arg(self.manifest_path(node))
+            .arg(&self.state_dir)
             .arg("--pods-cgroup")
             .arg(node_cgroup.join("pods"))
             .arg("--proxy-cgroup")
@@ -396,6 +399,11 @@ impl Topology {
 
     fn node_log(&self, node: NodeId) -> PathBuf {
         self.state_dir.join(format!("{}.log", node.name()))
+    }
+
+    /// Returns a node's whole log.
+    pub fn node_log_text(&self, node: NodeId) -> String {
+        std::fs::read_to_string(self.node_log(node)).unwrap_or_default()
     }
 
     /// Returns the last lines of a node's log, for error messages.
@@ -442,6 +450,11 @@ impl Topology {
         let (status, body) = netns::http_get(&self.node_netns(node), ADMIN, "/pods")?;
         anyhow::ensure!(status == 200, "admin /pods answered {status}: {body}");
         serde_json::from_str(&body).with_context(|| format!("parsing /pods: {body}"))
+    }
+
+    /// Starts capturing the node-to-node link (node-a's side).
+    pub fn sniff_node_link(&self) -> anyhow::Result<crate::sniff::Sniffer> {
+        crate::sniff::Sniffer::start(&self.node_netns(NodeId::A), "eth1")
     }
 
     /// Fetches a node's Prometheus endpoint (`:15020/metrics`).

@@ -97,7 +97,11 @@ async fn deliver_and_relay(
 }
 
 /// Connects to the app at `orig` from the client's address, inside the pod netns.
-async fn deliver(pod: &PodContext, client: SocketAddr, orig: SocketAddr) -> Result<TcpStream, ProxyError> {
+pub(super) async fn deliver(
+    pod: &PodContext,
+    client: SocketAddr,
+    orig: SocketAddr,
+) -> Result<TcpStream, ProxyError> {
     let client_ip = client.ip();
     for _ in 0..PORT_ATTEMPTS {
         let socket = pod

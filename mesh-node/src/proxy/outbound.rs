@@ -69,6 +69,13 @@ async fn forward(
         reset(client);
         return Err(ProxyError::NoOriginalDestination);
     };
+    if pod.identities.is_some()
+        && let Some(expected) = pod.mesh.identity_of(dst.ip())
+    {
+        // The app connected from loopback (to 15001); its address in the mesh is the pod's IP.
+        let source = SocketAddr::new(std::net::IpAddr::V4(pod.ip), peer.port());
+        return super::hbone_outbound::forward(pod, client, source, dst, expected).await;
+    }
     let socket = pod
         .worker
         .run(move || -> std::io::Result<socket2::Socket> {

@@ -3,26 +3,29 @@
 use std::io;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Per-direction buffer; small enough that thousands of idle connections stay cheap.
 const BUFFER_SIZE: usize = 16 * 1024;
 
 /// Relays until both directions have ended. A half-close in one direction is passed on and the
 /// other keeps flowing; an error in either ends both. Returns (a→b, b→a) byte counts.
-pub async fn relay(a: TcpStream, b: TcpStream, a_to_b: &Counter, b_to_a: &Counter) -> io::Result<(u64, u64)> {
-    let (a_read, a_write) = a.into_split();
-    let (b_read, b_write) = b.into_split();
+/// Works over any pair of streams: TCP sockets, or an HBONE stream on one side.
+pub async fn relay<A, B>(a: A, b: B, a_to_b: &Counter, b_to_a: &Counter) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Send,
+    B: AsyncRead + AsyncWrite + Send,
+{
+    let (a_read, a_write) = tokio::io::split(a);
+    let (b_read, b_write) = tokio::io::split(b);
     tokio::try_join!(copy(a_read, b_write, a_to_b), copy(b_read, a_write, b_to_a))
 }
 
-async fn copy(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, counter: &Counter) -> io::Result<u64> {
+async fn copy<R, W>(mut from: R, mut to: W, counter: &Counter) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut buf = vec![0u8; BUFFER_SIZE];
     let mut total = 0u64;
     loop {
@@ -41,7 +44,7 @@ async fn copy(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, counter: &Counter
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -1,0 +1,158 @@
+//! HBONE server: each enrolled pod's `:15008`. Terminates mutual TLS with the pod's own
+//! certificate, requires a client certificate from the trust bundle, and turns each HTTP/2
+//! CONNECT stream into a connection to the app, delivered from the tunnel's source address (the
+//! source pod's IP) like captured plaintext.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_api::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument as _;
+
+use super::{
+    hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_TUNNEL, STREAM_WINDOW, TunnelBody},
+    inbound::deliver,
+    relay::relay,
+};
+use crate::{pod::PodContext, tls};
+
+/// A TLS handshake must finish within this, or the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn accept_loop(pod: Arc<PodContext>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let span = tracing::debug_span!("hbone_inbound", src.addr = %peer);
+                tokio::spawn(serve_tunnel(pod.clone(), tcp, peer).instrument(span));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn serve_tunnel(pod: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
+    let Some(own) = pod.identities.as_ref().and_then(|i| i.current(&pod.identity)) else {
+        // No valid certificate for this pod: refuse rather than serve unauthenticated.
+        tracing::warn!(dst.identity = %pod.identity, "HBONE connection refused: no certificate yet");
+        return;
+    };
+    let config = match tls::server_config(&own) {
+        Ok(config) => config,
+        Err(err) => {
+            tracing::error!(error = %err, "HBONE TLS configuration failed");
+            return;
+        }
+    };
+    let handshake =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(Arc::new(config)).accept(tcp)).await;
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            pod.inbound.failed.inc();
+            tracing::warn!(src.addr = %peer, error = %err, "HBONE mTLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            pod.inbound.failed.inc();
+            tracing::warn!(src.addr = %peer, "HBONE mTLS handshake timed out");
+            return;
+        }
+    };
+    let client_identity = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(tls::spiffe_id_of)
+    {
+        Some(Ok(id)) => id,
+        Some(Err(err)) => {
+            tracing::warn!(src.addr = %peer, error = %err, "HBONE client certificate has no usable identity");
+            return;
+        }
+        None => return,
+    };
+    tracing::debug!(src.identity = %client_identity, "HBONE tunnel accepted");
+    let service = {
+        let pod = pod.clone();
+        service_fn(move |request| stream(pod.clone(), client_identity.clone(), peer, request))
+    };
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(MAX_STREAMS_PER_TUNNEL)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(err) = served {
+        tracing::debug!(error = %err, "HBONE tunnel ended");
+    }
+}
+
+fn respond(status: StatusCode) -> Result<Response<TunnelBody>, Infallible> {
+    let mut response = Response::new(TunnelBody::new());
+    *response.status_mut() = status;
+    Ok(response)
+}
+
+/// Handles one CONNECT stream of a tunnel.
+async fn stream(
+    pod: Arc<PodContext>,
+    client_identity: SpiffeId,
+    tunnel_peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<TunnelBody>, Infallible> {
+    if request.method() != Method::CONNECT {
+        return respond(StatusCode::BAD_REQUEST);
+    }
+    let Some(target) = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+        return respond(StatusCode::BAD_REQUEST);
+    };
+    if target.ip() != std::net::IpAddr::V4(pod.ip) {
+        // A tunnel to this pod only reaches this pod.
+        tracing::warn!(src.identity = %client_identity, dst.addr = %target, "CONNECT for another address refused");
+        return respond(StatusCode::BAD_REQUEST);
+    }
+    let active = pod.inbound.open();
+    let app = match deliver(&pod, SocketAddr::new(tunnel_peer.ip(), 0), target).await {
+        Ok(app) => app,
+        Err(err) => {
+            pod.inbound.failed.inc();
+            tracing::warn!(src.identity = %client_identity, dst.addr = %target, error = %err, "app unreachable");
+            return respond(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    tracing::info!(
+        src.identity = %client_identity, dst.identity = %pod.identity, src.addr = %tunnel_peer.ip(), dst.addr = %target,
+        "HBONE stream accepted"
+    );
+    let on_upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        let _active = active;
+        let result = tokio::select! {
+            upgraded = on_upgrade => match upgraded {
+                Ok(upgraded) => relay(TokioIo::new(upgraded), app, &pod.inbound.bytes_received, &pod.inbound.bytes_sent).await.map(Some),
+                Err(err) => Err(std::io::Error::other(err)),
+            },
+            () = pod.withdrawn.cancelled() => Ok(None),
+        };
+        match result {
+            Ok(Some((received, sent))) => {
+                tracing::debug!(bytes.received = received, bytes.sent = sent, "HBONE stream closed")
+            }
+            Ok(None) => {}
+            Err(err) => {
+                pod.inbound.failed.inc();
+                tracing::debug!(error = %err, "HBONE stream failed");
+            }
+        }
+    });
+    respond(StatusCode::OK)
+}

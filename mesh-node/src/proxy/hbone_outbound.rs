@@ -1,0 +1,178 @@
+//! HBONE client: carries a captured connection to a meshed destination as an HTTP/2 CONNECT
+//! stream over mutual TLS to the destination pod's `:15008`.
+//!
+//! Tunnels are pooled per (destination identity, destination address) inside each source pod's
+//! context, so every tunnel leaves from its source pod's netns (the destination sees the pod's
+//! IP) and carries only that pod's streams, multiplexed.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_api::SpiffeId;
+use mesh_ebpf_common::{HBONE_PORT, PROXY_MARK};
+use rustls::pki_types::ServerName;
+use tokio::{net::TcpStream, sync::Mutex};
+use tokio_rustls::TlsConnector;
+
+use super::{
+    ProxyError, connect,
+    hbone::{
+        CERT_WAIT, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_TUNNEL, STREAM_WINDOW, TunnelBody,
+    },
+    relay::relay,
+    reset,
+};
+use crate::{identity::WorkloadCert, pod::PodContext, tls};
+
+type Sender = SendRequest<TunnelBody>;
+
+/// An open tunnel and how many streams it carries now.
+#[derive(Debug, Clone)]
+struct Tunnel {
+    sender: Sender,
+    streams: Arc<AtomicUsize>,
+}
+
+/// Holds a stream slot on a tunnel until the stream ends.
+#[derive(Debug)]
+pub struct StreamSlot {
+    streams: Arc<AtomicUsize>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One source pod's open tunnels: every tunnel to a destination is kept and reused while it
+/// carries fewer than [`MAX_STREAMS_PER_TUNNEL`] streams; a new one opens when all are full.
+#[derive(Debug, Default)]
+pub struct TunnelPool {
+    tunnels: Mutex<HashMap<(SpiffeId, IpAddr), Vec<Tunnel>>>,
+}
+
+impl TunnelPool {
+    /// Returns a tunnel to `ip` (expected to be `peer`) with a stream slot reserved on it,
+    /// opening a tunnel if every open one is full.
+    async fn get(
+        &self,
+        pod: &PodContext,
+        own: &WorkloadCert,
+        peer: &SpiffeId,
+        ip: IpAddr,
+    ) -> Result<(Sender, StreamSlot), ProxyError> {
+        let mut tunnels = self.tunnels.lock().await;
+        let open = tunnels.entry((peer.clone(), ip)).or_default();
+        open.retain(|t| !t.sender.is_closed());
+        let limit = MAX_STREAMS_PER_TUNNEL as usize;
+        let tunnel = match open.iter().find(|t| t.streams.load(Ordering::Acquire) < limit) {
+            Some(tunnel) => tunnel.clone(),
+            None => {
+                let tunnel =
+                    Tunnel { sender: open_tunnel(pod, own, peer, ip).await?, streams: Arc::default() };
+                open.push(tunnel.clone());
+                tunnel
+            }
+        };
+        tunnel.streams.fetch_add(1, Ordering::AcqRel);
+        Ok((tunnel.sender, StreamSlot { streams: tunnel.streams }))
+    }
+}
+
+async fn open_tunnel(
+    pod: &PodContext,
+    own: &WorkloadCert,
+    peer: &SpiffeId,
+    ip: IpAddr,
+) -> Result<Sender, ProxyError> {
+    let dst = SocketAddr::new(ip, HBONE_PORT);
+    let socket = pod
+        .worker
+        .run(move || -> std::io::Result<socket2::Socket> {
+            let s = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, None)?;
+            s.set_mark(PROXY_MARK)?;
+            Ok(s)
+        })
+        .await?
+        .map_err(ProxyError::Socket)?;
+    let tcp = connect(socket, dst).await?;
+    let config = tls::client_config(own, peer).map_err(|e| ProxyError::Tunnel(e.to_string()))?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(ip.into()), tcp)
+        .await
+        .map_err(|e| ProxyError::Tunnel(format!("mTLS handshake with {dst} (expecting {peer}): {e}")))?;
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| ProxyError::Tunnel(format!("HTTP/2 handshake with {dst}: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "HBONE tunnel closed");
+        }
+    });
+    tracing::info!(dst.addr = %dst, dst.identity = %peer, src.identity = %own.identity, "HBONE tunnel opened");
+    Ok(sender)
+}
+
+/// Forwards a captured connection to `dst` through HBONE. Returns the bytes relayed each way.
+pub async fn forward(
+    pod: &PodContext,
+    client: TcpStream,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+    peer: SpiffeId,
+) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
+    let (stream, _slot) = match open_stream(pod, client_addr, dst, &peer).await {
+        Ok(opened) => opened,
+        Err(err) => {
+            reset(client);
+            return Err(err);
+        }
+    };
+    tracing::info!(
+        src.identity = %pod.identity, dst.identity = %peer, dst.addr = %dst, "HBONE stream opened"
+    );
+    let _ = client.set_nodelay(true);
+    let (sent, received) = relay(client, stream, &pod.outbound.bytes_sent, &pod.outbound.bytes_received)
+        .await
+        .map_err(|source| ProxyError::Connect { dst, source })?;
+    Ok(Some((dst, sent, received)))
+}
+
+async fn open_stream(
+    pod: &PodContext,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+    peer: &SpiffeId,
+) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamSlot), ProxyError> {
+    let identities = pod.identities.as_ref().ok_or_else(|| ProxyError::Tunnel("no CA configured".into()))?;
+    let own =
+        identities.wait_for(&pod.identity, CERT_WAIT).await.map_err(|e| ProxyError::Tunnel(e.to_string()))?;
+    let (mut sender, slot) = pod.tunnels.get(pod, &own, peer, dst.ip()).await?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(dst.to_string())
+        .header("forwarded", format!("for={}", client_addr.ip()))
+        .body(TunnelBody::new())
+        .map_err(|e| ProxyError::Tunnel(e.to_string()))?;
+    let response =
+        sender.send_request(request).await.map_err(|e| ProxyError::Tunnel(format!("CONNECT {dst}: {e}")))?;
+    if response.status() != StatusCode::OK {
+        return Err(ProxyError::Tunnel(format!("CONNECT {dst} answered {}", response.status())));
+    }
+    let upgraded =
+        hyper::upgrade::on(response).await.map_err(|e| ProxyError::Tunnel(format!("CONNECT {dst}: {e}")))?;
+    Ok((TokioIo::new(upgraded), slot))
+}
