@@ -11,7 +11,7 @@ use std::{
 
 use mesh_api::SpiffeId;
 use mesh_ebpf_common::{HBONE_PORT, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT};
-use mesh_manifests::EnrolledPodSpec;
+use mesh_manifests::{EnrolledPodSpec, MtlsMode};
 use serde::Serialize;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,7 @@ pub enum PodError {
 pub struct PodContext {
     pub ip: Ipv4Addr,
     pub identity: SpiffeId,
+    pub mtls_mode: MtlsMode,
     pub netns_cookie: u64,
     pub worker: NetnsWorker,
     pub capture: Arc<Capture>,
@@ -179,6 +180,7 @@ impl PodRuntime {
         let ctx = Arc::new(PodContext {
             ip: spec.ip,
             identity,
+            mtls_mode: spec.mtls_mode,
             identities: services.identities.clone(),
             mesh: services.mesh.clone(),
             tunnels: TunnelPool::default(),

@@ -28,6 +28,8 @@ pub enum ProxyError {
     Loop { peer: SocketAddr },
     #[error("cannot find a delivery source port that does not collide with a live connection")]
     NoFreePort,
+    #[error("plaintext from {peer} refused: the pod is STRICT (mutual TLS only)")]
+    PlaintextRefused { peer: SocketAddr },
     #[error("HBONE: {0}")]
     Tunnel(String),
     #[error("cannot register the delivery with sk_lookup: {0}")]

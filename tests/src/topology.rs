@@ -90,6 +90,8 @@ pub struct Topology {
     nodes: Mutex<BTreeMap<NodeId, Child>>,
     apps: Mutex<Vec<Child>>,
     control_plane: Mutex<Option<Child>>,
+    /// Extra pod annotations written into the manifests (pod name → YAML lines).
+    annotations: BTreeMap<String, String>,
 }
 
 /// Where mesh-control listens: node-a's link address (like a control-plane pod on host network).
@@ -157,6 +159,7 @@ impl Topology {
             nodes: Mutex::new(BTreeMap::new()),
             apps: Mutex::new(Vec::new()),
             control_plane: Mutex::new(None),
+            annotations: BTreeMap::new(),
         };
         // An interrupted earlier run of the same test may have left all of this behind; its logs
         // and manifests go too, so this run's logs hold only this run.
@@ -272,9 +275,16 @@ impl Topology {
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    nodemesh.io/dataplane-mode: ambient\n",
         );
         for pod in self.pods.iter().filter(|p| p.node == node) {
-            let opt_out = if pod.enrolled { "" } else { "    nodemesh.io/dataplane-mode: none\n" };
+            let mut extra_annotations = if pod.enrolled {
+                String::new()
+            } else {
+                "    nodemesh.io/dataplane-mode: none\n".to_owned()
+            };
+            if let Some((key, value)) = self.annotations.get(&pod.name).and_then(|a| a.split_once(": ")) {
+                extra_annotations.push_str(&format!("    {key}: {value}\n"));
+            }
             yaml.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations:\n    nodemesh.io/netns: {netns}\n{opt_out}spec:\n  nodeName: {node}\n  serviceAccountName: {name}\nstatus:\n  podIP: {ip}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations:\n    nodemesh.io/netns: {netns}\n{extra_annotations}spec:\n  nodeName: {node}\n  serviceAccountName: {name}\nstatus:\n  podIP: {ip}\n",
                 name = pod.name,
                 netns = netns::path(&self.netns_name(&pod.name)).display(),
                 node = node.name(),
@@ -295,6 +305,13 @@ impl Topology {
 
     /// Rewrites a node's manifests from the topology (undoing [`Topology::write_raw_manifests`]).
     pub fn restore_manifests(&self, node: NodeId) -> anyhow::Result<()> {
+        self.write_manifests(node)
+    }
+
+    /// Sets an annotation (`key: value`) on a pod and rewrites its node's manifests.
+    pub fn annotate(&mut self, pod: &str, annotation: &str) -> anyhow::Result<()> {
+        let node = self.pods.iter().find(|p| p.name == pod).with_context(|| format!("no pod {pod}"))?.node;
+        self.annotations.insert(pod.to_owned(), annotation.to_owned());
         self.write_manifests(node)
     }
 

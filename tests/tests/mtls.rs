@@ -22,7 +22,15 @@ fn spiffe(sa: &str) -> String {
 
 /// Builds the topology with mesh-control and waits until every enrolled pod has a certificate.
 fn meshed(test: &str) -> Topology {
-    let topology = Topology::build(test).expect("topology");
+    meshed_with(test, &[])
+}
+
+/// Like [`meshed`], with pod annotations (`pod`, `key: value`) set before the nodes start.
+fn meshed_with(test: &str, annotations: &[(&str, &str)]) -> Topology {
+    let mut topology = Topology::build(test).expect("topology");
+    for (pod, annotation) in annotations {
+        topology.annotate(pod, annotation).expect("annotate");
+    }
     topology.start_control_plane().expect("mesh-control");
     for node in NodeId::ALL {
         topology.start_node(node).expect("mesh-node");
@@ -126,4 +134,22 @@ fn a_thousand_concurrent_streams_share_pooled_tunnels() {
     let tunnels =
         topology.node_log_text(NodeId::A).lines().filter(|l| l.contains("HBONE tunnel opened")).count();
     assert!((2..=12).contains(&tunnels), "{tunnels} tunnels for 1,000 streams");
+}
+
+#[test]
+fn strict_refuses_plaintext_from_outside_the_mesh_and_permissive_accepts_it() {
+    let topology = meshed_with("mtls_modes", &[("b2", "nodemesh.io/mtls-mode: PERMISSIVE")]);
+    topology.serve("b1", PORT).expect("server");
+    topology.serve("b2", PORT).expect("server");
+    // a3 is not in the mesh: its connections arrive as plaintext.
+    let to_strict = topology.client("a3", addr(&topology, "b1"), 1024, 1).expect("client");
+    assert_eq!(to_strict.succeeded, 0, "STRICT b1 refuses plaintext: {to_strict:?}");
+    let to_permissive = topology.client("a3", addr(&topology, "b2"), 1024, 1).expect("client");
+    assert!(to_permissive.ok, "PERMISSIVE b2 accepts plaintext: {to_permissive:?}");
+    assert_eq!(to_permissive.peer_ips(), [topology.pod("a3").ip.to_string()]);
+    // Meshed clients reach the STRICT pod through HBONE.
+    assert!(topology.client("a1", addr(&topology, "b1"), 1024, 1).expect("client").ok);
+    let b = topology.node_pods(NodeId::B).expect("pods");
+    assert_eq!(b.pod("b1").expect("b1").inbound.failed, 1, "the refusal is counted");
+    assert!(topology.node_log_text(NodeId::B).contains("the pod is STRICT"), "and logged with the reason");
 }

@@ -17,6 +17,27 @@ use serde::Deserialize;
 
 pub const DATAPLANE_MODE: &str = "nodemesh.io/dataplane-mode";
 pub const NETNS_ANNOTATION: &str = "nodemesh.io/netns";
+pub const MTLS_MODE: &str = "nodemesh.io/mtls-mode";
+
+/// Whether an enrolled pod accepts plaintext from outside the mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// Only mutual-TLS (HBONE) connections from the mesh; plaintext is refused.
+    #[default]
+    Strict,
+    /// Mutual TLS from the mesh, and plaintext from elsewhere too (for migrations).
+    Permissive,
+}
+
+impl MtlsMode {
+    fn parse(value: &str) -> Option<Self> {
+        match value.to_ascii_uppercase().as_str() {
+            "STRICT" => Some(MtlsMode::Strict),
+            "PERMISSIVE" => Some(MtlsMode::Permissive),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -65,6 +86,7 @@ pub struct EnrolledPodSpec {
     pub ip: Ipv4Addr,
     pub netns: PathBuf,
     pub service_account: String,
+    pub mtls_mode: MtlsMode,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,7 +114,12 @@ struct Metadata {
 impl Metadata {
     /// Returns the dataplane mode, annotation first, as Kubernetes mode reads it.
     fn dataplane_mode(&self) -> Option<&str> {
-        self.annotations.get(DATAPLANE_MODE).or_else(|| self.labels.get(DATAPLANE_MODE)).map(String::as_str)
+        self.setting(DATAPLANE_MODE)
+    }
+
+    /// Returns a nodemesh setting from the annotations, else the labels.
+    fn setting(&self, key: &str) -> Option<&str> {
+        self.annotations.get(key).or_else(|| self.labels.get(key)).map(String::as_str)
     }
 }
 
@@ -119,7 +146,7 @@ pub fn load(path: &Path, node: &str) -> Result<Vec<EnrolledPodSpec>, ManifestErr
 /// Like [`load`], for every node.
 pub fn load_all(path: &Path) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
     let files = yaml_files(path)?;
-    let mut namespaces = HashMap::new();
+    let mut namespaces: HashMap<String, NamespaceSettings> = HashMap::new();
     let mut pods = Vec::new();
     for file in &files {
         let text = std::fs::read_to_string(file)
@@ -128,7 +155,24 @@ pub fn load_all(path: &Path) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
             match doc.kind.as_deref() {
                 Some("Namespace") => {
                     let name = required(file, "Namespace", &doc.metadata.name, "metadata.name", "?")?;
-                    namespaces.insert(name.to_owned(), doc.metadata.dataplane_mode() == Some("ambient"));
+                    let mode = match doc.metadata.setting(MTLS_MODE) {
+                        None => None,
+                        Some(value) => {
+                            Some(MtlsMode::parse(value).ok_or_else(|| ManifestError::Invalid {
+                                path: file.clone(),
+                                kind: "Namespace",
+                                object: name.to_owned(),
+                                problem: format!("{MTLS_MODE} must be STRICT or PERMISSIVE, not {value:?}"),
+                            })?)
+                        }
+                    };
+                    namespaces.insert(
+                        name.to_owned(),
+                        NamespaceSettings {
+                            ambient: doc.metadata.dataplane_mode() == Some("ambient"),
+                            mtls_mode: mode,
+                        },
+                    );
                 }
                 Some("Pod") => pods.push((file.clone(), doc)),
                 _ => {}
@@ -187,9 +231,16 @@ fn required<'a>(
     }
 }
 
+/// What a Namespace document says about its pods.
+#[derive(Debug, Clone, Copy)]
+struct NamespaceSettings {
+    ambient: bool,
+    mtls_mode: Option<MtlsMode>,
+}
+
 fn select_enrolled(
     pods: Vec<(PathBuf, Document)>,
-    ambient_namespaces: &HashMap<String, bool>,
+    namespaces: &HashMap<String, NamespaceSettings>,
 ) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
     let mut seen: HashMap<PodKey, PathBuf> = HashMap::new();
     let mut enrolled = Vec::new();
@@ -214,7 +265,7 @@ fn select_enrolled(
                     "{DATAPLANE_MODE} must be \"ambient\" or \"none\", not {other:?}"
                 )));
             }
-            None => ambient_namespaces.get(&key.namespace).copied().unwrap_or(false),
+            None => namespaces.get(&key.namespace).is_some_and(|n| n.ambient),
         };
         let Some(node) = doc.spec.node_name.clone().filter(|n| !n.is_empty()) else {
             // Not scheduled yet.
@@ -242,7 +293,13 @@ fn select_enrolled(
                 "annotation {NETNS_ANNOTATION} must be an absolute path, not {netns:?}"
             )));
         }
+        let mtls_mode = match doc.metadata.setting(MTLS_MODE) {
+            Some(value) => MtlsMode::parse(value)
+                .ok_or_else(|| invalid(format!("{MTLS_MODE} must be STRICT or PERMISSIVE, not {value:?}")))?,
+            None => namespaces.get(&key.namespace).and_then(|n| n.mtls_mode).unwrap_or_default(),
+        };
         enrolled.push(EnrolledPodSpec {
+            mtls_mode,
             key,
             node,
             ip,

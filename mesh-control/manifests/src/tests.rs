@@ -71,6 +71,25 @@ fn namespace_not_ambient_enrols_nothing_unless_pod_opts_in() {
 }
 
 #[test]
+fn mtls_mode_is_strict_by_default_and_set_by_namespace_or_pod() {
+    let permissive_ns = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    nodemesh.io/dataplane-mode: ambient\n  annotations:\n    nodemesh.io/mtls-mode: PERMISSIVE\n";
+    let yaml = format!(
+        "{permissive_ns}{}{}",
+        pod("a1", "node-a", "10.1.1.2", ""),
+        pod("a2", "node-a", "10.1.1.3", "    nodemesh.io/mtls-mode: strict\n"),
+    );
+    let modes: Vec<_> = load_str(&yaml, "node-a").expect("valid").iter().map(|p| p.mtls_mode).collect();
+    assert_eq!(modes, [MtlsMode::Permissive, MtlsMode::Strict]);
+    let default =
+        load_str(&format!("{NAMESPACE}{}", pod("a1", "node-a", "10.1.1.2", "")), "node-a").expect("valid");
+    assert_eq!(default[0].mtls_mode, MtlsMode::Strict);
+    let bad =
+        format!("{NAMESPACE}{}", pod("a1", "node-a", "10.1.1.2", "    nodemesh.io/mtls-mode: DISABLE\n"));
+    let err = load_str(&bad, "node-a").expect_err("invalid mode").to_string();
+    assert!(err.contains("must be STRICT or PERMISSIVE, not \"DISABLE\""), "{err}");
+}
+
+#[test]
 fn pod_without_ip_waits() {
     let yaml = format!(
         "{NAMESPACE}---\nkind: Pod\nmetadata:\n  name: p\n  namespace: demo\nspec:\n  nodeName: node-a\n"

@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_ebpf_common::{DELIVERY_MARK, DeliveryKey};
+use mesh_manifests::MtlsMode;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
@@ -76,6 +77,12 @@ async fn deliver_and_relay(
     if lock(&pod.deliveries_in_flight).contains(&peer) {
         reset(client);
         return Err(ProxyError::Loop { peer });
+    }
+    // With a mesh CA, meshed peers arrive through HBONE (:15008); what reaches this listener
+    // is plaintext from outside the mesh, which a STRICT pod refuses.
+    if pod.identities.is_some() && pod.mtls_mode == MtlsMode::Strict {
+        reset(client);
+        return Err(ProxyError::PlaintextRefused { peer });
     }
     let _live = {
         let key = (peer, orig);
