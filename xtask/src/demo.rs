@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, process::Command};
 
 use anyhow::{Context as _, bail};
-use nodemesh_testbed::{ClientReport, NodeId, Topology, topology::EXT_IP};
+use nodemesh_testbed::{ClientReport, NodeId, Topology, payload, topology::EXT_IP};
 
 use crate::{
     progress::{Step, run_logged},
@@ -23,12 +23,13 @@ struct Flow {
     note: &'static str,
 }
 
-const FLOWS: [Flow; 5] = [
-    Flow { from: "a1", to: "b1", bytes: 8 * MIB, conns: 1, note: "cross-node, both pods enrolled" },
-    Flow { from: "a2", to: "b1", bytes: MIB, conns: 4, note: "cross-node, 4 parallel connections" },
+const FLOWS: [Flow; 6] = [
+    Flow { from: "a1", to: "b1", bytes: 8 * MIB, conns: 1, note: "cross-node, both meshed: HBONE mTLS" },
+    Flow { from: "a2", to: "b1", bytes: MIB, conns: 4, note: "4 parallel connections, one tunnel" },
     Flow { from: "b2", to: "a2", bytes: MIB, conns: 1, note: "the other direction" },
     Flow { from: "a3", to: "b3", bytes: MIB, conns: 1, note: "a3 and b3 opted out: not captured" },
-    Flow { from: "a1", to: "ext", bytes: MIB, conns: 1, note: "to a host outside the mesh" },
+    Flow { from: "a3", to: "b1", bytes: MIB, conns: 1, note: "plaintext into STRICT b1: refused" },
+    Flow { from: "a1", to: "ext", bytes: MIB, conns: 1, note: "to a host outside the mesh: plain TCP" },
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -40,7 +41,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     toolchain::build_ebpf()?;
     toolchain::ensure_test_tools()?;
-    let step = Step::start("building mesh-node and pod-app");
+    let step = Step::start("building mesh-node, mesh-control and pod-app");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = Command::new(cargo);
     build.current_dir(crate::workspace_root()).args([
@@ -60,29 +61,69 @@ pub fn run() -> anyhow::Result<()> {
     let step = Step::start("creating two nodes, six pods and an external host (network namespaces)");
     let topology = Topology::build("demo")?;
     step.done_with(&format!("state and logs in {}", topology.state_dir().display()));
+    let step = Step::start("starting mesh-control (the CA) on node-a");
+    topology.start_control_plane()?;
+    step.done();
     for node in NodeId::ALL {
         let step = Step::start(format!("starting mesh-node on {}", node.name()));
         topology.start_node(node)?;
         step.done();
     }
+    let step = Step::start("waiting for workload certificates");
+    wait_for_certificates(&topology)?;
+    step.done();
     let step = Step::start("starting echo servers in b1, a2, b3 and ext");
     for server in ["b1", "a2", "b3", "ext"] {
         topology.serve(server, PORT)?;
     }
     step.done();
 
+    println!("\nWorkload identities (SPIFFE X.509 SVIDs from mesh-control's CA; keys never left the node):");
+    for node in NodeId::ALL {
+        let certs: serde_json::Value = serde_json::from_str(&topology.node_admin(node, "/certs")?)?;
+        for cert in certs["certificates"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<7} {:<40} expires {}",
+                node.name(),
+                cert["identity"].as_str().unwrap_or("?"),
+                cert["not_after"].as_str().unwrap_or("?")
+            );
+        }
+    }
+
     println!("\nTraffic (every byte is echoed back and verified by the client):");
     println!(
         "  {:<11} {:>9} {:>6}  {:<22} {:<8} note",
         "flow", "bytes", "conns", "server saw client", "result"
     );
-    for flow in &FLOWS {
+    // The link is captured during the first (meshed) flow only: later flows include plain TCP to
+    // a host outside the mesh, which is clear text by design.
+    let mut capture = None;
+    for (i, flow) in FLOWS.iter().enumerate() {
         let to = if flow.to == "ext" { EXT_IP } else { topology.pod(flow.to).ip };
+        let sniffer = if i == 0 { Some(topology.sniff_node_link()?) } else { None };
         let report = topology
             .client(flow.from, SocketAddr::from((to, PORT)), flow.bytes, flow.conns)
             .with_context(|| format!("client {} -> {}", flow.from, flow.to))?;
+        if let Some(sniffer) = sniffer {
+            capture = Some(sniffer.stop()?);
+        }
         print_flow(flow, &report);
     }
+    let capture = capture.context("the first flow was captured")?;
+    let tls_records =
+        capture.tcp_payloads(15008).iter().filter(|p| p.starts_with(&[0x17, 0x03, 0x03])).count();
+    let in_clear = capture.contains(&payload::prefix(1, 32));
+    println!(
+        "\nOn the node-to-node link during a1→b1: {} frames, {} TLS 1.3 application-data records on \
+         :15008; a1's payload seen in clear: {}",
+        capture.frames.len(),
+        tls_records,
+        if in_clear { "YES (not encrypted!)" } else { "no" }
+    );
+    let tunnels =
+        topology.node_log_text(NodeId::A).lines().filter(|l| l.contains("HBONE tunnel opened")).count();
+    println!("HBONE tunnels opened by node-a: {tunnels} (streams are multiplexed)");
 
     println!("\nWhat each mesh-node captured (from its admin endpoint, 127.0.0.1:15000/pods):");
     for node in NodeId::ALL {
@@ -129,9 +170,30 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until both nodes hold a certificate for each of their enrolled pods.
+fn wait_for_certificates(topology: &Topology) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    for node in NodeId::ALL {
+        loop {
+            let certs: serde_json::Value = serde_json::from_str(&topology.node_admin(node, "/certs")?)?;
+            let list = certs["certificates"].as_array().cloned().unwrap_or_default();
+            if !list.is_empty() && list.iter().all(|c| c["serial"].is_string()) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("{} has no workload certificates: {certs}", node.name());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
 fn print_flow(flow: &Flow, report: &ClientReport) {
     let result = if report.ok {
         "ok".to_owned()
+    } else if report.succeeded == 0 && flow.note.contains("refused") {
+        "refused".to_owned()
     } else {
         format!("FAILED: {}", report.errors.first().cloned().unwrap_or_default())
     };
