@@ -98,9 +98,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(port: u16) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
-    // The testbed waits for this line before it starts clients.
-    println!("LISTENING {port}");
+    let listener = listen(port).map_err(|err| anyhow::anyhow!("cannot listen on 0.0.0.0:{port}: {err}"))?;
+    // The test bed waits for this line before it starts clients; with `--port 0` it says which.
+    println!("LISTENING {}", listener.local_addr()?.port());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -116,6 +116,20 @@ async fn serve(port: u16) -> anyhow::Result<()> {
             }
         });
     }
+}
+
+/// Opens the listener with a deep accept queue. The server speaks first (the PEER line), so a
+/// connection whose final ACK the kernel dropped on a full queue would wait for that line until
+/// the client gives up; tokio's default backlog (1,024) is too short for 1,000+ simultaneous
+/// connects on a busy machine. The kernel caps the backlog at `net.core.somaxconn`.
+fn listen(port: u16) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    socket.listen(65_535)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
 }
 
 async fn echo(mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
