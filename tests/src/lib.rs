@@ -6,6 +6,7 @@
 //! and a private bpffs; it starts mesh-node and pod-app processes inside them and tears all of
 //! it down on drop, also sweeping what an interrupted earlier run of the same name left.
 
+pub mod manifest;
 pub mod netns;
 pub mod payload;
 pub mod process;
@@ -14,7 +15,7 @@ pub mod sniff;
 pub mod topology;
 
 pub use report::{ClientReport, PodReport, PodsReport, Traffic};
-pub use topology::{NodeId, PodSpec, Topology};
+pub use topology::{NodeId, PodSpec, ServerHandle, Topology};
 
 /// Fails with one clear line when not running as root.
 pub fn require_root() -> anyhow::Result<()> {

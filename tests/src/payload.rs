@@ -10,6 +10,7 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// Returns the stream of `seed` (every seed gives a different stream).
     pub fn new(seed: u64) -> Self {
         Stream { state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, word: [0; 8], used: 8 }
     }
@@ -21,6 +22,7 @@ impl Stream {
         self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes()
     }
 
+    /// Fills `buf` with the stream's next bytes.
     pub fn fill(&mut self, buf: &mut [u8]) {
         let mut at = 0;
         while at < buf.len() {

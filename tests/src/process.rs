@@ -11,22 +11,30 @@ use std::{
 use anyhow::Context as _;
 
 /// Locates a workspace binary: `$<NAME>_BIN` (e.g. `MESH_NODE_BIN`), else beside the running
-/// executable or one level up (`target/debug/deps/..` for tests, `target/debug` for the xtask).
+/// executable or one level up (`target/debug/deps/..` for tests, `target/debug` for the xtask),
+/// else in `$CARGO_TARGET_DIR/debug`, else in the workspace's `target/debug`.
 pub fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
     let var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
-    if let Ok(path) = std::env::var(&var) {
-        return Ok(PathBuf::from(path));
+    if let Some(path) = std::env::var_os(&var) {
+        let path = PathBuf::from(path);
+        anyhow::ensure!(path.is_file(), "{var} is set to {}, which is not a file", path.display());
+        return Ok(path);
     }
     let exe = std::env::current_exe().context("locating the running executable")?;
-    for dir in exe.ancestors().skip(1).take(2) {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
+    let mut candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(|dir| dir.join(name)).collect();
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(Path::new(&dir).join("debug").join(name));
     }
+    // This crate is `<workspace>/tests`.
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug").join(name));
+    if let Some(found) = candidates.iter().find(|c| c.is_file()) {
+        return Ok(found.clone());
+    }
+    let searched: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
     anyhow::bail!(
-        "cannot find the {name} binary next to {}: build it (`cargo build -p ...`) or set {var}",
-        exe.display()
+        "cannot find the {name} binary (looked at {}): build it with `cargo build -p {}` or set {var}",
+        searched.join(", "),
+        if name == "pod-app" { "nodemesh-testbed" } else { name }
     )
 }
 

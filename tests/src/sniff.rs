@@ -26,6 +26,7 @@ impl std::fmt::Debug for Sniffer {
 /// Frames captured on a link.
 #[derive(Debug)]
 pub struct Capture {
+    /// Every frame, Ethernet header first, in arrival order.
     pub frames: Vec<Vec<u8>>,
 }
 
@@ -46,8 +47,9 @@ impl Capture {
                 }
                 let ihl = usize::from(ip[0] & 0x0f) * 4;
                 let tcp = ip.get(ihl..)?;
+                let ports = tcp.get(..4)?;
                 let (src, dst) =
-                    (u16::from_be_bytes([tcp[0], tcp[1]]), u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]));
+                    (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
                 let offset = usize::from(tcp.get(12)? >> 4) * 4;
                 let payload = tcp.get(offset..)?;
                 ((src == port || dst == port) && !payload.is_empty()).then_some(payload)

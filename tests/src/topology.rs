@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
+    manifest::{self, PodEntry},
     netns,
     process::{find_binary, place, terminate},
     report::{ClientReport, PodsReport},
@@ -29,13 +30,17 @@ const STATE_ROOT: &str = "/tmp/nodemesh-test";
 const ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// One of the topology's two nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum NodeId {
+    /// `node-a`: pods in 10.1.1.0/24, link address 10.0.0.1.
     A,
+    /// `node-b`: pods in 10.1.2.0/24, link address 10.0.0.2; the external host hangs off it.
     B,
 }
 
 impl NodeId {
+    /// Both nodes, in order.
     pub const ALL: [NodeId; 2] = [NodeId::A, NodeId::B];
 
     /// Returns the Kubernetes node name.
@@ -53,7 +58,8 @@ impl NodeId {
         }
     }
 
-    fn link_ip(self) -> Ipv4Addr {
+    /// Returns the node's address on the node-to-node link (where readiness and metrics listen).
+    pub fn link_ip(self) -> Ipv4Addr {
         match self {
             NodeId::A => Ipv4Addr::new(10, 0, 0, 1),
             NodeId::B => Ipv4Addr::new(10, 0, 0, 2),
@@ -71,10 +77,26 @@ impl NodeId {
 /// A pod of the topology.
 #[derive(Clone, Debug)]
 pub struct PodSpec {
+    /// The pod's name (also its service account and the suffix of its netns name).
     pub name: String,
+    /// The node it is scheduled on.
     pub node: NodeId,
+    /// Its address on the node's pod bridge.
     pub ip: Ipv4Addr,
+    /// Whether its manifest enrols it (else it carries `nodemesh.io/dataplane-mode: none`).
     pub enrolled: bool,
+}
+
+/// A pod-app server started by [`Topology::serve`]. The topology owns the process (dropping the
+/// handle leaves it running until teardown); [`Topology::stop_server`] ends it early.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerHandle {
+    /// Where it runs: a pod name or `ext`.
+    pub place: String,
+    /// The port it listens on (all addresses).
+    pub port: u16,
+    /// Its process ID.
+    pub pid: u32,
 }
 
 /// The external host, outside the mesh.
@@ -90,8 +112,8 @@ pub struct Topology {
     nodes: Mutex<BTreeMap<NodeId, Child>>,
     apps: Mutex<Vec<Child>>,
     control_plane: Mutex<Option<Child>>,
-    /// Extra pod annotations written into the manifests (pod name → YAML lines).
-    annotations: BTreeMap<String, String>,
+    /// Extra pod annotations written into the manifests (pod name → (key, value)s).
+    annotations: BTreeMap<String, Vec<(String, String)>>,
 }
 
 /// Where mesh-control listens: node-a's link address (like a control-plane pod on host network).
@@ -112,11 +134,22 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Returns a short, netns-safe form of a test name.
+/// The longest sanitized name; netns names are `nmt-<name>-<suffix>`, state lives under
+/// `/tmp/nodemesh-test/<name>`.
+const MAX_NAME: usize = 40;
+
+/// Returns a short, netns-safe form of a test name. Long names keep a prefix and gain a hash of
+/// the whole name, so two long test names sharing a prefix never share a topology.
 fn sanitize(name: &str) -> String {
     let s: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
-    s.chars().take(40).collect()
+    if s.len() <= MAX_NAME {
+        return s;
+    }
+    // FNV-1a: stable across runs and Rust versions (an interrupted run must map to the same name).
+    let hash =
+        name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{}-{:08x}", &s[..MAX_NAME - 9], hash as u32)
 }
 
 impl Topology {
@@ -131,9 +164,11 @@ impl Topology {
         Self::build_with(test_name, &pods)
     }
 
-    /// Builds a topology with the given pods (name, node, enrolled).
+    /// Builds a topology with the given pods (name, node, enrolled); pods get addresses in their
+    /// node's subnet in order, from .2 up.
     pub fn build_with(test_name: &str, pods: &[(String, NodeId, bool)]) -> anyhow::Result<Self> {
         crate::require_root()?;
+        check_pods(pods)?;
         let name = sanitize(test_name);
         let mut next_host: BTreeMap<NodeId, u8> = BTreeMap::new();
         let pods = pods
@@ -169,25 +204,56 @@ impl Topology {
         Ok(topology)
     }
 
+    /// Returns the sanitized name everything of this topology is named after.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Returns the netns name of a pod, a node (`na`/`nb`) or `ext`.
     pub fn netns_name(&self, suffix: &str) -> String {
         format!("nmt-{}-{suffix}", self.name)
     }
 
+    /// Returns the netns name of a node.
     pub fn node_netns(&self, node: NodeId) -> String {
         self.netns_name(node.suffix())
     }
 
+    /// Returns a pod of the topology.
+    ///
+    /// # Panics
+    /// If there is no such pod (a mistake in the test, not in the system under test).
     pub fn pod(&self, name: &str) -> &PodSpec {
         self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name} in the topology"))
     }
 
+    /// Returns every pod of the topology.
     pub fn pods(&self) -> &[PodSpec] {
         &self.pods
     }
 
-    fn pod_cgroup(&self, pod: &PodSpec) -> PathBuf {
+    /// Returns the cgroup of a pod: its apps run there, mesh-node's programs attach to its parent.
+    pub fn pod_cgroup(&self, pod: &PodSpec) -> PathBuf {
         self.cgroup_root.join(pod.node.name()).join("pods").join(&pod.name)
+    }
+
+    /// Returns the cgroup a pod-app in `place` (a pod or `ext`) runs in. Processes outside pods
+    /// get cgroups of the topology too, so a rerun after a crash can end them (`cgroup.kill`).
+    fn app_cgroup(&self, place: &str) -> PathBuf {
+        match self.pods.iter().find(|p| p.name == place) {
+            Some(pod) => self.pod_cgroup(pod),
+            None => self.cgroup_root.join(place),
+        }
+    }
+
+    /// Returns the topology's own cgroup (holding `node-a/`, `node-b/`, `ext/`, `control/`).
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    /// Returns the mount point of the topology's private bpffs (mesh-node's `--bpffs`).
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
     }
 
     /// Returns the directory holding logs and manifests of this topology.
@@ -249,13 +315,14 @@ impl Topology {
                 "via",
                 &format!("10.1.{}.1", pod.node.pod_subnet()),
             ])?;
-            std::fs::create_dir_all(self.pod_cgroup(pod))
-                .with_context(|| format!("creating cgroup {}", self.pod_cgroup(pod).display()))?;
+            create_cgroup(&self.pod_cgroup(pod))?;
         }
         for node in NodeId::ALL {
-            std::fs::create_dir_all(self.cgroup_root.join(node.name()).join("pods"))?;
+            create_cgroup(&self.cgroup_root.join(node.name()).join("pods"))?;
             self.write_manifests(node)?;
         }
+        create_cgroup(&self.cgroup_root.join("ext"))?;
+        create_cgroup(&self.cgroup_root.join("control"))?;
         let target = std::ffi::CString::new(self.bpffs.as_os_str().as_encoded_bytes())?;
         // SAFETY: NUL-terminated strings that outlive the call.
         if unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) } != 0
@@ -271,26 +338,22 @@ impl Topology {
 
     /// Writes a node's pod manifests (atomically, so mesh-node never reads half a file).
     fn write_manifests(&self, node: NodeId) -> anyhow::Result<()> {
-        let mut yaml = String::from(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    nodemesh.io/dataplane-mode: ambient\n",
+        let paths: Vec<(&PodSpec, PathBuf)> = self
+            .pods
+            .iter()
+            .filter(|p| p.node == node)
+            .map(|p| (p, netns::path(&self.netns_name(&p.name))))
+            .collect();
+        let yaml = manifest::render(
+            node.name(),
+            paths.iter().map(|(pod, netns)| PodEntry {
+                name: &pod.name,
+                ip: pod.ip,
+                netns,
+                enrolled: pod.enrolled,
+                annotations: self.annotations.get(&pod.name).map_or(&[], Vec::as_slice),
+            }),
         );
-        for pod in self.pods.iter().filter(|p| p.node == node) {
-            let mut extra_annotations = if pod.enrolled {
-                String::new()
-            } else {
-                "    nodemesh.io/dataplane-mode: none\n".to_owned()
-            };
-            if let Some((key, value)) = self.annotations.get(&pod.name).and_then(|a| a.split_once(": ")) {
-                extra_annotations.push_str(&format!("    {key}: {value}\n"));
-            }
-            yaml.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations:\n    nodemesh.io/netns: {netns}\n{extra_annotations}spec:\n  nodeName: {node}\n  serviceAccountName: {name}\nstatus:\n  podIP: {ip}\n",
-                name = pod.name,
-                netns = netns::path(&self.netns_name(&pod.name)).display(),
-                node = node.name(),
-                ip = pod.ip,
-            ));
-        }
         self.write_raw_manifests(node, &yaml)
     }
 
@@ -311,7 +374,14 @@ impl Topology {
     /// Sets an annotation (`key: value`) on a pod and rewrites its node's manifests.
     pub fn annotate(&mut self, pod: &str, annotation: &str) -> anyhow::Result<()> {
         let node = self.pods.iter().find(|p| p.name == pod).with_context(|| format!("no pod {pod}"))?.node;
-        self.annotations.insert(pod.to_owned(), annotation.to_owned());
+        let (key, value) = annotation
+            .split_once(':')
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+            .with_context(|| format!("annotation {annotation:?} is not `key: value`"))?;
+        let annotations = self.annotations.entry(pod.to_owned()).or_default();
+        annotations.retain(|(k, _)| *k != key);
+        annotations.push((key, value));
         self.write_manifests(node)
     }
 
@@ -346,7 +416,8 @@ impl Topology {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        place(&mut cmd, &netns::path(&self.node_netns(NodeId::A)), None)?;
+        let cgroup = self.cgroup_root.join("control");
+        place(&mut cmd, &netns::path(&self.node_netns(NodeId::A)), Some(&cgroup))?;
         let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
         *self.control_plane.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -455,11 +526,60 @@ impl Topology {
 
     /// Kills the node's mesh-node with SIGKILL (as a crash would) and waits for it.
     pub fn kill_node(&self, node: NodeId) -> anyhow::Result<()> {
-        let mut child =
-            self.nodes.lock().unwrap_or_else(|e| e.into_inner()).remove(&node).context("node not running")?;
-        child.kill()?;
+        let mut child = self.take_node(node)?;
+        let killed = child.kill();
         child.wait()?;
-        Ok(())
+        Ok(killed?)
+    }
+
+    /// Stops the node's mesh-node with SIGTERM (a graceful shutdown) and returns its exit status;
+    /// after `grace` it is killed, and that is an error.
+    pub fn stop_node(&self, node: NodeId, grace: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.take_node(node)?;
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("mesh-node of {} did not exit within {grace:?} of SIGTERM", node.name());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `mesh-node cleanup` for the node (uninstall: detach and unpin everything) inside its
+    /// netns and returns what it printed.
+    pub fn cleanup_node(&self, node: NodeId) -> anyhow::Result<String> {
+        let binary = find_binary("mesh-node")?;
+        let mut cmd = Command::new(&binary);
+        cmd.args(["cleanup", "--node-name", node.name()])
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .env("NO_COLOR", "1");
+        place(&mut cmd, &netns::path(&self.node_netns(node)), None)?;
+        let output = cmd.output().with_context(|| format!("running {} cleanup", binary.display()))?;
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        anyhow::ensure!(output.status.success(), "mesh-node cleanup for {} failed: {text}", node.name());
+        Ok(text)
+    }
+
+    /// Returns the PID of the node's running mesh-node, if the topology started one.
+    pub fn node_pid(&self, node: NodeId) -> Option<u32> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).get(&node).map(Child::id)
+    }
+
+    fn take_node(&self, node: NodeId) -> anyhow::Result<Child> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&node)
+            .with_context(|| format!("mesh-node of {} is not running", node.name()))
     }
 
     /// Fetches a node's `GET /pods` from its admin endpoint.
@@ -489,28 +609,52 @@ impl Topology {
         Ok(body)
     }
 
-    fn app_command(&self, netns_suffix: &str, cgroup: Option<PathBuf>) -> anyhow::Result<Command> {
+    /// Returns a pod-app command that starts in `place` (a pod or `ext`): its netns and cgroup,
+    /// both joined before exec, so the app never has a socket outside them.
+    fn app_command(&self, place_name: &str) -> anyhow::Result<Command> {
+        anyhow::ensure!(
+            place_name == "ext" || self.pods.iter().any(|p| p.name == place_name),
+            "no pod {place_name} in the topology (nor `ext`)"
+        );
         let binary = find_binary("pod-app")?;
         let mut cmd = Command::new(binary);
-        place(&mut cmd, &netns::path(&self.netns_name(netns_suffix)), cgroup.as_deref())?;
+        place(&mut cmd, &netns::path(&self.netns_name(place_name)), Some(&self.app_cgroup(place_name)))?;
         Ok(cmd)
     }
 
     /// Starts an echo server in a pod (or `ext`) and waits until it listens.
-    pub fn serve(&self, pod_or_ext: &str, port: u16) -> anyhow::Result<()> {
-        let cgroup = self.pods.iter().find(|p| p.name == pod_or_ext).map(|p| self.pod_cgroup(p));
-        let mut cmd = self.app_command(pod_or_ext, cgroup)?;
-        cmd.args(["serve", "--port", &port.to_string()]).stdout(Stdio::piped()).stderr(Stdio::null());
+    pub fn serve(&self, pod_or_ext: &str, port: u16) -> anyhow::Result<ServerHandle> {
+        let mut cmd = self.app_command(pod_or_ext)?;
+        cmd.args(["serve", "--port", &port.to_string()]).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().context("starting pod-app serve")?;
         let stdout = child.stdout.take().context("pod-app stdout")?;
+        let stderr = child.stderr.take().context("pod-app stderr")?;
+        let pid = child.id();
         self.apps.lock().unwrap_or_else(|e| e.into_inner()).push(child);
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
-        anyhow::ensure!(
-            line.starts_with("LISTENING"),
-            "pod-app serve in {pod_or_ext} did not start: {line:?}"
-        );
-        Ok(())
+        if !line.starts_with("LISTENING") {
+            let mut why = String::new();
+            let _ = BufReader::new(stderr).read_line(&mut why);
+            bail!("pod-app serve in {pod_or_ext} did not start: {}", why.trim());
+        }
+        // Keep draining stderr (per-connection errors) so the server never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink()));
+        Ok(ServerHandle { place: pod_or_ext.to_owned(), port, pid })
+    }
+
+    /// Kills a server started by [`Topology::serve`] (SIGKILL by PID) and waits for it.
+    pub fn stop_server(&self, server: &ServerHandle) -> anyhow::Result<()> {
+        let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        let at = apps
+            .iter()
+            .position(|c| c.id() == server.pid)
+            .with_context(|| format!("server {} in {} is not running", server.pid, server.place))?;
+        let mut child = apps.swap_remove(at);
+        drop(apps);
+        let killed = child.kill();
+        child.wait()?;
+        Ok(killed?)
     }
 
     /// Runs a verifying client in a pod (or `ext`) and returns its report.
@@ -527,8 +671,7 @@ impl Topology {
         conns: u32,
         connect_timeout: Duration,
     ) -> anyhow::Result<ClientReport> {
-        let cgroup = self.pods.iter().find(|p| p.name == from).map(|p| self.pod_cgroup(p));
-        let mut cmd = self.app_command(from, cgroup)?;
+        let mut cmd = self.app_command(from)?;
         cmd.args([
             "client",
             "--to",
@@ -594,11 +737,48 @@ impl Topology {
     }
 }
 
+/// Rejects pod lists the topology cannot build: names must fit in an interface name (`v-<pod>`),
+/// be unique and not clash with the node and external netns suffixes.
+fn check_pods(pods: &[(String, NodeId, bool)]) -> anyhow::Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (pod, _, _) in pods {
+        anyhow::ensure!(
+            !pod.is_empty()
+                && pod.len() <= 13
+                && pod.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+            "pod name {pod:?} must be 1-13 lowercase letters or digits"
+        );
+        anyhow::ensure!(
+            !["na", "nb", "ext", "control"].contains(&pod.as_str()),
+            "pod name {pod:?} is reserved"
+        );
+        anyhow::ensure!(seen.insert(pod), "pod {pod} is listed twice");
+    }
+    for node in NodeId::ALL {
+        let count = pods.iter().filter(|(_, n, _)| *n == node).count();
+        anyhow::ensure!(count <= 250, "{count} pods on {} do not fit its /24", node.name());
+    }
+    Ok(())
+}
+
 /// Returns whether something is mounted at `path`.
 pub fn is_mounted(path: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let wanted = path.display().to_string();
     mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(wanted.as_str()))
+}
+
+/// Creates a cgroup (and its parents) of the test bed. Retries once on a parent that vanished:
+/// a parallel test's teardown may remove the shared, momentarily empty `nodemesh-test/`.
+fn create_cgroup(dir: &Path) -> anyhow::Result<()> {
+    let mut result = std::fs::create_dir_all(dir);
+    for _ in 0..3 {
+        match &result {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => result = std::fs::create_dir_all(dir),
+            _ => break,
+        }
+    }
+    result.with_context(|| format!("creating cgroup {}", dir.display()))
 }
 
 /// Removes a cgroup directory tree bottom-up, killing processes left inside (ours only: the tree
@@ -626,5 +806,38 @@ fn remove_cgroup_tree(dir: &Path) {
 impl Drop for Topology {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_NAME, NodeId, check_pods, sanitize};
+
+    #[test]
+    fn names_are_sanitized_short_and_distinct() {
+        assert_eq!(sanitize("capture::Cross_Node"), "capture--cross-node");
+        let long_a = sanitize("a_very_long_test_name_that_goes_on_and_on_and_on_variant_one");
+        let long_b = sanitize("a_very_long_test_name_that_goes_on_and_on_and_on_variant_two");
+        assert!(long_a.len() <= MAX_NAME && long_b.len() <= MAX_NAME, "{long_a} {long_b}");
+        assert_ne!(long_a, long_b, "a shared prefix does not mean a shared topology");
+        assert_eq!(
+            long_a,
+            sanitize("a_very_long_test_name_that_goes_on_and_on_and_on_variant_one"),
+            "stable"
+        );
+    }
+
+    #[test]
+    fn pod_lists_that_cannot_be_built_are_refused() {
+        let pods = |names: &[&str]| -> Vec<(String, NodeId, bool)> {
+            names.iter().map(|n| ((*n).to_owned(), NodeId::A, true)).collect()
+        };
+        assert!(check_pods(&pods(&["a1", "web2"])).is_ok());
+        for bad in [&["a1", "a1"][..], &["ext"], &["Web"], &["a-1"], &["fourteen-chars"], &[""]] {
+            assert!(check_pods(&pods(bad)).is_err(), "{bad:?}");
+        }
+        let many: Vec<String> = (0..251).map(|i| format!("p{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(check_pods(&pods(&many)).is_err(), "251 pods do not fit a /24");
     }
 }
