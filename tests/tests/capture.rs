@@ -262,3 +262,41 @@ fn teardown_leaves_nothing_behind_and_a_rerun_works() {
         assert_eq!(topology.leftovers(), Vec::<String>::new());
     }
 }
+
+#[test]
+fn sigterm_leaves_capture_installed_failing_closed_until_the_next_mesh_node() {
+    let topology = started("capture_sigterm");
+    topology.serve("b1", PORT).expect("server");
+    let status = topology.stop_node(NodeId::A, Duration::from_secs(5)).expect("graceful stop");
+    assert!(status.success(), "mesh-node exits 0 on SIGTERM: {status}");
+    let short = Duration::from_millis(1500);
+    let out = topology.client_with("a1", addr(&topology, "b1"), 1024, 1, short).expect("client");
+    assert_eq!(out.succeeded, 0, "capture stays installed after SIGTERM, failing closed: {out:?}");
+
+    topology.start_node(NodeId::A).expect("restart");
+    assert!(topology.client("a1", addr(&topology, "b1"), 1024, 1).expect("client").ok);
+    assert_eq!(pods(&topology, NodeId::A).pod("a1").expect("a1").outbound.connections, 1);
+}
+
+#[test]
+fn cleanup_uninstalls_capture_so_traffic_flows_directly() {
+    let topology = started("capture_cleanup");
+    topology.serve("b1", PORT).expect("server");
+    topology.serve("a1", PORT).expect("server");
+    topology.stop_node(NodeId::A, Duration::from_secs(5)).expect("graceful stop");
+    let printed = topology.cleanup_node(NodeId::A).expect("mesh-node cleanup");
+
+    let out = topology.client("a1", addr(&topology, "b1"), 64 * 1024, 1).expect("client");
+    assert!(out.ok, "a1 is no longer captured on node-a ({printed}): {out:?}");
+    assert_eq!(out.peer_ips(), [topology.pod("a1").ip.to_string()]);
+    let inbound = topology.client("b2", addr(&topology, "a1"), 64 * 1024, 1).expect("client");
+    assert!(inbound.ok, "nothing of node-a's capture is left to drop inbound traffic: {inbound:?}");
+    // node-b still captures its side.
+    let b = pods(&topology, NodeId::B);
+    assert_eq!(b.pod("b1").expect("b1").inbound.connections, 1, "{b:?}");
+    assert_eq!(b.pod("b2").expect("b2").outbound.connections, 1, "{b:?}");
+    assert!(
+        topology.cleanup_node(NodeId::A).expect("second cleanup").contains("nothing installed"),
+        "cleanup is idempotent"
+    );
+}
