@@ -1,217 +1,57 @@
-//! `cargo xtask demo`: two nodes, real pods, real traffic through the node proxies, and a report
-//! of what each mesh-node captured.
+//! `cargo xtask demo`: builds what the demo needs, then runs it (`xtask-demo`, see
+//! [`scenario`]).
+//!
+//! The demo drives the end-to-end test bed, so it lives in its own binary behind the `demo`
+//! feature: the xtask itself does not depend on the code it builds and tests, and a test bed that
+//! does not compile is reported by `cargo xtask test` like any other failure.
 
-use std::{net::SocketAddr, process::Command};
+#[cfg(feature = "demo")]
+pub mod scenario;
+
+use std::process::Command;
 
 use anyhow::{Context as _, bail};
-use nodemesh_testbed::{ClientReport, NodeId, Topology, payload, topology::EXT_IP};
 
-use crate::{
-    progress::{Step, run_logged},
-    toolchain,
-};
+use crate::{ebpf, progress::Step, toolchain};
 
-const PORT: u16 = 8080;
-const MIB: u64 = 1024 * 1024;
-
-/// One client run of the demo: from a pod to a pod (or the external host).
-struct Flow {
-    from: &'static str,
-    to: &'static str,
-    bytes: u64,
-    conns: u32,
-    note: &'static str,
-}
-
-const FLOWS: [Flow; 6] = [
-    Flow { from: "a1", to: "b1", bytes: 8 * MIB, conns: 1, note: "cross-node, both meshed: HBONE mTLS" },
-    Flow { from: "a2", to: "b1", bytes: MIB, conns: 4, note: "4 parallel connections, one tunnel" },
-    Flow { from: "b2", to: "a2", bytes: MIB, conns: 1, note: "the other direction" },
-    Flow { from: "a3", to: "b3", bytes: MIB, conns: 1, note: "a3 and b3 opted out: not captured" },
-    Flow { from: "a3", to: "b1", bytes: MIB, conns: 1, note: "plaintext into STRICT b1: refused" },
-    Flow { from: "a1", to: "ext", bytes: MIB, conns: 1, note: "to a host outside the mesh: plain TCP" },
-];
-
+/// Builds the kernel programs, the binaries and the demo, then runs the demo in this terminal.
 pub fn run() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::is_root() {
         bail!(
-            "the demo needs root (it loads BPF programs and creates network namespaces): run `sudo cargo xtask demo`"
+            "the demo needs root (it loads BPF programs and creates network namespaces and cgroups): \
+             run `sudo cargo xtask demo`"
         );
     }
-    toolchain::build_ebpf()?;
+    let object = ebpf::build()?;
     toolchain::ensure_test_tools()?;
-    let step = Step::start("building mesh-node, mesh-control and pod-app");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.current_dir(crate::workspace_root()).args([
-        "build",
-        "-p",
-        "mesh-node",
-        "-p",
-        "nodemesh-testbed",
-        "--bins",
-    ]);
-    if let Err(err) = run_logged(&step, "build-demo", &mut build) {
-        step.failed();
-        return Err(err);
-    }
-    step.done();
-
-    let step = Step::start("creating two nodes, six pods and an external host (network namespaces)");
-    let topology = Topology::build("demo")?;
-    step.done_with(&format!("state and logs in {}", topology.state_dir().display()));
-    let step = Step::start("starting mesh-control (the CA) on node-a");
-    topology.start_control_plane()?;
-    step.done();
-    for node in NodeId::ALL {
-        let step = Step::start(format!("starting mesh-node on {}", node.name()));
-        topology.start_node(node)?;
-        step.done();
-    }
-    let step = Step::start("waiting for workload certificates");
-    wait_for_certificates(&topology)?;
-    step.done();
-    let step = Step::start("starting echo servers in b1, a2, b3 and ext");
-    for server in ["b1", "a2", "b3", "ext"] {
-        topology.serve(server, PORT)?;
-    }
-    step.done();
-
-    println!("\nWorkload identities (SPIFFE X.509 SVIDs from mesh-control's CA; keys never left the node):");
-    for node in NodeId::ALL {
-        let certs: serde_json::Value = serde_json::from_str(&topology.node_admin(node, "/certs")?)?;
-        for cert in certs["certificates"].as_array().into_iter().flatten() {
-            println!(
-                "  {:<7} {:<40} expires {}",
-                node.name(),
-                cert["identity"].as_str().unwrap_or("?"),
-                cert["not_after"].as_str().unwrap_or("?")
-            );
-        }
-    }
-
-    println!("\nTraffic (every byte is echoed back and verified by the client):");
-    println!(
-        "  {:<11} {:>9} {:>6}  {:<22} {:<8} note",
-        "flow", "bytes", "conns", "server saw client", "result"
-    );
-    // The link is captured during the first (meshed) flow only: later flows include plain TCP to
-    // a host outside the mesh, which is clear text by design.
-    let mut capture = None;
-    for (i, flow) in FLOWS.iter().enumerate() {
-        let to = if flow.to == "ext" { EXT_IP } else { topology.pod(flow.to).ip };
-        let sniffer = if i == 0 { Some(topology.sniff_node_link()?) } else { None };
-        let report = topology
-            .client(flow.from, SocketAddr::from((to, PORT)), flow.bytes, flow.conns)
-            .with_context(|| format!("client {} -> {}", flow.from, flow.to))?;
-        if let Some(sniffer) = sniffer {
-            capture = Some(sniffer.stop()?);
-        }
-        print_flow(flow, &report);
-    }
-    let capture = capture.context("the first flow was captured")?;
-    let tls_records =
-        capture.tcp_payloads(15008).iter().filter(|p| p.starts_with(&[0x17, 0x03, 0x03])).count();
-    let in_clear = capture.contains(&payload::prefix(1, 32));
-    println!(
-        "\nOn the node-to-node link during a1→b1: {} frames, {} TLS 1.3 application-data records on \
-         :15008; a1's payload seen in clear: {}",
-        capture.frames.len(),
-        tls_records,
-        if in_clear { "YES (not encrypted!)" } else { "no" }
-    );
-    let tunnels =
-        topology.node_log_text(NodeId::A).lines().filter(|l| l.contains("HBONE tunnel opened")).count();
-    println!("HBONE tunnels opened by node-a: {tunnels} (streams are multiplexed)");
-
-    println!("\nWhat each mesh-node captured (from its admin endpoint, 127.0.0.1:15000/pods):");
-    for node in NodeId::ALL {
-        let pods = topology.node_pods(node)?;
-        println!("  {} ({} pods enrolled)", pods.node, pods.pods.len());
-        println!(
-            "    {:<6} {:<10} {:>11} {:>12} {:>12} {:>11} {:>12} {:>12}",
-            "pod", "ip", "out conns", "out sent", "out recv", "in conns", "in recv", "in sent"
-        );
-        for pod in topology.pods().iter().filter(|p| p.node == node) {
-            match pods.pod(&pod.name) {
-                Some(p) => println!(
-                    "    {:<6} {:<10} {:>11} {:>12} {:>12} {:>11} {:>12} {:>12}",
-                    p.name,
-                    p.ip,
-                    p.outbound.connections,
-                    human(p.outbound.bytes_sent),
-                    human(p.outbound.bytes_received),
-                    p.inbound.connections,
-                    human(p.inbound.bytes_received),
-                    human(p.inbound.bytes_sent)
-                ),
-                None => println!(
-                    "    {:<6} {:<10} not enrolled (nodemesh.io/dataplane-mode: none): never captured",
-                    pod.name,
-                    pod.ip.to_string()
-                ),
-            }
-        }
-        let ebpf = topology.node_admin(node, "/ebpf")?;
-        let stats: serde_json::Value = serde_json::from_str(&ebpf)?;
-        let stat = |name: &str| stats["stats"][name].as_u64().unwrap_or(0);
-        println!(
-            "    kernel: {} outbound connects redirected, {} inbound steered to the proxy, {} proxy deliveries passed",
-            stat("outbound_redirected"),
-            stat("inbound_assigned"),
-            stat("inbound_delivery_passed")
-        );
-    }
-    println!("\nMetrics: curl :15020/metrics inside a node netns; logs: {}", topology.state_dir().display());
-    let step = Step::start("tearing down (processes, namespaces, cgroups, bpffs)");
-    topology.teardown();
-    step.done();
-    Ok(())
-}
-
-/// Waits until both nodes hold a certificate for each of their enrolled pods.
-fn wait_for_certificates(topology: &Topology) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    for node in NodeId::ALL {
-        loop {
-            let certs: serde_json::Value = serde_json::from_str(&topology.node_admin(node, "/certs")?)?;
-            let list = certs["certificates"].as_array().cloned().unwrap_or_default();
-            if !list.is_empty() && list.iter().all(|c| c["serial"].is_string()) {
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("{} has no workload certificates: {certs}", node.name());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
-    Ok(())
-}
-
-fn print_flow(flow: &Flow, report: &ClientReport) {
-    let result = if report.ok {
-        "ok".to_owned()
-    } else if report.succeeded == 0 && flow.note.contains("refused") {
-        "refused".to_owned()
-    } else {
-        format!("FAILED: {}", report.errors.first().cloned().unwrap_or_default())
+    let cargo = || {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(crate::workspace_root()).env("CARGO_TERM_COLOR", "never");
+        cmd
     };
-    println!(
-        "  {:<11} {:>9} {:>6}  {:<22} {:<8} {}",
-        format!("{}→{}", flow.from, flow.to),
-        human(report.bytes_sent),
-        flow.conns,
-        report.peer_ips().join(","),
-        result,
-        flow.note
-    );
-}
+    Step::start("building mesh-node, mesh-control and pod-app").run(
+        "build-binaries",
+        cargo().args(["build", "-p", "mesh-node", "-p", "mesh-control", "-p", "nodemesh-testbed", "--bins"]),
+    )?;
+    // Its own invocation: building the xtask package with the feature beside other packages
+    // would rebuild the running `xtask` binary with it too.
+    Step::start("building the demo").run(
+        "build-demo",
+        cargo().args(["build", "-p", "xtask", "--features", "demo", "--bin", "xtask-demo"]),
+    )?;
 
-fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1024 * 1024 => format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
-        b if b >= 1024 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
+    let debug = crate::target_dir().join("debug");
+    let demo = debug.join("xtask-demo");
+    let status = Command::new(&demo)
+        .env("MESH_NODE_BIN", debug.join("mesh-node"))
+        .env("MESH_CONTROL_BIN", debug.join("mesh-control"))
+        .env("POD_APP_BIN", debug.join("pod-app"))
+        .env("NODEMESH_BPF_OBJECT", object)
+        .status()
+        .with_context(|| format!("running {}", demo.display()))?;
+    if !status.success() {
+        // The demo has said what went wrong; only its verdict is passed on.
+        std::process::exit(status.code().unwrap_or(1));
     }
+    Ok(())
 }

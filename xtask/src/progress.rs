@@ -1,29 +1,35 @@
-//! Steps with a spinner, output kept in a log file, and one clear line when they fail.
+//! Steps with a spinner and their elapsed time, each command's output kept in a log file, and one
+//! clear error when a step fails.
 
 use std::{
     fs::File,
     io::IsTerminal as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow};
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Where step logs go: `target/xtask/<step>.log`.
+use crate::cargo_log;
+
+/// Returns where step logs go: `<target>/xtask/<step>.log`.
 pub fn log_dir() -> PathBuf {
-    crate::workspace_root().join("target/xtask")
+    crate::target_dir().join("xtask")
 }
 
-/// A running step: spinner on a terminal, plain lines otherwise (CI logs).
+/// A running step: a spinner with the elapsed time on a terminal, plain lines otherwise (CI logs).
+/// A step dropped before [`Step::done`] (an early return with `?`) is shown as failed.
 pub struct Step {
     title: String,
     started: Instant,
     bar: Option<ProgressBar>,
+    finished: bool,
 }
 
 impl Step {
+    /// Starts showing a step.
     pub fn start(title: impl Into<String>) -> Self {
         let title = title.into();
         let bar = if std::io::stderr().is_terminal() {
@@ -39,10 +45,10 @@ impl Step {
             eprintln!("==> {title} ...");
             None
         };
-        Step { title, started: Instant::now(), bar }
+        Step { title, started: Instant::now(), bar, finished: false }
     }
 
-    /// Shows a detail of what the step is doing now.
+    /// Shows what the step is doing now.
     pub fn detail(&self, detail: &str) {
         match &self.bar {
             Some(bar) => bar.set_message(format!("{}: {detail}", self.title)),
@@ -50,31 +56,51 @@ impl Step {
         }
     }
 
-    fn finish(&self, mark: &str, note: &str) {
+    fn finish(&mut self, mark: &str, note: Option<&str>) {
+        self.finished = true;
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+        let note = note.map(|n| format!(": {n}")).unwrap_or_default();
         eprintln!("{mark} {} ({:.1}s){note}", self.title, self.started.elapsed().as_secs_f64());
     }
 
-    pub fn done(self) {
-        self.finish("✓", "");
+    /// Marks the step passed.
+    pub fn done(mut self) {
+        self.finish("✓", None);
     }
 
-    pub fn done_with(self, note: &str) {
-        self.finish("✓", &format!(": {note}"));
+    /// Marks the step passed, with a note (a summary, a path).
+    pub fn done_with(mut self, note: &str) {
+        self.finish("✓", Some(note));
     }
 
-    pub fn failed(self) {
-        self.finish("✗", "");
+    /// Runs `cmd` as this step's last part (see [`run_logged`]) and marks the step passed, with
+    /// cargo test's summary if there is one, or failed. Returns the log's text.
+    pub fn run(self, log: &str, cmd: &mut Command) -> anyhow::Result<String> {
+        let text = run_logged(&self, log, cmd)?;
+        match cargo_log::test_summary(&text) {
+            Some(summary) => self.done_with(&summary),
+            None => self.done(),
+        }
+        Ok(text)
     }
 }
 
-/// Runs `cmd` with its output in `target/xtask/<log>.log`. On failure returns one clear error:
-/// what failed, the most telling lines of the output, and where the whole log is.
-pub fn run_logged(step: &Step, log: &str, cmd: &mut Command) -> anyhow::Result<PathBuf> {
+impl Drop for Step {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish("✗", None);
+        }
+    }
+}
+
+/// Runs `cmd` with its output in `<target>/xtask/<log>.log` and returns the log's text. On failure
+/// returns one error: what failed and why (the first error, or the failing tests), the lines that
+/// matter, and where the whole log is.
+pub fn run_logged(step: &Step, log: &str, cmd: &mut Command) -> anyhow::Result<String> {
     let path = log_dir().join(format!("{log}.log"));
-    std::fs::create_dir_all(log_dir())?;
+    std::fs::create_dir_all(log_dir()).with_context(|| format!("creating {}", log_dir().display()))?;
     let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     let program = cmd.get_program().to_string_lossy().into_owned();
     let status = cmd
@@ -83,43 +109,17 @@ pub fn run_logged(step: &Step, log: &str, cmd: &mut Command) -> anyhow::Result<P
         .stderr(file)
         .status()
         .with_context(|| format!("{}: cannot run {program}", step.title))?;
-    if !status.success() {
-        bail!(
-            "{}: {program} failed ({status})\n{}\nfull log: {}",
-            step.title,
-            excerpt(&path),
-            path.display()
-        );
+    let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+    if status.success() {
+        return Ok(text);
     }
-    Ok(path)
-}
-
-/// Returns the lines of a log that explain a failure: error lines with a little context, or
-/// the last lines when there are none.
-pub fn excerpt(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let mut picked = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
-        let lower = line.to_lowercase();
-        if lower.starts_with("error") || line.contains("panicked at") {
-            picked.extend(lines[i..(i + 6).min(lines.len())].iter().map(|l| quote(l)));
-            if picked.len() >= 24 {
-                break;
-            }
-        }
-    }
-    if picked.is_empty() {
-        picked = lines[lines.len().saturating_sub(12)..].iter().map(|l| quote(l)).collect();
-    }
-    picked.join("\n")
-}
-
-/// Quotes one log line, cut short: a linker command line can be thousands of characters.
-fn quote(line: &str) -> String {
-    const MAX: usize = 200;
-    match line.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("  | {} …", &line[..cut]),
-        None => format!("  | {line}"),
-    }
+    let why = cargo_log::explain(&text);
+    // A single quoted line would only repeat the headline.
+    let details = if why.details.lines().count() > 1 { format!("{}\n", why.details) } else { String::new() };
+    Err(anyhow!(
+        "{} failed: {}\n{details}(`{program}` {status}; full log: {})",
+        step.title,
+        why.headline,
+        path.display()
+    ))
 }

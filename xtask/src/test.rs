@@ -1,135 +1,182 @@
 //! `cargo xtask test`: everything CI runs, in order, each step with its verdict and duration.
 
-use std::process::Command;
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::bail;
 
-use crate::{
-    progress::{Step, run_logged},
-    toolchain,
-};
+use crate::{cargo_log, ebpf, progress::Step, toolchain};
 
 /// Which parts to run.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Selection {
-    pub unit_only: bool,
-    pub e2e_only: bool,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Selection {
+    /// Everything, as CI runs it.
+    #[default]
+    All,
+    /// Formatting, lints and unit tests: no root needed.
+    UnitOnly,
+    /// The end-to-end tests (and what they need built).
+    E2eOnly,
 }
 
+/// One step of the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    BuildEbpf,
+    TestTools,
+    Fmt,
+    Clippy,
+    UnitTests,
+    TestbedUnitTests,
+    BuildBinaries,
+    /// Stops the run: the end-to-end tests cannot run without root.
+    NeedRoot,
+    EndToEnd,
+}
+
+/// Returns the steps to run, in order. Without root everything else still runs, then the run
+/// fails saying why the end-to-end tests did not.
+fn stages(selection: Selection, root: bool) -> Vec<Stage> {
+    use Stage::*;
+    let unit = [Fmt, Clippy, UnitTests, TestbedUnitTests];
+    let e2e = [BuildBinaries, if root { EndToEnd } else { NeedRoot }];
+    match selection {
+        Selection::All => [&[BuildEbpf, TestTools][..], &unit, &e2e].concat(),
+        Selection::UnitOnly => [&[BuildEbpf][..], &unit].concat(),
+        Selection::E2eOnly if !root => vec![NeedRoot],
+        Selection::E2eOnly => [&[BuildEbpf, TestTools][..], &e2e].concat(),
+    }
+}
+
+/// Returns `cargo` (the one running the xtask) in the workspace, with plain output for the logs.
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    // Logs are read by people and by the failure excerpt: no colour codes.
     cmd.current_dir(crate::workspace_root()).env("CARGO_TERM_COLOR", "never");
     cmd
 }
 
-/// Runs a step, turning a failure into the step's error after marking it failed.
-fn step(title: &str, log: &str, cmd: &mut Command) -> anyhow::Result<String> {
-    let step = Step::start(title);
-    match run_logged(&step, log, cmd) {
-        Ok(path) => {
-            let summary = test_summary(&std::fs::read_to_string(path).unwrap_or_default());
-            if summary.is_empty() {
-                step.done()
-            } else {
-                step.done_with(&summary)
-            }
-            Ok(summary)
-        }
-        Err(err) => {
-            step.failed();
-            Err(err)
-        }
-    }
-}
-
-/// Sums cargo test's "test result" lines into one line.
-fn test_summary(log: &str) -> String {
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
-    let mut seen = false;
-    for line in log.lines().filter(|l| l.starts_with("test result:")) {
-        seen = true;
-        let number = |word: &str| {
-            line.split(';').find_map(|part| {
-                let part = part
-                    .trim()
-                    .trim_start_matches("test result: ok.")
-                    .trim_start_matches("test result: FAILED.")
-                    .trim();
-                part.strip_suffix(word).and_then(|n| n.trim().parse::<u64>().ok())
-            })
-        };
-        passed += number("passed").unwrap_or(0);
-        failed += number("failed").unwrap_or(0);
-        ignored += number("ignored").unwrap_or(0);
-    }
-    if seen { format!("{passed} passed, {failed} failed, {ignored} ignored") } else { String::new() }
-}
-
-pub fn run(selection: Selection) -> anyhow::Result<()> {
-    let object = toolchain::build_ebpf()?;
-    if !selection.e2e_only {
-        step(
-            "formatting (cargo fmt --check)",
-            "fmt",
-            cargo().args(["fmt", "--all", "--", "--check", "--color", "never"]),
-        )?;
-        step(
-            "lints (cargo clippy -D warnings)",
-            "clippy",
-            cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
-        )?;
-        // Everything that needs no root: unit tests, and the integration tests of every crate
-        // but the end-to-end test bed (whose own unit tests run here too).
-        step(
-            "unit and integration tests",
-            "unit-tests",
-            cargo().args(["test", "--workspace", "--exclude", "nodemesh-testbed"]),
-        )?;
-        step(
-            "test bed unit tests",
-            "testbed-unit-tests",
-            cargo().args(["test", "-p", "nodemesh-testbed", "--lib", "--bins"]),
-        )?;
-    }
-    if selection.unit_only {
-        return Ok(());
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("end-to-end tests need root (BPF, network namespaces, cgroups): run `sudo cargo xtask test`");
-    }
-    toolchain::ensure_test_tools()?;
-    step(
-        "building mesh-node and mesh-control",
-        "build-binaries",
-        cargo().args(["build", "-p", "mesh-node", "-p", "mesh-control", "--bins"]),
-    )?;
-    let mesh_node = crate::workspace_root().join("target/debug/mesh-node");
-    let mesh_control = crate::workspace_root().join("target/debug/mesh-control");
-    step(
-        "end-to-end tests (real eBPF, network namespaces, mesh-node processes)",
-        "e2e-tests",
-        cargo()
-            .args(["test", "-p", "nodemesh-testbed", "--test", "*"])
-            .env("MESH_NODE_BIN", &mesh_node)
-            .env("MESH_CONTROL_BIN", &mesh_control)
-            .env("NODEMESH_BPF_OBJECT", &object),
-    )?;
-    eprintln!("all tests passed");
+/// Runs a step's command; adds its test counts to `totals`.
+fn run_step(title: &str, log: &str, cmd: &mut Command, totals: &mut Vec<String>) -> anyhow::Result<()> {
+    let text = Step::start(title).run(log, cmd)?;
+    totals.extend(cargo_log::test_summary(&text));
     Ok(())
+}
+
+/// Runs the selected steps and stops at the first failure.
+pub fn run(selection: Selection) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut object = ebpf::object_path();
+    let mut totals = Vec::new();
+    let debug = crate::target_dir().join("debug");
+    for stage in stages(selection, crate::is_root()) {
+        match stage {
+            Stage::BuildEbpf => object = ebpf::build()?,
+            Stage::TestTools => toolchain::ensure_test_tools()?,
+            Stage::Fmt => {
+                run_step(
+                    "formatting (cargo fmt --check)",
+                    "fmt",
+                    cargo().args(["fmt", "--all", "--", "--check", "--color", "never"]),
+                    &mut totals,
+                )?;
+                // The kernel crate is outside the workspace.
+                run_step(
+                    "formatting the kernel programs (cargo fmt --check)",
+                    "fmt-ebpf",
+                    cargo()
+                        .args(["fmt", "--manifest-path", "mesh-ebpf/programs/Cargo.toml"])
+                        .args(["--", "--check", "--color", "never"]),
+                    &mut totals,
+                )?;
+            }
+            Stage::Clippy => run_step(
+                "lints (cargo clippy -D warnings)",
+                "clippy",
+                // The demo is behind a feature (see xtask's Cargo.toml): lint it too.
+                cargo()
+                    .args(["clippy", "--workspace", "--all-targets", "--features", "xtask/demo"])
+                    .args(["--", "-D", "warnings"]),
+                &mut totals,
+            )?,
+            // Everything that needs no root: unit tests and the integration tests of every crate
+            // but the end-to-end test bed...
+            Stage::UnitTests => run_step(
+                "unit tests",
+                "unit-tests",
+                cargo().args(["test", "--workspace", "--exclude", "nodemesh-testbed", "--no-fail-fast"]),
+                &mut totals,
+            )?,
+            // ...and the test bed's own unit tests.
+            Stage::TestbedUnitTests => run_step(
+                "test bed unit tests",
+                "testbed-unit-tests",
+                cargo().args(["test", "-p", "nodemesh-testbed", "--lib", "--bins", "--no-fail-fast"]),
+                &mut totals,
+            )?,
+            Stage::BuildBinaries => run_step(
+                "building mesh-node and mesh-control",
+                "build-binaries",
+                cargo().args(["build", "-p", "mesh-node", "-p", "mesh-control", "--bins"]),
+                &mut totals,
+            )?,
+            Stage::NeedRoot => bail!(
+                "end-to-end tests need root (BPF, network namespaces, cgroups): run `sudo cargo xtask test{}`",
+                if selection == Selection::E2eOnly { " --e2e-only" } else { "" }
+            ),
+            Stage::EndToEnd => run_step(
+                "end-to-end tests (real eBPF, network namespaces, mesh-node processes)",
+                "e2e-tests",
+                &mut e2e_command(&debug, &object),
+                &mut totals,
+            )?,
+        }
+    }
+    eprintln!("\nall passed in {}: {}", minutes(started.elapsed()), totals.join("; "));
+    Ok(())
+}
+
+/// Returns the command running the test bed's end-to-end tests against the built binaries.
+fn e2e_command(debug: &Path, object: &Path) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "nodemesh-testbed", "--test", "*", "--no-fail-fast"])
+        .env("MESH_NODE_BIN", debug.join("mesh-node"))
+        .env("MESH_CONTROL_BIN", debug.join("mesh-control"))
+        .env("NODEMESH_BPF_OBJECT", object);
+    cmd
+}
+
+fn minutes(elapsed: Duration) -> String {
+    let secs = elapsed.as_secs();
+    if secs >= 60 { format!("{}m{:02}s", secs / 60, secs % 60) } else { format!("{secs}s") }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::test_summary;
+    use super::{Selection, Stage::*, stages};
 
     #[test]
-    fn sums_test_result_lines() {
-        let log = "test result: ok. 14 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s\n\
-                   noise\n\
-                   test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s\n";
-        assert_eq!(test_summary(log), "16 passed, 3 failed, 1 ignored");
-        assert_eq!(test_summary("nothing"), "");
+    fn everything_runs_in_order_as_root() {
+        assert_eq!(
+            stages(Selection::All, true),
+            [BuildEbpf, TestTools, Fmt, Clippy, UnitTests, TestbedUnitTests, BuildBinaries, EndToEnd]
+        );
+    }
+
+    #[test]
+    fn without_root_everything_else_runs_then_the_run_fails() {
+        assert_eq!(
+            stages(Selection::All, false),
+            [BuildEbpf, TestTools, Fmt, Clippy, UnitTests, TestbedUnitTests, BuildBinaries, NeedRoot]
+        );
+        assert_eq!(stages(Selection::E2eOnly, false), [NeedRoot]);
+    }
+
+    #[test]
+    fn parts_run_alone() {
+        assert_eq!(stages(Selection::UnitOnly, false), [BuildEbpf, Fmt, Clippy, UnitTests, TestbedUnitTests]);
+        assert_eq!(stages(Selection::E2eOnly, true), [BuildEbpf, TestTools, BuildBinaries, EndToEnd]);
     }
 }
