@@ -134,6 +134,7 @@ pub fn failed_tests(log: &str) -> Vec<FailedTest> {
     }
     failed.extend(current);
     for test in &mut failed {
+        test.output = without_backtraces(&test.output);
         while test.output.last().is_some_and(|l| l.trim().is_empty()) {
             test.output.pop();
         }
@@ -141,32 +142,76 @@ pub fn failed_tests(log: &str) -> Vec<FailedTest> {
     failed
 }
 
-/// Sums cargo test's `test result:` lines into one line, or returns `None` if no test ran.
-pub fn test_summary(log: &str) -> Option<String> {
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+/// Drops `stack backtrace:` blocks (with `RUST_BACKTRACE` set): dozens of frames of the panic
+/// machinery that push the test's own output out of the excerpt. The log keeps them.
+fn without_backtraces(lines: &[String]) -> Vec<String> {
+    let mut kept = Vec::new();
+    let mut in_backtrace = false;
+    for line in lines {
+        if line == "stack backtrace:" {
+            in_backtrace = true;
+            kept.push("stack backtrace: (in the log)".to_owned());
+            continue;
+        }
+        if in_backtrace {
+            if line.starts_with(char::is_whitespace) || line.starts_with("note: Some details are omitted") {
+                continue;
+            }
+            in_backtrace = false;
+        }
+        kept.push(line.clone());
+    }
+    kept
+}
+
+/// How many tests passed, failed and were ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestCounts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl std::ops::AddAssign for TestCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
+    }
+}
+
+impl std::fmt::Display for TestCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} passed, {} failed, {} ignored", self.passed, self.failed, self.ignored)
+    }
+}
+
+/// Sums cargo test's `test result:` lines, or returns `None` if no test binary ran.
+pub fn test_counts(log: &str) -> Option<TestCounts> {
+    let mut counts = TestCounts::default();
     let mut seen = false;
     for line in log.lines() {
-        let Some(counts) =
+        let Some(results) =
             line.strip_prefix("test result: ok.").or_else(|| line.strip_prefix("test result: FAILED."))
         else {
             continue;
         };
         seen = true;
-        for part in counts.split(';') {
+        for part in results.split(';') {
             let mut words = part.split_whitespace();
             let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next())
             else {
                 continue;
             };
             match what {
-                "passed" => passed += n,
-                "failed" => failed += n,
-                "ignored" => ignored += n,
+                "passed" => counts.passed += n,
+                "failed" => counts.failed += n,
+                "ignored" => counts.ignored += n,
                 _ => {}
             }
         }
     }
-    seen.then(|| format!("{passed} passed, {failed} failed, {ignored} ignored"))
+    seen.then_some(counts)
 }
 
 /// Returns whether a log line reports an error: rustc and cargo (`error`, `error[E0425]`), apt
@@ -256,6 +301,36 @@ error: test failed, to rerun pass `--test capture`
     }
 
     #[test]
+    fn backtraces_are_left_in_the_log() {
+        let log = "---- t stdout ----
+before
+thread 't' (26653) panicked at src/lib.rs:8:9:
+boom
+stack backtrace:
+   0: __rustc::rust_begin_unwind
+             at /rustc/x/library/std/src/panicking.rs:689:5
+   1: failcrate::tests::t
+             at ./src/lib.rs:8:9
+note: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace.
+after
+
+failures:
+    t
+";
+        let failed = failed_tests(log);
+        assert_eq!(
+            failed[0].output,
+            [
+                "before",
+                "thread 't' (26653) panicked at src/lib.rs:8:9:",
+                "boom",
+                "stack backtrace: (in the log)",
+                "after"
+            ]
+        );
+    }
+
+    #[test]
     fn a_test_without_captured_output_is_still_named() {
         let log = "failures:\n    slow::hangs\n\ntest result: FAILED. 0 passed; 1 failed; 0 ignored;\n";
         let failed = failed_tests(log);
@@ -318,7 +393,9 @@ error: test failed, to rerun pass `--test capture`
         let log = "test result: ok. 14 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s\n\
                    noise\n\
                    test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s\n";
-        assert_eq!(test_summary(log).as_deref(), Some("16 passed, 3 failed, 1 ignored"));
-        assert_eq!(test_summary("nothing"), None);
+        let counts = test_counts(log);
+        assert_eq!(counts, Some(TestCounts { passed: 16, failed: 3, ignored: 1 }));
+        assert_eq!(counts.map(|c| c.to_string()).as_deref(), Some("16 passed, 3 failed, 1 ignored"));
+        assert_eq!(test_counts("nothing"), None);
     }
 }

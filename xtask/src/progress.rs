@@ -79,8 +79,8 @@ impl Step {
     /// cargo test's summary if there is one, or failed. Returns the log's text.
     pub fn run(self, log: &str, cmd: &mut Command) -> anyhow::Result<String> {
         let text = run_logged(&self, log, cmd)?;
-        match cargo_log::test_summary(&text) {
-            Some(summary) => self.done_with(&summary),
+        match cargo_log::test_counts(&text) {
+            Some(counts) => self.done_with(&counts.to_string()),
             None => self.done(),
         }
         Ok(text)

@@ -8,7 +8,12 @@ use std::{
 
 use anyhow::bail;
 
-use crate::{cargo_log, ebpf, progress::Step, toolchain};
+use crate::{
+    cargo_log::{self, TestCounts},
+    ebpf,
+    progress::Step,
+    toolchain,
+};
 
 /// Which parts to run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -59,9 +64,9 @@ fn cargo() -> Command {
 }
 
 /// Runs a step's command; adds its test counts to `totals`.
-fn run_step(title: &str, log: &str, cmd: &mut Command, totals: &mut Vec<String>) -> anyhow::Result<()> {
+fn run_step(title: &str, log: &str, cmd: &mut Command, totals: &mut TestCounts) -> anyhow::Result<()> {
     let text = Step::start(title).run(log, cmd)?;
-    totals.extend(cargo_log::test_summary(&text));
+    *totals += cargo_log::test_counts(&text).unwrap_or_default();
     Ok(())
 }
 
@@ -69,7 +74,7 @@ fn run_step(title: &str, log: &str, cmd: &mut Command, totals: &mut Vec<String>)
 pub fn run(selection: Selection) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut object = ebpf::object_path();
-    let mut totals = Vec::new();
+    let mut totals = TestCounts::default();
     let debug = crate::target_dir().join("debug");
     for stage in stages(selection, crate::is_root()) {
         match stage {
@@ -134,7 +139,7 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
             )?,
         }
     }
-    eprintln!("\nall passed in {}: {}", minutes(started.elapsed()), totals.join("; "));
+    eprintln!("\nall passed in {}: {totals}", minutes(started.elapsed()));
     Ok(())
 }
 

@@ -136,7 +136,10 @@ pub fn run() -> anyhow::Result<()> {
             stat("inbound_delivery_passed")
         );
     }
-    println!("\nMetrics: curl :15020/metrics inside a node netns; logs: {}", topology.state_dir().display());
+    println!(
+        "\nLogs of mesh-control, both mesh-nodes and the pods' apps: {}",
+        topology.state_dir().display()
+    );
     let step = Step::start("tearing down (processes, namespaces, cgroups, bpffs)");
     topology.teardown();
     step.done();
