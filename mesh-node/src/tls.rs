@@ -72,6 +72,16 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
     }
 }
 
+/// Returns a certificate's serial number (hex), for logs.
+pub fn serial_of(cert: &CertificateDer<'_>) -> String {
+    x509_parser::parse_x509_certificate(cert).map(|(_, c)| c.raw_serial_as_string()).unwrap_or_default()
+}
+
+/// Returns when a certificate expires, or `None` when it cannot be parsed.
+pub fn not_after_of(cert: &CertificateDer<'_>) -> Option<time::OffsetDateTime> {
+    x509_parser::parse_x509_certificate(cert).ok().map(|(_, c)| c.validity().not_after.to_datetime())
+}
+
 /// Verifies a server by chain and exact SPIFFE ID.
 #[derive(Debug)]
 pub struct SpiffeVerifier {

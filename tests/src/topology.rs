@@ -401,6 +401,11 @@ impl Topology {
     /// waits until it serves and has written a token for each node. Nodes started afterwards
     /// request workload certificates from it.
     pub fn start_control_plane(&self) -> anyhow::Result<()> {
+        self.start_control_plane_with(&[])
+    }
+
+    /// Like [`Topology::start_control_plane`], with extra mesh-control arguments.
+    pub fn start_control_plane_with(&self, extra_args: &[&str]) -> anyhow::Result<()> {
         let binary = find_binary("mesh-control")?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -412,6 +417,7 @@ impl Topology {
             .arg("--state-dir")
             .arg(self.control_dir())
             .args(["--listen", &CONTROL_PLANE.to_string(), "--reload-interval-ms", "200"])
+            .args(extra_args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -671,6 +677,19 @@ impl Topology {
         conns: u32,
         connect_timeout: Duration,
     ) -> anyhow::Result<ClientReport> {
+        self.client_spread(from, to, bytes, conns, connect_timeout, Duration::ZERO)
+    }
+
+    /// Like [`Topology::client_with`], sending slowly over `spread` (a long-lived stream).
+    pub fn client_spread(
+        &self,
+        from: &str,
+        to: SocketAddr,
+        bytes: u64,
+        conns: u32,
+        connect_timeout: Duration,
+        spread: Duration,
+    ) -> anyhow::Result<ClientReport> {
         let mut cmd = self.app_command(from)?;
         cmd.args([
             "client",
@@ -681,7 +700,8 @@ impl Topology {
             "--conns",
             &conns.to_string(),
         ])
-        .args(["--connect-timeout-ms", &connect_timeout.as_millis().to_string()]);
+        .args(["--connect-timeout-ms", &connect_timeout.as_millis().to_string()])
+        .args(["--duration-ms", &spread.as_millis().to_string()]);
         let output = cmd.output().context("running pod-app client")?;
         anyhow::ensure!(
             output.status.success(),

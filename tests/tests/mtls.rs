@@ -22,16 +22,17 @@ fn spiffe(sa: &str) -> String {
 
 /// Builds the topology with mesh-control and waits until every enrolled pod has a certificate.
 fn meshed(test: &str) -> Topology {
-    meshed_with(test, &[])
+    meshed_with(test, &[], &[])
 }
 
-/// Like [`meshed`], with pod annotations (`pod`, `key: value`) set before the nodes start.
-fn meshed_with(test: &str, annotations: &[(&str, &str)]) -> Topology {
+/// Like [`meshed`], with pod annotations (`pod`, `key: value`) set before the nodes start and
+/// extra mesh-control arguments.
+fn meshed_with(test: &str, annotations: &[(&str, &str)], control_args: &[&str]) -> Topology {
     let mut topology = Topology::build(test).expect("topology");
     for (pod, annotation) in annotations {
         topology.annotate(pod, annotation).expect("annotate");
     }
-    topology.start_control_plane().expect("mesh-control");
+    topology.start_control_plane_with(control_args).expect("mesh-control");
     for node in NodeId::ALL {
         topology.start_node(node).expect("mesh-node");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -138,7 +139,7 @@ fn a_thousand_concurrent_streams_share_pooled_tunnels() {
 
 #[test]
 fn strict_refuses_plaintext_from_outside_the_mesh_and_permissive_accepts_it() {
-    let topology = meshed_with("mtls_modes", &[("b2", "nodemesh.io/mtls-mode: PERMISSIVE")]);
+    let topology = meshed_with("mtls_modes", &[("b2", "nodemesh.io/mtls-mode: PERMISSIVE")], &[]);
     topology.serve("b1", PORT).expect("server");
     topology.serve("b2", PORT).expect("server");
     // a3 is not in the mesh: its connections arrive as plaintext.
@@ -152,4 +153,64 @@ fn strict_refuses_plaintext_from_outside_the_mesh_and_permissive_accepts_it() {
     let b = topology.node_pods(NodeId::B).expect("pods");
     assert_eq!(b.pod("b1").expect("b1").inbound.failed, 1, "the refusal is counted");
     assert!(topology.node_log_text(NodeId::B).contains("the pod is STRICT"), "and logged with the reason");
+}
+
+/// Returns the serial of `identity`'s current certificate on `node`.
+fn serial(topology: &Topology, node: NodeId, identity: &str) -> String {
+    let body = topology.node_admin(node, "/certs").expect("certs");
+    let json: Value = serde_json::from_str(&body).expect("json");
+    json["certificates"]
+        .as_array()
+        .and_then(|certs| certs.iter().find(|c| c["identity"] == identity))
+        .and_then(|c| c["serial"].as_str())
+        .unwrap_or_else(|| panic!("no certificate for {identity} on {}: {body}", node.name()))
+        .to_owned()
+}
+
+/// Returns the value of `key=` in a log line, if present.
+fn field<'l>(line: &'l str, key: &str) -> Option<&'l str> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[start..].split_whitespace().next()
+}
+
+#[test]
+fn certificates_rotate_under_a_long_lived_stream_and_new_tunnels_use_the_new_one() {
+    // Six-second certificates: each identity renews about every three seconds.
+    let topology = meshed_with("mtls_rotation", &[], &["--cert-ttl-secs", "6", "--min-cert-ttl-secs", "1"]);
+    topology.serve("b1", PORT).expect("server");
+    let first = serial(&topology, NodeId::A, &spiffe("a1"));
+
+    // One connection that outlives two certificate lifetimes, paced over 14 s.
+    const BYTES: u64 = 4 * 1024 * 1024;
+    let report = topology
+        .client_spread("a1", addr(&topology, "b1"), BYTES, 1, Duration::from_secs(5), Duration::from_secs(14))
+        .expect("client");
+    assert!(report.ok, "the stream survived rotation: {report:?}");
+    assert_eq!(report.bytes_received, BYTES, "every byte verified");
+
+    let current = serial(&topology, NodeId::A, &spiffe("a1"));
+    assert_ne!(current, first, "a1's certificate rotated during the stream");
+    let log_a = topology.node_log_text(NodeId::A);
+    let issued = log_a
+        .lines()
+        .filter(|l| l.contains("workload certificate issued") && l.contains(&spiffe("a1")))
+        .count();
+    assert!(issued >= 4, "renewed at half-life, again and again: {issued} certificates");
+
+    // A new connection does not ride the tunnel authenticated with a replaced certificate.
+    let again = topology.client("a1", addr(&topology, "b1"), 1024, 1).expect("client");
+    assert!(again.ok, "{again:?}");
+    let serial_now = serial(&topology, NodeId::A, &spiffe("a1"));
+    let accepted: Vec<String> = topology
+        .node_log_text(NodeId::B)
+        .lines()
+        .filter(|l| l.contains("HBONE tunnel accepted") && l.contains(&spiffe("a1")))
+        .filter_map(|l| field(l, "src.serial").map(str::to_owned))
+        .collect();
+    assert_eq!(accepted.len(), 2, "one tunnel per certificate used: {accepted:?}");
+    assert_eq!(accepted[0], first, "the first tunnel presented the first certificate");
+    assert!(
+        accepted[1] != first && (accepted[1] == serial_now || accepted[1] == current),
+        "the second tunnel presented a fresh certificate: {accepted:?}, now {serial_now}"
+    );
 }

@@ -65,21 +65,20 @@ async fn serve_tunnel(pod: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let client_identity = match tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(tls::spiffe_id_of)
-    {
-        Some(Ok(id)) => id,
-        Some(Err(err)) => {
+    let Some(client_cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned() else {
+        return;
+    };
+    let client_identity = match tls::spiffe_id_of(&client_cert) {
+        Ok(id) => id,
+        Err(err) => {
             tracing::warn!(src.addr = %peer, error = %err, "HBONE client certificate has no usable identity");
             return;
         }
-        None => return,
     };
-    tracing::debug!(src.identity = %client_identity, "HBONE tunnel accepted");
+    tracing::info!(
+        src.identity = %client_identity, src.addr = %peer, src.serial = %tls::serial_of(&client_cert),
+        dst.identity = %pod.identity, "HBONE tunnel accepted"
+    );
     let service = {
         let pod = pod.clone();
         service_fn(move |request| stream(pod.clone(), client_identity.clone(), peer, request))

@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_api::SpiffeId;
 use mesh_ebpf_common::{HBONE_PORT, PROXY_MARK};
 use rustls::pki_types::ServerName;
+use time::OffsetDateTime;
 use tokio::{net::TcpStream, sync::Mutex};
 use tokio_rustls::TlsConnector;
 
@@ -39,6 +40,19 @@ type Sender = SendRequest<TunnelBody>;
 struct Tunnel {
     sender: Sender,
     streams: Arc<AtomicUsize>,
+    /// Serial of the source pod's certificate the tunnel was authenticated with.
+    opened_with: String,
+    /// When either side's certificate expires.
+    expires: OffsetDateTime,
+}
+
+impl Tunnel {
+    /// A tunnel takes new streams only while it is open and authenticated with the pod's
+    /// current, unexpired certificate. Once the certificate rotates (or either side's expires),
+    /// new streams go to a fresh tunnel and this one closes when its last stream ends.
+    fn usable_for(&self, own: &WorkloadCert, now: OffsetDateTime) -> bool {
+        !self.sender.is_closed() && self.opened_with == own.serial && now < self.expires
+    }
 }
 
 /// Holds a stream slot on a tunnel until the stream ends.
@@ -72,13 +86,13 @@ impl TunnelPool {
     ) -> Result<(Sender, StreamSlot), ProxyError> {
         let mut tunnels = self.tunnels.lock().await;
         let open = tunnels.entry((peer.clone(), ip)).or_default();
-        open.retain(|t| !t.sender.is_closed());
+        let now = OffsetDateTime::now_utc();
+        open.retain(|t| t.usable_for(own, now));
         let limit = MAX_STREAMS_PER_TUNNEL as usize;
         let tunnel = match open.iter().find(|t| t.streams.load(Ordering::Acquire) < limit) {
             Some(tunnel) => tunnel.clone(),
             None => {
-                let tunnel =
-                    Tunnel { sender: open_tunnel(pod, own, peer, ip).await?, streams: Arc::default() };
+                let tunnel = open_tunnel(pod, own, peer, ip).await?;
                 open.push(tunnel.clone());
                 tunnel
             }
@@ -93,7 +107,7 @@ async fn open_tunnel(
     own: &WorkloadCert,
     peer: &SpiffeId,
     ip: IpAddr,
-) -> Result<Sender, ProxyError> {
+) -> Result<Tunnel, ProxyError> {
     let dst = SocketAddr::new(ip, HBONE_PORT);
     let socket = pod
         .worker
@@ -110,6 +124,9 @@ async fn open_tunnel(
         .connect(ServerName::IpAddress(ip.into()), tcp)
         .await
         .map_err(|e| ProxyError::Tunnel(format!("mTLS handshake with {dst} (expecting {peer}): {e}")))?;
+    let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let peer_serial = peer_cert.map(tls::serial_of).unwrap_or_default();
+    let expires = peer_cert.and_then(tls::not_after_of).map_or(own.not_after, |t| t.min(own.not_after));
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -122,8 +139,11 @@ async fn open_tunnel(
             tracing::debug!(error = %err, "HBONE tunnel closed");
         }
     });
-    tracing::info!(dst.addr = %dst, dst.identity = %peer, src.identity = %own.identity, "HBONE tunnel opened");
-    Ok(sender)
+    tracing::info!(
+        dst.addr = %dst, dst.identity = %peer, dst.serial = %peer_serial, src.identity = %own.identity,
+        src.serial = %own.serial, "HBONE tunnel opened"
+    );
+    Ok(Tunnel { sender, streams: Arc::default(), opened_with: own.serial.clone(), expires })
 }
 
 /// Forwards a captured connection to `dst` through HBONE. Returns the bytes relayed each way.

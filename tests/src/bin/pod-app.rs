@@ -46,6 +46,9 @@ enum Command {
         /// Overall deadline for each connection's transfer.
         #[arg(long, default_value_t = 120_000)]
         timeout_ms: u64,
+        /// Spread the sending over this long (a long-lived, slow stream); 0 = as fast as possible.
+        #[arg(long, default_value_t = 0)]
+        duration_ms: u64,
     },
 }
 
@@ -73,16 +76,13 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve { port } => serve(port).await,
-            Command::Client { to, bytes, conns, seed, connect_timeout_ms, timeout_ms } => {
-                let report = client(
-                    to,
-                    bytes,
-                    conns,
-                    seed,
-                    Duration::from_millis(connect_timeout_ms),
-                    Duration::from_millis(timeout_ms),
-                )
-                .await;
+            Command::Client { to, bytes, conns, seed, connect_timeout_ms, timeout_ms, duration_ms } => {
+                let timing = Timing {
+                    connect: Duration::from_millis(connect_timeout_ms),
+                    overall: Duration::from_millis(timeout_ms),
+                    spread: Duration::from_millis(duration_ms),
+                };
+                let report = client(to, bytes, conns, seed, timing).await;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
@@ -139,27 +139,29 @@ async fn echo(mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     write.shutdown().await
 }
 
+/// How long things may take, and how long the sending is spread over.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    connect: Duration,
+    overall: Duration,
+    spread: Duration,
+}
+
 struct ConnResult {
     sent: u64,
     received: u64,
     peer: String,
 }
 
-async fn client(
-    to: SocketAddr,
-    bytes: u64,
-    conns: u32,
-    seed: u64,
-    connect_timeout: Duration,
-    timeout: Duration,
-) -> ClientReport {
+async fn client(to: SocketAddr, bytes: u64, conns: u32, seed: u64, timing: Timing) -> ClientReport {
+    let timeout = timing.overall;
     let started = Instant::now();
     let tasks: Vec<_> = (0..conns)
         .map(|i| {
             tokio::spawn(async move {
                 match tokio::time::timeout(
                     timeout,
-                    one_connection(to, bytes, seed.wrapping_add(u64::from(i)), connect_timeout),
+                    one_connection(to, bytes, seed.wrapping_add(u64::from(i)), timing),
                 )
                 .await
                 {
@@ -197,12 +199,8 @@ async fn client(
     report
 }
 
-async fn one_connection(
-    to: SocketAddr,
-    bytes: u64,
-    seed: u64,
-    connect_timeout: Duration,
-) -> Result<ConnResult, String> {
+async fn one_connection(to: SocketAddr, bytes: u64, seed: u64, timing: Timing) -> Result<ConnResult, String> {
+    let connect_timeout = timing.connect;
     let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(to)).await {
         Ok(Ok(s)) => s,
         Ok(Err(err)) => return Err(format!("connect {to}: {err}")),
@@ -220,11 +218,16 @@ async fn one_connection(
         let mut stream = Stream::new(seed);
         let mut buf = vec![0u8; 64 * 1024];
         let mut left = bytes;
+        let chunks = bytes.div_ceil(buf.len() as u64).max(1);
+        let pause = timing.spread / u32::try_from(chunks).unwrap_or(u32::MAX);
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
             stream.fill(&mut buf[..n]);
             write.write_all(&buf[..n]).await.map_err(|e| format!("send: {e}"))?;
             left -= n as u64;
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
         }
         write.shutdown().await.map_err(|e| format!("half-close: {e}"))?;
         Ok::<u64, String>(bytes)
