@@ -26,6 +26,9 @@ pub struct Config {
     pub config_dir: PathBuf,
     /// Where the root CA and node tokens are kept (`ca/`, `nodes/`).
     pub state_dir: PathBuf,
+    /// The signing root's directory, when not `<state_dir>/ca` (e.g. the next root, while
+    /// rotating).
+    pub root_dir: Option<PathBuf>,
     pub trust_domain: String,
     pub ttl: TtlPolicy,
     /// More roots to trust (PEM files), e.g. the next root while rotating.
@@ -47,9 +50,10 @@ impl ControlPlane {
     /// Loads (or creates) the root, the trust bundle and node tokens, and reads the manifests.
     pub fn open(config: Config) -> anyhow::Result<Self> {
         use anyhow::Context as _;
-        let (root, created) = RootCa::load_or_generate(&config.state_dir.join("ca"), &config.trust_domain)?;
+        let root_dir = config.root_dir.clone().unwrap_or_else(|| config.state_dir.join("ca"));
+        let (root, created) = RootCa::load_or_generate(&root_dir, &config.trust_domain)?;
         if created {
-            tracing::info!(dir = %config.state_dir.join("ca").display(), "generated a new root CA");
+            tracing::info!(dir = %root_dir.display(), "generated a new root CA");
         }
         let mut bundle = TrustBundle::default();
         for path in &config.extra_roots {
@@ -59,6 +63,11 @@ impl ControlPlane {
         }
         let server_identity = tls::server_identity(&root, &config.server_names)?;
         let ca = CertificateAuthority::new(&config.trust_domain, root, bundle, config.ttl);
+        tracing::info!(
+            signer = %ca.signer().fingerprint(),
+            trust_bundle = ?ca.trust_bundle().fingerprints(),
+            "certificate authority ready"
+        );
         let nodes = NodeCredentials::open(&config.state_dir.join("nodes"))?;
         let pods = PodDirectory::default();
         let service = CaService {

@@ -2,21 +2,29 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use clap::Parser;
 use mesh_control::{
-    ca::TtlPolicy,
+    ca::{RootCa, TtlPolicy},
     control_plane::{Config, ControlPlane},
 };
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh-control", version, about = "nodemesh control plane")]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Directory (or file) of Kubernetes-shaped manifests (local mode).
-    #[arg(long)]
-    config_dir: PathBuf,
+    #[arg(long, required = true)]
+    config_dir: Option<PathBuf>,
     /// Where the root CA (`ca/`) and node tokens (`nodes/`) are kept.
     #[arg(long, default_value = "/var/lib/nodemesh/control")]
     state_dir: PathBuf,
+    /// The signing root's directory (`root-cert.pem`, `root-key.pem`); default `<state-dir>/ca`.
+    /// Point it at a new root to rotate (see ARCHITECTURE.md, "Rotating the root").
+    #[arg(long)]
+    root_dir: Option<PathBuf>,
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
     #[arg(long, default_value = "cluster.local")]
@@ -38,6 +46,17 @@ struct Cli {
     reload_interval_ms: u64,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Generate a new root CA into a directory (for rotation); refuses to overwrite one.
+    GenerateRoot {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
 fn main() -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -52,6 +71,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::GenerateRoot { out, trust_domain }) = &cli.command {
+        return generate_root(out, trust_domain);
+    }
     let ttl = TtlPolicy {
         default: Duration::from_secs(cli.cert_ttl_secs),
         min: Duration::from_secs(cli.min_cert_ttl_secs),
@@ -65,8 +87,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cli.max_cert_ttl_secs
     );
     let config = Config {
-        config_dir: cli.config_dir,
+        config_dir: cli.config_dir.context("--config-dir is required")?,
         state_dir: cli.state_dir,
+        root_dir: cli.root_dir,
         trust_domain: cli.trust_domain,
         ttl,
         extra_roots: cli.extra_roots,
@@ -80,4 +103,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!(listen = %cli.listen, trust_domain = %plane.config.trust_domain, "mesh-control serving the CA");
         plane.serve(listener).await
     })
+}
+
+fn generate_root(out: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {
+    let root = RootCa::generate_into(out, trust_domain)?;
+    println!("generated root {} in {}", root.fingerprint(), out.display());
+    Ok(())
 }

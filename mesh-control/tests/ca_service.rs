@@ -55,6 +55,7 @@ async fn start(name: &str) -> Harness {
     let config = Config {
         config_dir: dir.join("config"),
         state_dir: dir.join("state"),
+        root_dir: None,
         trust_domain: "cluster.local".into(),
         ttl: TtlPolicy::default(),
         extra_roots: vec![],

@@ -71,6 +71,10 @@ pub struct CertStatus {
     pub serial: Option<String>,
     pub not_before: Option<String>,
     pub not_after: Option<String>,
+    /// Fingerprint of the root that signed the certificate.
+    pub signed_by: Option<String>,
+    /// Fingerprints of the roots peers' certificates may chain to.
+    pub trust_roots: Vec<String>,
     pub last_error: Option<String>,
 }
 
@@ -183,6 +187,14 @@ impl IdentityManager {
                     serial: current.as_ref().map(|c| c.serial.clone()),
                     not_before: current.as_ref().map(|c| c.not_before.to_string()),
                     not_after: current.as_ref().map(|c| c.not_after.to_string()),
+                    signed_by: current
+                        .as_ref()
+                        .and_then(|c| c.chain.last())
+                        .map(|r| mesh_api::fingerprint(r)),
+                    trust_roots: current
+                        .as_ref()
+                        .map(|c| c.trust_bundle.iter().map(|r| mesh_api::fingerprint(r)).collect())
+                        .unwrap_or_default(),
                     last_error: lock(&slot.last_error).clone(),
                 }
             })

@@ -451,6 +451,21 @@ impl Topology {
         }
     }
 
+    /// Stops mesh-control (SIGKILL; it keeps no state that a restart would miss) and waits for it.
+    /// Nodes keep the CA settings they were started with and reconnect when it is back.
+    pub fn stop_control_plane(&self) -> anyhow::Result<()> {
+        let child = self.control_plane.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut child = child.context("mesh-control is not running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// The directory holding mesh-control's signing root, as the nodes were told to trust it.
+    pub fn control_root_dir(&self) -> PathBuf {
+        self.control_dir().join("ca")
+    }
+
     fn node_token(&self, node: NodeId) -> PathBuf {
         self.control_dir().join("nodes").join(format!("{}.token", node.name()))
     }
@@ -476,7 +491,7 @@ impl Topology {
         if self.control_plane.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
             cmd.args(["--ca-address", &format!("https://{CONTROL_PLANE}")])
                 .arg("--ca-trust-roots")
-                .arg(self.control_dir().join("ca/root-cert.pem"))
+                .arg(self.control_root_dir().join("root-cert.pem"))
                 .arg("--node-token-file")
                 .arg(self.node_token(node));
         }

@@ -5,6 +5,12 @@ mod identity;
 
 pub use identity::{IdentityError, SpiffeId};
 
+/// Returns a certificate's SHA-256 fingerprint (lowercase hex), the name operators compare roots
+/// by while rotating them.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The certificate authority service.
 pub mod ca {
     /// Version 1.

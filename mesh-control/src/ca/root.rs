@@ -10,6 +10,7 @@ use std::{
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
+use rustls_pki_types::pem::PemObject as _;
 use time::{Duration, OffsetDateTime};
 
 /// Root validity: long, because rotating a root is deliberate (see the trust bundle).
@@ -27,6 +28,8 @@ pub enum RootError {
     Invalid { path: PathBuf, problem: String },
     #[error("{found} exists but {missing} does not: give both or neither")]
     HalfPresent { found: PathBuf, missing: PathBuf },
+    #[error("{0} already exists: refusing to overwrite a root")]
+    Exists(PathBuf),
     #[error("cannot generate the root: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -97,6 +100,21 @@ impl RootCa {
             (true, false) => Err(RootError::HalfPresent { found: cert_path, missing: key_path }),
             (false, true) => Err(RootError::HalfPresent { found: key_path, missing: cert_path }),
         }
+    }
+
+    /// Generates a root into `dir`, which must not hold one yet (the next root, for rotation).
+    pub fn generate_into(dir: &Path, trust_domain: &str) -> Result<Self, RootError> {
+        if let Some(found) = [CERT_FILE, KEY_FILE].map(|f| dir.join(f)).into_iter().find(|p| p.exists()) {
+            return Err(RootError::Exists(found));
+        }
+        Self::load_or_generate(dir, trust_domain).map(|(root, _)| root)
+    }
+
+    /// SHA-256 fingerprint of the root certificate.
+    pub fn fingerprint(&self) -> String {
+        rustls_pki_types::CertificateDer::from_pem_slice(self.certificate_pem.as_bytes())
+            .map(|der| mesh_api::fingerprint(&der))
+            .unwrap_or_default()
     }
 
     pub fn certificate_pem(&self) -> &str {

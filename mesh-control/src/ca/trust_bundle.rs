@@ -56,6 +56,11 @@ impl TrustBundle {
         self.roots.iter().map(|(_, der)| der)
     }
 
+    /// SHA-256 fingerprints, in order: how operators tell roots apart.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.roots.iter().map(|(_, der)| mesh_api::fingerprint(der)).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.roots.len()
     }

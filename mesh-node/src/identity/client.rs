@@ -1,6 +1,9 @@
 //! The node's client of mesh-control's CA.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use mesh_api::{
     SpiffeId,
@@ -47,23 +50,29 @@ pub struct CaClientConfig {
 #[derive(Debug, Clone)]
 pub struct CaClient {
     config: CaClientConfig,
-    grpc: CertificateServiceClient<Channel>,
+    /// The roots mesh-control is verified with, and the client using them: the configured roots
+    /// until the CA first answers, then the trust bundle it sends, so the node keeps trusting
+    /// mesh-control while its root is rotated.
+    grpc: Arc<Mutex<(String, CertificateServiceClient<Channel>)>>,
 }
 
 impl CaClient {
     /// Prepares a client; the connection is made (and re-made) on demand.
     pub fn new(config: CaClientConfig) -> Result<Self, CaClientError> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&config.trust_roots_pem))
-            .domain_name(CONTROL_PLANE_NAME);
-        let channel = Channel::from_shared(config.address.clone())
-            .map_err(|_| CaClientError::Address(config.address.clone()))?
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(REQUEST_TIMEOUT)
-            .tls_config(tls)
-            .map_err(|e| CaClientError::Tls(e.to_string()))?
-            .connect_lazy();
-        Ok(CaClient { config, grpc: CertificateServiceClient::new(channel) })
+        let grpc = connect(&config.address, &config.trust_roots_pem)?;
+        let roots = config.trust_roots_pem.clone();
+        Ok(CaClient { config, grpc: Arc::new(Mutex::new((roots, grpc))) })
+    }
+
+    /// Verifies mesh-control with `bundle` from now on, if it differs from the roots in use.
+    fn follow_bundle(&self, bundle: &[String]) -> Result<(), CaClientError> {
+        let pem = bundle.concat();
+        let mut grpc = self.grpc.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if grpc.0 != pem {
+            *grpc = (pem.clone(), connect(&self.config.address, &pem)?);
+            tracing::info!(roots = bundle.len(), "verifying mesh-control with the CA's trust bundle");
+        }
+        Ok(())
     }
 
     /// Generates a key, asks the CA to certify it for `identity`, and checks the answer.
@@ -89,9 +98,8 @@ impl CaClient {
                 .parse()
                 .map_err(|_| CaClientError::Tls("node token is not ASCII".into()))?,
         );
-        let response = self
-            .grpc
-            .clone()
+        let mut grpc = self.grpc.lock().unwrap_or_else(std::sync::PoisonError::into_inner).1.clone();
+        let response = grpc
             .create_certificate(request)
             .await
             .map_err(|s| CaClientError::Refused { code: s.code(), message: s.message().to_owned() })?
@@ -106,6 +114,9 @@ impl CaClient {
         };
         let chain = parse(&response.cert_chain)?;
         let trust_bundle = parse(&response.trust_bundle)?;
+        if trust_bundle.is_empty() {
+            return Err(CaClientError::BadResponse("empty trust bundle".into()));
+        }
         let leaf =
             chain.first().ok_or_else(|| CaClientError::BadResponse("empty certificate chain".into()))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
@@ -130,6 +141,7 @@ impl CaClient {
                 "certificate names {uri_sans:?}, not {identity}"
             )));
         }
+        self.follow_bundle(&response.trust_bundle)?;
         let when = |t: x509_parser::time::ASN1Time| {
             OffsetDateTime::from_unix_timestamp(t.timestamp())
                 .map_err(|e| CaClientError::BadResponse(e.to_string()))
@@ -145,4 +157,19 @@ impl CaClient {
             trust_bundle,
         })
     }
+}
+
+/// A lazily connecting client that verifies mesh-control with `roots_pem`.
+fn connect(address: &str, roots_pem: &str) -> Result<CertificateServiceClient<Channel>, CaClientError> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(roots_pem))
+        .domain_name(CONTROL_PLANE_NAME);
+    let channel = Channel::from_shared(address.to_owned())
+        .map_err(|_| CaClientError::Address(address.to_owned()))?
+        .timeout(REQUEST_TIMEOUT)
+        .connect_timeout(REQUEST_TIMEOUT)
+        .tls_config(tls)
+        .map_err(|e| CaClientError::Tls(e.to_string()))?
+        .connect_lazy();
+    Ok(CertificateServiceClient::new(channel))
 }

@@ -54,6 +54,7 @@ async fn start_ca(name: &str) -> Ca {
     let config = Config {
         config_dir: dir.join("config"),
         state_dir: dir.join("state"),
+        root_dir: None,
         trust_domain: "cluster.local".into(),
         ttl,
         extra_roots: vec![],
