@@ -11,6 +11,7 @@ pub mod netns;
 pub mod payload;
 pub mod process;
 pub mod report;
+pub mod rogue;
 pub mod sniff;
 pub mod topology;
 

@@ -451,6 +451,32 @@ impl Topology {
         }
     }
 
+    /// Starts mesh-control (with `control_args`) and every node, and waits until each node holds
+    /// a certificate for each of its enrolled identities.
+    pub fn start_meshed(&self, control_args: &[&str]) -> anyhow::Result<()> {
+        self.start_control_plane_with(control_args)?;
+        for node in NodeId::ALL {
+            self.start_node(node)?;
+            let enrolled = self.pods.iter().filter(|p| p.node == node && p.enrolled).count();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let body = self.node_admin(node, "/certs")?;
+                let json: serde_json::Value = serde_json::from_str(&body)?;
+                let certs = json["certificates"].as_array().cloned().unwrap_or_default();
+                if certs.len() == enrolled && certs.iter().all(|c| c["serial"].is_string()) {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "certificates not issued on {}: {body}",
+                    node.name()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
     /// Stops mesh-control (SIGKILL; it keeps no state that a restart would miss) and waits for it.
     /// Nodes keep the CA settings they were started with and reconnect when it is back.
     pub fn stop_control_plane(&self) -> anyhow::Result<()> {

@@ -26,28 +26,13 @@ fn meshed(test: &str) -> Topology {
     meshed_with(test, &[], &[])
 }
 
-/// Like [`meshed`], with pod annotations (`pod`, `key: value`) set before the nodes start and
-/// extra mesh-control arguments.
+/// Like [`meshed`], with pod annotations (`pod`, `key: value`) and extra mesh-control arguments.
 fn meshed_with(test: &str, annotations: &[(&str, &str)], control_args: &[&str]) -> Topology {
     let mut topology = Topology::build(test).expect("topology");
     for (pod, annotation) in annotations {
         topology.annotate(pod, annotation).expect("annotate");
     }
-    topology.start_control_plane_with(control_args).expect("mesh-control");
-    for node in NodeId::ALL {
-        topology.start_node(node).expect("mesh-node");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let body = topology.node_admin(node, "/certs").expect("certs");
-            let json: Value = serde_json::from_str(&body).expect("json");
-            let certs = json["certificates"].as_array().cloned().unwrap_or_default();
-            if certs.len() == 2 && certs.iter().all(|c| c["serial"].is_string()) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "certificates not issued on {}: {body}", node.name());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    topology.start_meshed(control_args).expect("meshed topology");
     topology
 }
 

@@ -121,25 +121,12 @@ impl CaClient {
             chain.first().ok_or_else(|| CaClientError::BadResponse("empty certificate chain".into()))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
             .map_err(|e| CaClientError::BadResponse(e.to_string()))?;
-        let uri_sans: Vec<String> = parsed
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .map(|ext| {
-                ext.value
-                    .general_names
-                    .iter()
-                    .filter_map(|n| match n {
-                        x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        if uri_sans != [identity.uri()] {
-            return Err(CaClientError::BadResponse(format!(
-                "certificate names {uri_sans:?}, not {identity}"
-            )));
+        match crate::tls::spiffe_id_of(leaf) {
+            Ok(named) if named == *identity => {}
+            Ok(named) => {
+                return Err(CaClientError::BadResponse(format!("certificate names {named}, not {identity}")));
+            }
+            Err(problem) => return Err(CaClientError::BadResponse(problem)),
         }
         self.follow_bundle(&response.trust_bundle)?;
         let when = |t: x509_parser::time::ASN1Time| {
