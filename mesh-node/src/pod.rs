@@ -70,6 +70,8 @@ pub struct PodContext {
     pub mesh: Arc<MeshDirectory>,
     /// This pod's HBONE tunnels to meshed destinations.
     pub tunnels: TunnelPool,
+    /// Who this pod is, sent as `baggage` on its HBONE streams.
+    pub baggage: String,
 }
 
 /// What a pod's runtime needs from its node.
@@ -184,6 +186,7 @@ impl PodRuntime {
             identities: services.identities.clone(),
             mesh: services.mesh.clone(),
             tunnels: TunnelPool::default(),
+            baggage: crate::proxy::trace_context::baggage(&spec.key.namespace, &spec.key.name, &spec.node),
             netns_cookie: sockets.cookie,
             worker,
             capture,

@@ -6,6 +6,7 @@ pub mod hbone_outbound;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
+pub mod trace_context;
 
 use std::{io, net::SocketAddr, time::Duration};
 

@@ -78,6 +78,11 @@ fn cross_node_traffic_is_mutual_tls_on_the_wire_with_both_identities() {
             && accepted.contains(&format!("dst.identity={}", spiffe("b1"))),
         "{accepted}"
     );
+    // The CONNECT carried a W3C trace context and the source's baggage: one trace ID on both nodes.
+    let trace_id = field(opened, "trace_id").expect("node-a logged a trace ID");
+    assert_eq!(trace_id.len(), 32, "{opened}");
+    assert_eq!(field(accepted, "trace_id"), Some(trace_id), "{accepted}");
+    assert!(accepted.contains("k8s.namespace.name=demo,k8s.pod.name=a1,k8s.node.name=node-a"), "{accepted}");
 }
 
 #[test]

@@ -16,6 +16,7 @@ use super::{
     hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_TUNNEL, STREAM_WINDOW, TunnelBody},
     inbound::deliver,
     relay::relay,
+    trace_context::TraceContext,
 };
 use crate::{pod::PodContext, tls};
 
@@ -95,6 +96,25 @@ async fn serve_tunnel(pod: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
+/// Longest `baggage` value that is logged; longer ones are cut (the header is the client's).
+const MAX_LOGGED_BAGGAGE: usize = 256;
+
+/// Returns the stream's trace ID and the client's baggage, for logs. A malformed
+/// `traceparent` is logged and ignored: it is telemetry, the tunnel is already authenticated.
+fn trace_of(request: &Request<Incoming>) -> (String, String) {
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+    let trace_id = match header("traceparent").map(TraceContext::parse) {
+        Some(Ok(context)) => context.trace_id_hex(),
+        Some(Err(err)) => {
+            tracing::warn!(error = %err, "ignoring a malformed traceparent");
+            String::new()
+        }
+        None => String::new(),
+    };
+    let baggage: String = header("baggage").unwrap_or_default().chars().take(MAX_LOGGED_BAGGAGE).collect();
+    (trace_id, baggage)
+}
+
 fn respond(status: StatusCode) -> Result<Response<TunnelBody>, Infallible> {
     let mut response = Response::new(TunnelBody::new());
     *response.status_mut() = status;
@@ -128,9 +148,10 @@ async fn stream(
             return respond(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    let (trace_id, baggage) = trace_of(&request);
     tracing::info!(
         src.identity = %client_identity, dst.identity = %pod.identity, src.addr = %tunnel_peer.ip(), dst.addr = %target,
-        "HBONE stream accepted"
+        trace_id = %trace_id, baggage = %baggage, "HBONE stream accepted"
     );
     let on_upgrade = hyper::upgrade::on(request);
     tokio::spawn(async move {

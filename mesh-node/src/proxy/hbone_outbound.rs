@@ -30,6 +30,7 @@ use super::{
     },
     relay::relay,
     reset,
+    trace_context::TraceContext,
 };
 use crate::{identity::WorkloadCert, pod::PodContext, tls};
 
@@ -154,7 +155,8 @@ pub async fn forward(
     dst: SocketAddr,
     peer: SpiffeId,
 ) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
-    let (stream, _slot) = match open_stream(pod, client_addr, dst, &peer).await {
+    let trace = TraceContext::start();
+    let (stream, _slot) = match open_stream(pod, client_addr, dst, &peer, &trace).await {
         Ok(opened) => opened,
         Err(err) => {
             reset(client);
@@ -162,7 +164,8 @@ pub async fn forward(
         }
     };
     tracing::info!(
-        src.identity = %pod.identity, dst.identity = %peer, dst.addr = %dst, "HBONE stream opened"
+        src.identity = %pod.identity, dst.identity = %peer, dst.addr = %dst, trace_id = %trace.trace_id_hex(),
+        "HBONE stream opened"
     );
     let _ = client.set_nodelay(true);
     let (sent, received) = relay(client, stream, &pod.outbound.bytes_sent, &pod.outbound.bytes_received)
@@ -176,6 +179,7 @@ async fn open_stream(
     client_addr: SocketAddr,
     dst: SocketAddr,
     peer: &SpiffeId,
+    trace: &TraceContext,
 ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamSlot), ProxyError> {
     let identities = pod.identities.as_ref().ok_or_else(|| ProxyError::Tunnel("no CA configured".into()))?;
     let own =
@@ -185,6 +189,8 @@ async fn open_stream(
         .method(Method::CONNECT)
         .uri(dst.to_string())
         .header("forwarded", format!("for={}", client_addr.ip()))
+        .header("traceparent", trace.to_string())
+        .header("baggage", &pod.baggage)
         .body(TunnelBody::new())
         .map_err(|e| ProxyError::Tunnel(e.to_string()))?;
     let response =
