@@ -2,22 +2,31 @@
 
 use std::{
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
-use mesh_api::ca::v1::certificate_service_server::CertificateServiceServer;
-use tokio::net::TcpListener;
+use hyper::StatusCode;
+use mesh_api::{
+    ca::v1::certificate_service_server::CertificateServiceServer, http, workload::v1::ADDRESS_TYPE,
+    xds::v1::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
+};
+use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
 
 use crate::{
     attestation::PodDirectory,
     ca::{CertificateAuthority, RootCa, TrustBundle, TtlPolicy},
-    metrics::Metrics,
+    metrics::{Metrics, XdsTypeLabels},
     node_auth::NodeCredentials,
     service::{CaService, MAX_REQUEST_BYTES},
     tls,
+    xds::{XdsServer, snapshot::Snapshot},
 };
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Everything mesh-control needs to start.
 #[derive(Clone, Debug)]
@@ -38,11 +47,23 @@ pub struct Config {
     pub reload_interval: Duration,
 }
 
+/// What the last reload of the manifests found, for the admin endpoint.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ConfigStatus {
+    pub snapshot_version: String,
+    pub workloads: usize,
+    /// Why the manifests are being ignored (the last good state is served), if they are.
+    pub error: Option<String>,
+}
+
 /// The running parts of the control plane.
 #[derive(Debug)]
 pub struct ControlPlane {
     pub config: Config,
     pub service: CaService,
+    pub xds: XdsServer,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    pub config_status: Mutex<ConfigStatus>,
     server_identity: (String, String),
 }
 
@@ -70,13 +91,23 @@ impl ControlPlane {
         );
         let nodes = NodeCredentials::open(&config.state_dir.join("nodes"))?;
         let pods = PodDirectory::default();
+        let (nodes, metrics) = (Arc::new(nodes), Arc::new(Metrics::default()));
         let service = CaService {
             ca: Arc::new(RwLock::new(ca)),
-            nodes: Arc::new(nodes),
+            nodes: nodes.clone(),
             pods: Arc::new(pods),
-            metrics: Arc::new(Metrics::default()),
+            metrics: metrics.clone(),
         };
-        let plane = ControlPlane { config, service, server_identity };
+        let (snapshots, receiver) = watch::channel(Arc::new(Snapshot::default()));
+        let xds = XdsServer { nodes, snapshots: receiver, status: Arc::default(), metrics };
+        let plane = ControlPlane {
+            config,
+            service,
+            xds,
+            snapshots,
+            config_status: Mutex::new(ConfigStatus::default()),
+            server_identity,
+        };
         plane.reload().context("reading the manifests")?;
         Ok(plane)
     }
@@ -84,7 +115,33 @@ impl ControlPlane {
     /// Re-reads the manifests: the pods nodes may obtain identities for, and a token for every
     /// node that has pods. On error the previous state stays.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let pods = mesh_manifests::load_all(&self.config.config_dir)?;
+        let pods = match mesh_manifests::load_all(&self.config.config_dir) {
+            Ok(pods) => pods,
+            Err(err) => {
+                self.service.metrics.config_errors.inc();
+                lock(&self.config_status).error = Some(err.to_string());
+                return Err(err.into());
+            }
+        };
+        let snapshot = Snapshot::build(&pods, &self.config.trust_domain);
+        *lock(&self.config_status) = ConfigStatus {
+            snapshot_version: snapshot.version().to_owned(),
+            workloads: snapshot.count(ADDRESS_TYPE),
+            error: None,
+        };
+        self.service
+            .metrics
+            .config_resources
+            .get_or_create(&XdsTypeLabels { type_url: ADDRESS_TYPE.to_owned() })
+            .set(snapshot.count(ADDRESS_TYPE) as i64);
+        self.snapshots.send_if_modified(|current| {
+            if **current == snapshot {
+                return false;
+            }
+            tracing::info!(version = %snapshot.version(), workloads = snapshot.count(ADDRESS_TYPE), "configuration changed");
+            *current = Arc::new(snapshot);
+            true
+        });
         self.service.pods.replace(pods);
         for node in self.service.pods.nodes() {
             if self.service.nodes.ensure(&node)? {
@@ -92,6 +149,26 @@ impl ControlPlane {
             }
         }
         Ok(())
+    }
+
+    /// Serves `/metrics`, `/debug/nodes` (each node's xDS sync), `/debug/config` and
+    /// `/healthz/ready` on `listener`.
+    pub async fn serve_admin(self: Arc<Self>, listener: TcpListener) {
+        mesh_api::http::serve(listener, "admin", move |path| {
+            let plane = self.clone();
+            async move {
+                match path.as_str() {
+                    "/metrics" => {
+                        http::respond(StatusCode::OK, http::OPENMETRICS, plane.service.metrics.render())
+                    }
+                    "/debug/nodes" => http::json(&*lock(&plane.xds.status)),
+                    "/debug/config" => http::json(&*lock(&plane.config_status)),
+                    "/healthz/ready" => http::respond(StatusCode::OK, "text/plain", "ready\n"),
+                    _ => http::not_found(),
+                }
+            }
+        })
+        .await;
     }
 
     /// Returns the PEM roots nodes must trust to verify mesh-control and workloads.
@@ -124,9 +201,12 @@ impl ControlPlane {
         let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
         let ca =
             CertificateServiceServer::new(self.service.clone()).max_decoding_message_size(MAX_REQUEST_BYTES);
+        let xds = AggregatedDiscoveryServiceServer::new(self.xds.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
         Server::builder()
             .tls_config(tls)?
             .add_service(ca)
+            .add_service(xds)
             .serve_with_incoming(TcpIncoming::from(listener))
             .await?;
         Ok(())

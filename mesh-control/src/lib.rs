@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod node_auth;
 pub mod service;
 pub mod tls;
+pub mod xds;

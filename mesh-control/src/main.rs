@@ -25,8 +25,12 @@ struct Cli {
     /// Point it at a new root to rotate (see ARCHITECTURE.md, "Rotating the root").
     #[arg(long)]
     root_dir: Option<PathBuf>,
+    /// The TLS listener nodes use: CA and xDS.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
+    /// Admin endpoint: /metrics, /debug/nodes, /debug/config, /healthz/ready.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    admin_listen: SocketAddr,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Default certificate lifetime, seconds.
@@ -100,7 +104,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let plane = Arc::new(ControlPlane::open(config)?);
         let listener = tokio::net::TcpListener::bind(cli.listen).await?;
-        tracing::info!(listen = %cli.listen, trust_domain = %plane.config.trust_domain, "mesh-control serving the CA");
+        let admin = tokio::net::TcpListener::bind(cli.admin_listen)
+            .await
+            .with_context(|| format!("binding the admin endpoint on {}", cli.admin_listen))?;
+        tokio::spawn(plane.clone().serve_admin(admin));
+        tracing::info!(listen = %cli.listen, trust_domain = %plane.config.trust_domain, "mesh-control serving the CA and xDS");
         plane.serve(listener).await
     })
 }

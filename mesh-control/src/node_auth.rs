@@ -101,7 +101,28 @@ impl NodeCredentials {
         let tokens = self.tokens.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         tokens.get(node).is_some_and(|expected| constant_time_eq(expected.as_bytes(), token.as_bytes()))
     }
+
+    /// Returns the calling node's name from gRPC metadata (`x-nodemesh-node` and
+    /// `authorization: Bearer <token>`), or why it is not authenticated.
+    pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<String, String> {
+        let node = metadata
+            .get(NODE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| format!("missing {NODE_HEADER} metadata naming the calling node"))?;
+        let token = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or("missing `authorization: Bearer <node token>` metadata")?;
+        if !self.verify(node, token) {
+            return Err(format!("node {node:?} is unknown or its token is wrong"));
+        }
+        Ok(node.to_owned())
+    }
 }
+
+/// Metadata key naming the calling node.
+pub const NODE_HEADER: &str = "x-nodemesh-node";
 
 #[cfg(test)]
 mod tests {

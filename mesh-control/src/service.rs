@@ -15,8 +15,7 @@ use crate::{
     node_auth::NodeCredentials,
 };
 
-/// Metadata key naming the calling node.
-pub const NODE_HEADER: &str = "x-nodemesh-node";
+pub use crate::node_auth::NODE_HEADER;
 /// Largest request message the CA decodes; bigger ones are refused before parsing.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -42,19 +41,7 @@ fn invalid(message: impl Into<String>) -> Refusal {
 impl CaService {
     /// Returns the authenticated node's name.
     fn authenticate(&self, request: &Request<CertificateRequest>) -> Result<String, Refusal> {
-        let metadata = request.metadata();
-        let node = metadata.get(NODE_HEADER).and_then(|v| v.to_str().ok()).ok_or_else(|| {
-            unauthenticated(format!("missing {NODE_HEADER} metadata naming the calling node"))
-        })?;
-        let token = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| unauthenticated("missing `authorization: Bearer <node token>` metadata"))?;
-        if !self.nodes.verify(node, token) {
-            return Err(unauthenticated(format!("node {node:?} is unknown or its token is wrong")));
-        }
-        Ok(node.to_owned())
+        self.nodes.authenticate(request.metadata()).map_err(unauthenticated)
     }
 
     fn handle(

@@ -1,83 +1,19 @@
 //! The CA over its real gRPC + TLS API: node authentication, node authorization, bad input.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+mod common;
 
+use common::{start, token};
 use mesh_api::ca::v1::{
     CertificateRequest, WorkloadIdentity, certificate_service_client::CertificateServiceClient,
 };
-use mesh_control::{
-    ca::TtlPolicy,
-    control_plane::{Config, ControlPlane},
-    metrics::CaOutcome,
-    service::NODE_HEADER,
-    tls::SERVER_NAME,
-};
+use mesh_control::tls::SERVER_NAME;
+use mesh_control::{metrics::CaOutcome, service::NODE_HEADER};
 use rcgen::{CertificateParams, KeyPair};
 use tonic::{
     Code, Request,
     transport::{Certificate, Channel, ClientTlsConfig},
 };
 use x509_parser::prelude::*;
-
-const MANIFESTS: &str = "\
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {nodemesh.io/dataplane-mode: ambient}}
----
-kind: Pod
-metadata: {name: a1, namespace: demo, annotations: {nodemesh.io/netns: /run/netns/a1}}
-spec: {nodeName: node-a, serviceAccountName: web}
-status: {podIP: 10.1.1.2}
----
-kind: Pod
-metadata: {name: b1, namespace: demo, annotations: {nodemesh.io/netns: /run/netns/b1}}
-spec: {nodeName: node-b, serviceAccountName: db}
-status: {podIP: 10.1.2.2}
-";
-
-struct Harness {
-    plane: Arc<ControlPlane>,
-    channel: Channel,
-    dir: PathBuf,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-async fn start(name: &str) -> Harness {
-    let dir = std::env::temp_dir().join(format!("nm-ca-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("config")).expect("dir");
-    std::fs::write(dir.join("config/pods.yaml"), MANIFESTS).expect("manifests");
-    let config = Config {
-        config_dir: dir.join("config"),
-        state_dir: dir.join("state"),
-        root_dir: None,
-        trust_domain: "cluster.local".into(),
-        ttl: TtlPolicy::default(),
-        extra_roots: vec![],
-        server_names: vec![],
-        reload_interval: Duration::from_secs(60),
-    };
-    let plane = Arc::new(ControlPlane::open(config).expect("control plane"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(plane.clone().serve(listener));
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(plane.trust_bundle_pem()))
-        .domain_name(SERVER_NAME);
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("connect over TLS");
-    Harness { plane, channel, dir }
-}
 
 fn csr() -> String {
     let key = KeyPair::generate().expect("key");
@@ -93,11 +29,6 @@ fn request(node: &str, token: &str, sa: &str, csr: String) -> Request<Certificat
     request.metadata_mut().insert(NODE_HEADER, node.parse().expect("ascii"));
     request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
     request
-}
-
-fn token(h: &Harness, node: &str) -> String {
-    std::fs::read_to_string(h.plane.service.nodes.token_path(node))
-        .expect("node token created for nodes with pods")
 }
 
 #[tokio::test]

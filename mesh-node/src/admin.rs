@@ -1,11 +1,9 @@
 //! HTTP endpoints: admin (`127.0.0.1:15000`), metrics (`:15020`) and readiness (`:15021`).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Response, StatusCode};
+use mesh_api::http::{Body, OPENMETRICS, json, not_found, respond};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -19,35 +17,14 @@ pub enum Endpoint {
     Readiness,
 }
 
-type Body = Full<Bytes>;
-
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()));
-    *response.status_mut() = status;
-    if let Ok(value) = header::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(header::CONTENT_TYPE, value);
-    }
-    response
-}
-
-fn json_response(value: &impl serde::Serialize) -> Response<Body> {
-    match serde_json::to_vec_pretty(value) {
-        Ok(body) => respond(StatusCode::OK, "application/json", body),
-        Err(err) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", err.to_string()),
-    }
-}
-
-async fn route(node: &Node, endpoint: Endpoint, req: &Request<Incoming>) -> Response<Body> {
-    if req.method() != Method::GET {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is supported\n");
-    }
-    match (endpoint, req.uri().path()) {
-        (Endpoint::Admin, "/pods") => json_response(&node.status().await),
-        (Endpoint::Admin, "/certs") => json_response(&json!({
+async fn route(node: &Node, endpoint: Endpoint, path: &str) -> Response<Body> {
+    match (endpoint, path) {
+        (Endpoint::Admin, "/pods") => json(&node.status().await),
+        (Endpoint::Admin, "/certs") => json(&json!({
             "ca": node.identities.is_some(),
             "certificates": node.certificates(),
         })),
-        (Endpoint::Admin, "/ebpf") => json_response(&json!({
+        (Endpoint::Admin, "/ebpf") => json(&json!({
             "links": node.capture.link_names(),
             "stats": node.capture.stats(),
         })),
@@ -56,11 +33,9 @@ async fn route(node: &Node, endpoint: Endpoint, req: &Request<Incoming>) -> Resp
             "text/plain",
             "mesh-node admin: /pods /certs /ebpf /metrics /healthz/ready\n",
         ),
-        (Endpoint::Admin | Endpoint::Metrics, "/metrics") => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            node.metrics.render(&node.capture.stats()),
-        ),
+        (Endpoint::Admin | Endpoint::Metrics, "/metrics") => {
+            respond(StatusCode::OK, OPENMETRICS, node.metrics.render(&node.capture.stats()))
+        }
         (Endpoint::Admin | Endpoint::Readiness, "/healthz/ready") => {
             if node.is_ready() {
                 respond(StatusCode::OK, "text/plain", "ready\n")
@@ -72,7 +47,7 @@ async fn route(node: &Node, endpoint: Endpoint, req: &Request<Incoming>) -> Resp
                 )
             }
         }
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        _ => not_found(),
     }
 }
 
@@ -83,27 +58,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves `endpoint` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, node: Arc<Node>, endpoint: Endpoint) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                tracing::warn!(error = %err, ?endpoint, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let name = match endpoint {
+        Endpoint::Admin => "admin",
+        Endpoint::Metrics => "metrics",
+        Endpoint::Readiness => "readiness",
+    };
+    mesh_api::http::serve(listener, name, move |path| {
         let node = node.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let node = node.clone();
-                async move { Ok::<_, Infallible>(route(&node, endpoint, &req).await) }
-            });
-            if let Err(err) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %err, "admin connection ended with an error");
-            }
-        });
-    }
+        async move { route(&node, endpoint, &path).await }
+    })
+    .await;
 }

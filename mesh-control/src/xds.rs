@@ -1,0 +1,226 @@
+//! The delta xDS server: each authenticated node subscribes to resource types and receives only
+//! what changed since what it holds (its persisted config counts after a restart), debounced;
+//! it ACKs or NACKs every response by nonce.
+
+pub mod snapshot;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures_util::Stream;
+use mesh_api::xds::v1::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    aggregated_discovery_service_server::AggregatedDiscoveryService,
+};
+use serde::Serialize;
+use snapshot::Snapshot;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
+
+use crate::{
+    metrics::{Metrics, XdsOutcome},
+    node_auth::NodeCredentials,
+};
+
+/// How long the server lets changes settle before pushing: a burst of edits is one push.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// What the control plane knows about each node's xDS session, for the admin endpoint.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct NodeSyncStatus {
+    pub connected: bool,
+    pub sessions: u64,
+    /// Type URL → last nonce the node ACKed.
+    pub acked: BTreeMap<String, String>,
+    /// The last NACK's type URL and reason, if the node rejected something.
+    pub last_nack: Option<String>,
+    pub pushes: u64,
+}
+
+/// The server: one session task per connected node.
+#[derive(Debug, Clone)]
+pub struct XdsServer {
+    pub nodes: Arc<NodeCredentials>,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub status: Arc<Mutex<BTreeMap<String, NodeSyncStatus>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let node = self.nodes.authenticate(request.metadata()).map_err(|problem| {
+            tracing::warn!(error = %problem, "xDS stream refused");
+            Status::unauthenticated(problem)
+        })?;
+        let (tx, rx) = mpsc::channel(16);
+        let session = Session {
+            node: node.clone(),
+            server: self.clone(),
+            snapshot: self.snapshots.borrow().clone(),
+            subscriptions: HashMap::new(),
+            nonce: 0,
+        };
+        tokio::spawn(
+            session.run(request.into_inner(), tx).instrument(tracing::info_span!("xds", node = %node)),
+        );
+        let stream =
+            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// One node's subscription to one type.
+#[derive(Debug, Default)]
+struct Subscription {
+    /// Name → version the node holds (or will once it applies what was sent).
+    have: HashMap<String, String>,
+    /// Nonce of the last response not yet ACKed or NACKed.
+    pending: Option<String>,
+}
+
+struct Session {
+    node: String,
+    server: XdsServer,
+    snapshot: Arc<Snapshot>,
+    subscriptions: HashMap<String, Subscription>,
+    nonce: u64,
+}
+
+type Sender = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+
+impl Session {
+    async fn run(mut self, mut requests: Streaming<DeltaDiscoveryRequest>, tx: Sender) {
+        self.update_status(|s| {
+            s.connected = true;
+            s.sessions += 1;
+        });
+        self.server.metrics.xds_connected.inc();
+        tracing::info!("node connected");
+        let mut snapshots = self.server.snapshots.clone();
+        let reason = loop {
+            tokio::select! {
+                request = requests.message() => match request {
+                    Ok(Some(request)) => {
+                        if let Err(status) = self.on_request(request, &tx).await {
+                            let _ = tx.send(Err(status.clone())).await;
+                            break status.message().to_owned();
+                        }
+                    }
+                    Ok(None) => break "the node closed the stream".to_owned(),
+                    Err(status) => break status.message().to_owned(),
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        break "the control plane is shutting down".to_owned();
+                    }
+                    // Let a burst of changes settle, then push the latest state once.
+                    tokio::time::sleep(DEBOUNCE).await;
+                    self.snapshot = snapshots.borrow_and_update().clone();
+                    let types: Vec<String> = self.subscriptions.keys().cloned().collect();
+                    for type_url in types {
+                        if self.push(&type_url, false, &tx).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        };
+        self.update_status(|s| s.connected = false);
+        self.server.metrics.xds_connected.dec();
+        tracing::info!(reason = %reason, "node disconnected");
+    }
+
+    async fn on_request(&mut self, request: DeltaDiscoveryRequest, tx: &Sender) -> Result<(), Status> {
+        if let Some(claimed) = request.node.as_ref().map(|n| n.id.as_str())
+            && !claimed.is_empty()
+            && claimed != self.node
+        {
+            return Err(Status::permission_denied(format!(
+                "authenticated as node {:?} but the request names node {claimed:?}",
+                self.node
+            )));
+        }
+        let type_url = request.type_url.clone();
+        if !Snapshot::serves(&type_url) {
+            return Err(Status::invalid_argument(format!("unknown resource type {type_url:?}")));
+        }
+        if !request.response_nonce.is_empty() {
+            self.on_reply(&type_url, &request);
+            return Ok(());
+        }
+        // A (re)subscription: start from what the node says it holds.
+        let subscription = self.subscriptions.entry(type_url.clone()).or_default();
+        subscription.have = request.initial_resource_versions;
+        subscription.pending = None;
+        tracing::debug!(type_url = %type_url, holds = subscription.have.len(), "subscribed");
+        // Always answer a subscription, even with nothing new, so the node knows it is in sync.
+        self.push(&type_url, true, tx).await.map_err(|_| Status::cancelled("stream closed"))
+    }
+
+    /// Handles an ACK or NACK.
+    fn on_reply(&mut self, type_url: &str, request: &DeltaDiscoveryRequest) {
+        let Some(subscription) = self.subscriptions.get_mut(type_url) else { return };
+        if subscription.pending.as_deref() != Some(request.response_nonce.as_str()) {
+            // A reply to an older response: a newer one is already on its way.
+            return;
+        }
+        subscription.pending = None;
+        match &request.error_detail {
+            Some(error) => {
+                self.server.metrics.count_reply(type_url, XdsOutcome::Nack);
+                tracing::warn!(type_url, nonce = %request.response_nonce, error = %error.message, "node rejected resources (NACK)");
+                let message = format!("{type_url}: {}", error.message);
+                self.update_status(|s| s.last_nack = Some(message));
+            }
+            None => {
+                self.server.metrics.count_reply(type_url, XdsOutcome::Ack);
+                let nonce = request.response_nonce.clone();
+                self.update_status(|s| {
+                    s.acked.insert(type_url.to_owned(), nonce);
+                });
+            }
+        }
+    }
+
+    /// Sends what changed for `type_url`; with `always`, sends even an empty response.
+    async fn push(&mut self, type_url: &str, always: bool, tx: &Sender) -> Result<(), ()> {
+        let Some(subscription) = self.subscriptions.get_mut(type_url) else { return Ok(()) };
+        let delta = self.snapshot.delta(type_url, &subscription.have);
+        if delta.is_empty() && !always {
+            return Ok(());
+        }
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        subscription.have = self.snapshot.versions(type_url);
+        subscription.pending = Some(nonce.clone());
+        tracing::debug!(type_url, nonce = %nonce, resources = delta.resources.len(), removed = delta.removed.len(), "push");
+        let response = DeltaDiscoveryResponse {
+            system_version_info: self.snapshot.version().to_owned(),
+            resources: delta.resources,
+            type_url: type_url.to_owned(),
+            removed_resources: delta.removed,
+            nonce,
+        };
+        self.server.metrics.count_push(type_url);
+        self.update_status(|s| s.pushes += 1);
+        tx.send(Ok(response)).await.map_err(|_| ())
+    }
+
+    fn update_status(&self, change: impl FnOnce(&mut NodeSyncStatus)) {
+        let mut status = self.server.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        change(status.entry(self.node.clone()).or_default());
+    }
+}
