@@ -28,10 +28,21 @@ async fn route(node: &Node, endpoint: Endpoint, path: &str) -> Response<Body> {
             "links": node.capture.link_names(),
             "stats": node.capture.stats(),
         })),
+        (Endpoint::Admin, "/config") => {
+            let (workloads, xds) = match &node.xds {
+                Some(xds) => (xds.store.lock().await.pods(), Some(xds.status())),
+                None => (Vec::new(), None),
+            };
+            let workloads: Vec<_> = workloads
+                .iter()
+                .map(|p| json!({"pod": p.key.to_string(), "node": p.node, "ip": p.ip, "service_account": p.service_account}))
+                .collect();
+            json(&json!({"source": node.source, "xds": xds, "workloads": workloads}))
+        }
         (Endpoint::Admin, "/") => respond(
             StatusCode::OK,
             "text/plain",
-            "mesh-node admin: /pods /certs /ebpf /metrics /healthz/ready\n",
+            "mesh-node admin: /pods /certs /config /ebpf /metrics /healthz/ready\n",
         ),
         (Endpoint::Admin | Endpoint::Metrics, "/metrics") => {
             respond(StatusCode::OK, OPENMETRICS, node.metrics.render(&node.capture.stats()))
@@ -43,7 +54,7 @@ async fn route(node: &Node, endpoint: Endpoint, path: &str) -> Response<Body> {
                 respond(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "not ready: capture is being installed\n",
+                    format!("not ready: {}\n", node.not_ready_reason()),
                 )
             }
         }

@@ -16,12 +16,16 @@ use std::{
 
 use mesh_api::SpiffeId;
 use prometheus_client::metrics::{family::Family, gauge::Gauge};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::{sync::watch, task::JoinHandle};
 
-pub use client::{CaClient, CaClientConfig};
+pub use client::CaClient;
+
+use crate::state_dir::StateDir;
+
+mod persist;
 
 /// First retry delay after a failed request; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
@@ -47,6 +51,45 @@ pub struct WorkloadCert {
 }
 
 impl WorkloadCert {
+    /// Builds a certificate from PEM text (as the CA sends it and the node persists it),
+    /// checking that the leaf names exactly `identity` and the bundle is not empty.
+    pub fn assemble(
+        identity: &SpiffeId,
+        chain_pem: &[String],
+        key: PrivateKeyDer<'static>,
+        bundle_pem: &[String],
+        received: OffsetDateTime,
+    ) -> Result<Self, String> {
+        let parse = |pems: &[String]| -> Result<Vec<CertificateDer<'static>>, String> {
+            pems.iter()
+                .map(|p| CertificateDer::from_pem_slice(p.as_bytes()).map_err(|e| e.to_string()))
+                .collect()
+        };
+        let (chain, trust_bundle) = (parse(chain_pem)?, parse(bundle_pem)?);
+        if trust_bundle.is_empty() {
+            return Err("empty trust bundle".into());
+        }
+        let leaf = chain.first().ok_or("empty certificate chain")?;
+        match crate::tls::spiffe_id_of(leaf)? {
+            named if named == *identity => {}
+            named => return Err(format!("certificate names {named}, not {identity}")),
+        }
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+        let when = |t: x509_parser::time::ASN1Time| {
+            OffsetDateTime::from_unix_timestamp(t.timestamp()).map_err(|e| e.to_string())
+        };
+        Ok(WorkloadCert {
+            identity: identity.clone(),
+            not_before: when(parsed.validity().not_before)?,
+            not_after: when(parsed.validity().not_after)?,
+            received,
+            serial: parsed.raw_serial_as_string(),
+            chain,
+            key,
+            trust_bundle,
+        })
+    }
+
     /// Returns when this certificate should be renewed: at half-life, with jitter in `[-1, 1]`.
     pub fn renew_at(&self, jitter: f64) -> OffsetDateTime {
         let lifetime = self.not_after - self.received;
@@ -90,6 +133,8 @@ pub enum IdentityError {
 #[derive(Debug)]
 pub struct IdentityManager {
     client: CaClient,
+    /// Where certificates are kept across restarts, if anywhere.
+    store: Option<StateDir>,
     slots: RwLock<BTreeMap<SpiffeId, Arc<Slot>>>,
     expiry: Family<Vec<(String, String)>, Gauge>,
 }
@@ -99,8 +144,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl IdentityManager {
-    pub fn new(client: CaClient) -> Arc<Self> {
-        Arc::new(IdentityManager { client, slots: RwLock::new(BTreeMap::new()), expiry: Family::default() })
+    pub fn new(client: CaClient, store: Option<StateDir>) -> Arc<Self> {
+        Arc::new(IdentityManager {
+            client,
+            store,
+            slots: RwLock::new(BTreeMap::new()),
+            expiry: Family::default(),
+        })
     }
 
     /// Returns the gauge family `nodemesh_workload_cert_expiry_timestamp_seconds{identity}`.
@@ -141,9 +191,27 @@ impl IdentityManager {
                 task.abort();
             }
             slots.remove(identity);
+            if let Some(store) = &self.store {
+                persist::forget(store, identity);
+            }
             self.expiry.remove(&vec![("identity".to_owned(), identity.to_string())]);
             tracing::info!(identity = %identity, "identity no longer used; certificate dropped");
         }
+    }
+
+    /// Makes `cert` the one presented for `identity`.
+    fn install(&self, identity: &SpiffeId, slot: &Slot, cert: WorkloadCert) {
+        self.expiry
+            .get_or_create(&vec![("identity".to_owned(), identity.to_string())])
+            .set(cert.not_after.unix_timestamp());
+        slot.current.send_replace(Some(Arc::new(cert)));
+        *lock(&slot.last_error) = None;
+    }
+
+    /// Whether every identity in use has a current certificate.
+    pub fn all_certified(&self) -> bool {
+        let slots = self.slots.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        slots.values().all(|s| s.current.borrow().is_some())
     }
 
     /// Returns the current certificate, if one was issued.
@@ -217,6 +285,16 @@ fn until(when: OffsetDateTime) -> Duration {
 /// Keeps `identity` certified until the task is aborted.
 async fn renew_forever(manager: Arc<IdentityManager>, identity: SpiffeId, slot: Arc<Slot>) {
     let mut backoff = MIN_BACKOFF;
+    // A certificate kept from before a restart serves at once; it is renewed on its schedule.
+    if let Some(cert) = manager.store.as_ref().and_then(|store| persist::load(store, &identity)) {
+        let renew_in = until(cert.renew_at(jitter()));
+        tracing::info!(
+            identity = %identity, serial = %cert.serial, not_after = %cert.not_after,
+            renew_in_s = renew_in.as_secs(), "workload certificate restored from the state directory"
+        );
+        manager.install(&identity, &slot, cert);
+        tokio::time::sleep(renew_in).await;
+    }
     loop {
         match manager.client.request(&identity).await {
             Ok(cert) => {
@@ -225,12 +303,10 @@ async fn renew_forever(manager: Arc<IdentityManager>, identity: SpiffeId, slot: 
                     identity = %identity, serial = %cert.serial, not_after = %cert.not_after,
                     renew_in_s = renew_in.as_secs(), "workload certificate issued"
                 );
-                manager
-                    .expiry
-                    .get_or_create(&vec![("identity".to_owned(), identity.to_string())])
-                    .set(cert.not_after.unix_timestamp());
-                slot.current.send_replace(Some(Arc::new(cert)));
-                *lock(&slot.last_error) = None;
+                if let Some(store) = &manager.store {
+                    persist::save(store, &cert);
+                }
+                manager.install(&identity, &slot, cert);
                 backoff = MIN_BACKOFF;
                 tokio::time::sleep(renew_in).await;
             }

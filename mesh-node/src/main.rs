@@ -8,6 +8,7 @@ mod admin;
 mod bpffs;
 mod capture;
 mod cgroup;
+mod control_plane;
 mod identity;
 mod mesh;
 mod metrics;
@@ -15,7 +16,9 @@ mod netns;
 mod node;
 mod pod;
 mod proxy;
+mod state_dir;
 mod tls;
+mod xds;
 
 use std::{
     net::SocketAddr,
@@ -31,7 +34,10 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     admin::Endpoint,
     capture::{Capture, CaptureConfig, KernelLogger},
+    control_plane::ControlPlane,
     node::Node,
+    state_dir::StateDir,
+    xds::{XdsClient, store::ConfigStore},
 };
 
 #[derive(Debug, Parser)]
@@ -68,9 +74,10 @@ struct RunArgs {
     /// This node's name: only pods with this `spec.nodeName` are enrolled.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// A YAML file or directory of Kubernetes-shaped Namespace and Pod manifests.
-    #[arg(long)]
-    pods: PathBuf,
+    /// Standalone mode, without mesh-control: a YAML file or directory of Kubernetes-shaped
+    /// Namespace and Pod manifests, re-read every reload interval (plain TCP only).
+    #[arg(long, required_unless_present = "control_plane", conflicts_with = "control_plane")]
+    pods: Option<PathBuf>,
     /// The cgroup v2 directory holding this node's pods; capture applies below it.
     #[arg(long)]
     pods_cgroup: PathBuf,
@@ -95,14 +102,16 @@ struct RunArgs {
     /// Destination ports never captured outbound (repeatable).
     #[arg(long = "exclude-outbound-port")]
     excluded_ports: Vec<u16>,
-    /// mesh-control's CA, e.g. `https://10.0.0.1:15012`. Without it no workload certificates
-    /// are requested.
-    #[arg(long, requires_all = ["ca_trust_roots", "node_token_file"])]
-    ca_address: Option<String>,
-    /// PEM roots that sign mesh-control's serving certificate (the mesh trust bundle).
-    #[arg(long)]
-    ca_trust_roots: Option<PathBuf>,
-    /// This node's token for the CA (local mode), as mesh-control wrote it.
+    /// mesh-control, e.g. `https://10.0.0.1:15012`: the config (xDS) and the CA.
+    #[arg(long, alias = "ca-address", requires_all = ["control_plane_roots", "node_token_file"])]
+    control_plane: Option<String>,
+    /// PEM roots that sign mesh-control's serving certificate (bootstraps the trust bundle).
+    #[arg(long, alias = "ca-trust-roots")]
+    control_plane_roots: Option<PathBuf>,
+    /// Private state kept across restarts (last good config, certificates): a root-only tmpfs.
+    #[arg(long, default_value = "/run/nodemesh")]
+    state_dir: PathBuf,
+    /// This node's token for mesh-control (local mode), as mesh-control wrote it.
     #[arg(long)]
     node_token_file: Option<PathBuf>,
     #[arg(long, default_value = "cluster.local")]
@@ -191,9 +200,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let proxy_cgroup = cgroup::join_proxy_cgroup(&args.proxy_cgroup, &pods_cgroup)?;
     raise_fd_limit();
     bpffs::ensure_mounted(&args.bpffs)?;
-    let all_pods =
-        mesh_manifests::load_all(&args.pods).with_context(|| format!("reading {}", args.pods.display()))?;
-    let desired = pods_of(&all_pods, &args.node_name);
+    let standalone = match &args.pods {
+        Some(path) => {
+            let all =
+                mesh_manifests::load_all(path).with_context(|| format!("reading {}", path.display()))?;
+            Some((path.clone(), all))
+        }
+        None => None,
+    };
 
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("mesh-node").build()?;
@@ -210,10 +224,25 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             node = %args.node_name, pods_cgroup = %pods_cgroup.display(), proxy_cgroup = %proxy_cgroup.display(),
             pins = %config.pin_root.display(), "capture programs attached"
         );
-        let identities = identity_manager(&args)?;
+        let control = control_plane(&args)?;
+        let state = match &control {
+            Some(_) => Some(StateDir::open(&args.state_dir.join(&args.node_name))?),
+            None => None,
+        };
+        let identities = control.as_ref().map(|control| {
+            let client = identity::CaClient::new(control.clone(), Duration::from_secs(args.cert_validity_secs));
+            identity::IdentityManager::new(client, state.clone())
+        });
+        let xds = control.as_ref().map(|control| XdsClient::new(control.clone(), ConfigStore::load(state.clone())));
+        let source = match (&args.pods, &control) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(control)) => format!("xDS from {}", control.address()),
+            (None, None) => String::new(),
+        };
         let node = Arc::new(Node::new(
             args.node_name.clone(),
-            args.pods.clone(),
+            source,
+            xds.clone(),
             Arc::new(capture),
             identities,
             args.trust_domain.clone(),
@@ -229,13 +258,23 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tokio::spawn(admin::serve(listener, node.clone(), endpoint));
         }
 
-        node.set_mesh(&all_pods);
-        node.apply(&desired).await;
-        node.prune_leftovers().await;
-        node.set_ready();
-        tracing::info!(pods = desired.len(), "ready");
-
-        tokio::spawn(reload_loop(node.clone(), desired, Duration::from_millis(args.reload_interval_ms.max(50))));
+        let interval = Duration::from_millis(args.reload_interval_ms.max(50));
+        match (standalone, xds) {
+            (Some((path, all)), _) => {
+                node.apply_mesh(&all).await;
+                tokio::spawn(reload_loop(node.clone(), path, all, interval));
+            }
+            (None, Some(xds)) => {
+                let store_pods = xds.store.lock().await.pods();
+                if !xds.store.lock().await.is_empty() {
+                    // Serve at once from the last good config; xDS brings it up to date.
+                    tracing::info!(workloads = store_pods.len(), "serving the persisted config until mesh-control answers");
+                    node.apply_mesh(&store_pods).await;
+                }
+                tokio::spawn(xds.run(node.clone()));
+            }
+            (None, None) => unreachable!("clap requires --pods or --control-plane"),
+        }
         wait_for_shutdown().await?;
         // Capture stays pinned: until the next mesh-node starts, enrolled pods fail closed.
         tracing::info!("shutting down; capture stays installed for the next mesh-node");
@@ -243,60 +282,44 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Returns the pods scheduled on `node`.
-fn pods_of(all: &[mesh_manifests::EnrolledPodSpec], node: &str) -> Vec<mesh_manifests::EnrolledPodSpec> {
-    all.iter().filter(|p| p.node == node).cloned().collect()
-}
-
-/// Builds the identity manager when a CA is configured.
-fn identity_manager(args: &RunArgs) -> anyhow::Result<Option<Arc<identity::IdentityManager>>> {
+/// Connects to mesh-control when one is configured.
+fn control_plane(args: &RunArgs) -> anyhow::Result<Option<ControlPlane>> {
     let (Some(address), Some(roots), Some(token)) =
-        (&args.ca_address, &args.ca_trust_roots, &args.node_token_file)
+        (&args.control_plane, &args.control_plane_roots, &args.node_token_file)
     else {
         return Ok(None);
     };
-    let trust_roots_pem = std::fs::read_to_string(roots)
-        .with_context(|| format!("reading CA trust roots {}", roots.display()))?;
+    let roots_pem = std::fs::read_to_string(roots)
+        .with_context(|| format!("reading mesh-control trust roots {}", roots.display()))?;
     let token =
         std::fs::read_to_string(token).with_context(|| format!("reading node token {}", token.display()))?;
-    let client = identity::CaClient::new(identity::CaClientConfig {
-        address: address.clone(),
-        trust_roots_pem,
-        node: args.node_name.clone(),
-        token: token.trim().to_owned(),
-        validity: Duration::from_secs(args.cert_validity_secs),
-    })?;
-    Ok(Some(identity::IdentityManager::new(client)))
+    Ok(Some(ControlPlane::new(address, &roots_pem, &args.node_name, token.trim())?))
 }
 
 /// Re-reads the pod source and applies changes; on a bad file the last good state stays.
-async fn reload_loop(node: Arc<Node>, mut current: Vec<mesh_manifests::EnrolledPodSpec>, interval: Duration) {
+async fn reload_loop(
+    node: Arc<Node>,
+    path: PathBuf,
+    mut current: Vec<mesh_manifests::EnrolledPodSpec>,
+    interval: Duration,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error = None;
     loop {
         ticker.tick().await;
-        let (path, name) = (node.pods_source.clone(), node.name.clone());
-        let loaded = tokio::task::spawn_blocking(move || {
-            mesh_manifests::load_all(&path).map(|all| {
-                let mine = pods_of(&all, &name);
-                (all, mine)
-            })
-        })
-        .await;
+        let path = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || mesh_manifests::load_all(&path)).await;
         match loaded {
-            Ok(Ok((all, desired))) => {
-                node.set_mesh(&all);
+            Ok(Ok(all)) => {
                 if last_error.take().is_some() {
                     tracing::info!("pod manifests are valid again");
                     node.set_source_error(None);
                 }
-                if desired != current {
-                    node.apply(&desired).await;
-                    current = desired;
-                } else if !node.status().await.failed_pods.is_empty() {
-                    // Retry pods that failed to enrol.
-                    node.apply(&desired).await;
+                // Apply changes, and retry pods that failed to enrol.
+                if all != current || !node.status().await.failed_pods.is_empty() {
+                    node.apply_mesh(&all).await;
+                    current = all;
                 }
             }
             Ok(Err(err)) => {

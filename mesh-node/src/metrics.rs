@@ -64,6 +64,16 @@ pub struct Metrics {
     active: Family<TrafficLabels, Gauge>,
     bytes: Family<ByteLabels, Counter>,
     pods_enrolled: Gauge,
+    /// 1 while the xDS stream to mesh-control is open.
+    pub xds_connected: Gauge,
+    xds_updates: Family<XdsUpdateLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XdsUpdateLabels {
+    type_url: String,
+    /// "ack" or "nack".
+    outcome: &'static str,
 }
 
 impl Metrics {
@@ -92,6 +102,14 @@ impl Metrics {
             bytes.clone(),
         );
         registry.register("pods_enrolled", "Pods whose traffic this node captures", pods_enrolled.clone());
+        let xds_connected = Gauge::default();
+        let xds_updates = Family::<XdsUpdateLabels, Counter>::default();
+        registry.register(
+            "xds_connected",
+            "1 while the xDS stream to mesh-control is open",
+            xds_connected.clone(),
+        );
+        registry.register("xds_updates", "xDS updates applied, by type and ACK or NACK", xds_updates.clone());
         if let Some(family) = cert_expiry {
             registry.register(
                 "workload_cert_expiry_timestamp_seconds",
@@ -99,7 +117,7 @@ impl Metrics {
                 family,
             );
         }
-        Metrics { registry, connections, failed, active, bytes, pods_enrolled }
+        Metrics { registry, connections, failed, active, bytes, pods_enrolled, xds_connected, xds_updates }
     }
 
     /// Returns the counters of one pod and direction (created on first use).
@@ -147,6 +165,11 @@ impl Metrics {
     }
 
     /// Renders the registry plus the kernel programs' counters in the text exposition format.
+    pub fn count_xds_update(&self, type_url: &str, accepted: bool) {
+        let outcome = if accepted { "ack" } else { "nack" };
+        self.xds_updates.get_or_create(&XdsUpdateLabels { type_url: type_url.to_owned(), outcome }).inc();
+    }
+
     pub fn render(&self, kernel_stats: &std::collections::BTreeMap<&'static str, u64>) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

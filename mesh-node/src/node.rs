@@ -2,7 +2,6 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -20,13 +19,17 @@ use crate::{
     mesh::MeshDirectory,
     metrics::Metrics,
     pod::{NodeServices, PodRuntime, PodStatus},
+    xds::XdsClient,
 };
 
 /// One node's agent state, shared by the reconciler and the HTTP endpoints.
 #[derive(Debug)]
 pub struct Node {
     pub name: String,
-    pub pods_source: PathBuf,
+    /// Where the pods come from: a manifest path (standalone) or mesh-control's address.
+    pub source: String,
+    /// The xDS client, when mesh-control is the source.
+    pub xds: Option<Arc<XdsClient>>,
     pub capture: Arc<Capture>,
     pub metrics: Metrics,
     /// Workload certificates, when a CA is configured.
@@ -39,6 +42,8 @@ pub struct Node {
     /// The last error reading the pod source, if the last read failed.
     source_error: std::sync::Mutex<Option<String>>,
     ready: AtomicBool,
+    /// Whether a first config has been applied (and leftovers pruned against it).
+    configured: AtomicBool,
     next_index: AtomicU32,
 }
 
@@ -60,7 +65,8 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Node {
     pub fn new(
         name: String,
-        pods_source: PathBuf,
+        source: String,
+        xds: Option<Arc<XdsClient>>,
         capture: Arc<Capture>,
         identities: Option<Arc<IdentityManager>>,
         trust_domain: String,
@@ -68,7 +74,8 @@ impl Node {
         let metrics = Metrics::new(identities.as_ref().map(|i| i.expiry_gauge()));
         Node {
             name,
-            pods_source,
+            source,
+            xds,
             capture,
             metrics,
             identities,
@@ -78,12 +85,37 @@ impl Node {
             failures: std::sync::Mutex::new(BTreeMap::new()),
             source_error: std::sync::Mutex::new(None),
             ready: AtomicBool::new(false),
+            configured: AtomicBool::new(false),
             next_index: AtomicU32::new(0),
         }
     }
 
+    /// Ready once a config is in force and every enrolled identity has its certificate.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.identities.as_ref().is_none_or(|i| i.all_certified())
+    }
+
+    /// Why the node is not ready, for the readiness endpoint.
+    pub fn not_ready_reason(&self) -> &'static str {
+        if !self.ready.load(Ordering::Acquire) {
+            "no configuration yet (capture is being installed or mesh-control has not answered)"
+        } else {
+            "waiting for workload certificates"
+        }
+    }
+
+    /// Applies a whole mesh (every node's enrolled pods): the view for outbound decisions, and
+    /// this node's pods. The first time, leftovers of a previous mesh-node are pruned against
+    /// it and the node becomes ready.
+    pub async fn apply_mesh(&self, all_pods: &[EnrolledPodSpec]) {
+        self.set_mesh(all_pods);
+        let mine: Vec<EnrolledPodSpec> = all_pods.iter().filter(|p| p.node == self.name).cloned().collect();
+        self.apply(&mine).await;
+        if !self.configured.swap(true, Ordering::AcqRel) {
+            self.prune_leftovers().await;
+            self.set_ready();
+            tracing::info!(pods = mine.len(), "ready");
+        }
     }
 
     pub fn set_ready(&self) {
@@ -207,7 +239,7 @@ impl Node {
             ready: self.is_ready(),
             pods: pods.values().map(PodRuntime::status).collect(),
             failed_pods: lock(&self.failures).iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
-            source: self.pods_source.display().to_string(),
+            source: self.source.clone(),
             source_error: lock(&self.source_error).clone(),
         }
     }

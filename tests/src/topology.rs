@@ -504,9 +504,6 @@ impl Topology {
         let node_cgroup = self.cgroup_root.join(node.name());
         let mut cmd = Command::new(&binary);
         cmd.args(["run", "--node-name", node.name()])
-            // The whole cluster's manifests: the node enrols its own pods and learns its peers.
-            .arg("--pods")
-            .arg(&self.state_dir)
             .arg("--pods-cgroup")
             .arg(node_cgroup.join("pods"))
             .arg("--proxy-cgroup")
@@ -515,11 +512,17 @@ impl Topology {
             .arg(&self.bpffs)
             .args(["--reload-interval-ms", "200"]);
         if self.control_plane.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
-            cmd.args(["--ca-address", &format!("https://{CONTROL_PLANE}")])
-                .arg("--ca-trust-roots")
+            // Config over xDS and certificates from mesh-control; state kept across restarts.
+            cmd.args(["--control-plane", &format!("https://{CONTROL_PLANE}")])
+                .arg("--control-plane-roots")
                 .arg(self.control_root_dir().join("root-cert.pem"))
                 .arg("--node-token-file")
-                .arg(self.node_token(node));
+                .arg(self.node_token(node))
+                .arg("--state-dir")
+                .arg(self.node_state_dir());
+        } else {
+            // Standalone: the whole cluster's manifests; the node enrols its own pods.
+            cmd.arg("--pods").arg(&self.state_dir);
         }
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
@@ -530,6 +533,11 @@ impl Topology {
         let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
         self.nodes.lock().unwrap_or_else(|e| e.into_inner()).insert(node, child);
         self.wait_ready(node)
+    }
+
+    /// Where mesh-nodes keep their private state (`<this>/<node>`), as `/run/nodemesh` would be.
+    pub fn node_state_dir(&self) -> PathBuf {
+        self.state_dir.join("run")
     }
 
     fn node_log(&self, node: NodeId) -> PathBuf {

@@ -99,15 +99,11 @@ fn manager(ca: &Ca, validity: Duration) -> Arc<IdentityManager> {
 
 fn manager_via(ca: &Ca, address: &str, validity: Duration) -> Arc<IdentityManager> {
     let token = std::fs::read_to_string(ca.plane.service.nodes.token_path("node-a")).expect("token");
-    let client = CaClient::new(CaClientConfig {
-        address: address.to_owned(),
-        trust_roots_pem: ca.plane.trust_bundle_pem(),
-        node: "node-a".into(),
-        token,
-        validity,
-    })
-    .expect("client");
-    IdentityManager::new(client)
+    let control =
+        crate::control_plane::ControlPlane::new(address, &ca.plane.trust_bundle_pem(), "node-a", &token)
+            .expect("control plane");
+    let client = CaClient::new(control, validity);
+    IdentityManager::new(client, None)
 }
 
 fn web() -> SpiffeId {

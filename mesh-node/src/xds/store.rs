@@ -1,0 +1,317 @@
+//! The config this node holds: every resource it accepted, by type and name, persisted after each
+//! update so a restart resumes from it (and tells mesh-control what it already has).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+};
+
+use mesh_api::{
+    workload::v1::{
+        ADDRESS_TYPE, Address, MESH_CONFIG_TYPE, MtlsMode as ProtoMtlsMode, TunnelProtocol, address,
+    },
+    xds::v1::{DeltaDiscoveryResponse, Resource},
+};
+use mesh_manifests::{EnrolledPodSpec, MtlsMode, PodKey};
+use prost::Message as _;
+
+use crate::state_dir::StateDir;
+
+/// The resource types a node subscribes to.
+pub const TYPES: [&str; 2] = [ADDRESS_TYPE, MESH_CONFIG_TYPE];
+
+/// A resource the node accepted, and what it means to the node.
+#[derive(Debug, Clone)]
+struct Accepted {
+    resource: Resource,
+    /// The enrolled pod a workload describes; `None` for anything that enrols nothing (a
+    /// service, a workload outside the mesh, the mesh config).
+    pod: Option<EnrolledPodSpec>,
+}
+
+#[derive(Debug, Default)]
+pub struct ConfigStore {
+    types: BTreeMap<String, BTreeMap<String, Accepted>>,
+    dir: Option<StateDir>,
+}
+
+/// Persisted file of a type: its resources as one response message.
+fn file_name(type_url: &str) -> String {
+    let short = type_url.rsplit('.').next().unwrap_or(type_url).to_ascii_lowercase();
+    format!("xds_{short}.pb")
+}
+
+impl ConfigStore {
+    /// Loads what was persisted in `dir` (if anything; an unreadable file is logged and
+    /// ignored, the control plane then sends everything again).
+    pub fn load(dir: Option<StateDir>) -> Self {
+        let mut store = ConfigStore { types: BTreeMap::new(), dir };
+        for type_url in TYPES {
+            let Some(dir) = &store.dir else { break };
+            let name = file_name(type_url);
+            let saved = match dir.read(&name) {
+                Ok(Some(bytes)) => {
+                    DeltaDiscoveryResponse::decode(bytes.as_slice()).map_err(|e| e.to_string())
+                }
+                Ok(None) => continue,
+                Err(err) => Err(err.to_string()),
+            };
+            match saved {
+                Ok(saved) => {
+                    let rejected = store.apply(&saved);
+                    if !rejected.is_empty() {
+                        tracing::warn!(type_url, ?rejected, "persisted resources rejected");
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(file = %dir.path(&name).display(), error = %err, "ignoring persisted config")
+                }
+            }
+        }
+        store
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.types.get(ADDRESS_TYPE).is_none_or(BTreeMap::is_empty)
+            && !self.types.contains_key(MESH_CONFIG_TYPE)
+    }
+
+    pub fn persisted_at(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.path(""))
+    }
+
+    /// Name → version held, for the subscription's `initial_resource_versions`.
+    pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        self.types
+            .get(type_url)
+            .map(|r| r.iter().map(|(name, a)| (name.clone(), a.resource.version.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn count(&self, type_url: &str) -> usize {
+        self.types.get(type_url).map_or(0, BTreeMap::len)
+    }
+
+    /// Applies a delta: every valid resource replaces its old version, removals go, and each
+    /// invalid resource is left out (its previous version, if any, stays). Returns the
+    /// rejected resources with the reason, for the NACK.
+    pub fn apply(&mut self, response: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
+        let held = self.types.entry(response.type_url.clone()).or_default();
+        let mut rejected = Vec::new();
+        for resource in &response.resources {
+            match interpret(&response.type_url, resource) {
+                Ok(pod) => {
+                    held.insert(resource.name.clone(), Accepted { resource: resource.clone(), pod });
+                }
+                Err(problem) => rejected.push((resource.name.clone(), problem)),
+            }
+        }
+        for name in &response.removed_resources {
+            held.remove(name);
+        }
+        rejected
+    }
+
+    /// Writes the held config to the state directory.
+    pub fn persist(&self) {
+        let Some(dir) = &self.dir else { return };
+        for (type_url, held) in &self.types {
+            let all = DeltaDiscoveryResponse {
+                type_url: type_url.clone(),
+                resources: held.values().map(|a| a.resource.clone()).collect(),
+                ..Default::default()
+            };
+            if let Err(err) = dir.write(&file_name(type_url), &all.encode_to_vec()) {
+                tracing::warn!(error = %err, "cannot persist the config");
+            }
+        }
+    }
+
+    /// Every enrolled pod of the mesh, sorted.
+    pub fn pods(&self) -> Vec<EnrolledPodSpec> {
+        let mut pods: Vec<EnrolledPodSpec> = self
+            .types
+            .get(ADDRESS_TYPE)
+            .into_iter()
+            .flat_map(|held| held.values().filter_map(|a| a.pod.clone()))
+            .collect();
+        pods.sort_by(|a, b| a.key.cmp(&b.key));
+        pods
+    }
+}
+
+/// Checks a resource and says what it means to this node.
+fn interpret(type_url: &str, resource: &Resource) -> Result<Option<EnrolledPodSpec>, String> {
+    match type_url {
+        ADDRESS_TYPE => {
+            let address =
+                Address::decode(resource.resource.as_slice()).map_err(|e| format!("undecodable: {e}"))?;
+            match address.r#type {
+                Some(address::Type::Workload(workload)) => enrolled_pod(&workload),
+                Some(address::Type::Service(_)) => Ok(None),
+                None => Err("an Address with neither a workload nor a service".into()),
+            }
+        }
+        MESH_CONFIG_TYPE => {
+            mesh_api::workload::v1::MeshConfig::decode(resource.resource.as_slice())
+                .map_err(|e| format!("undecodable: {e}"))?;
+            Ok(None)
+        }
+        other => Err(format!("unexpected type {other}")),
+    }
+}
+
+/// Returns the pod a workload enrols, or `None` when it is outside the mesh.
+fn enrolled_pod(workload: &mesh_api::workload::v1::Workload) -> Result<Option<EnrolledPodSpec>, String> {
+    if workload.tunnel_protocol() != TunnelProtocol::Hbone {
+        return Ok(None);
+    }
+    for (field, value) in
+        [("name", &workload.name), ("namespace", &workload.namespace), ("node", &workload.node)]
+    {
+        if value.is_empty() {
+            return Err(format!("workload {field} is empty"));
+        }
+    }
+    let ip = match workload.addresses.first().map(Vec::as_slice) {
+        Some(&[a, b, c, d]) => Ipv4Addr::new(a, b, c, d),
+        Some(bytes) if bytes.len() == 16 => {
+            return Err("IPv6 workload addresses are not supported yet".into());
+        }
+        Some(bytes) => return Err(format!("workload address has {} bytes", bytes.len())),
+        None => return Err("workload has no address".into()),
+    };
+    if !workload.netns.starts_with('/') {
+        return Err(format!("workload netns {:?} is not an absolute path", workload.netns));
+    }
+    let mtls_mode = match ProtoMtlsMode::try_from(workload.mtls_mode) {
+        Ok(ProtoMtlsMode::Strict) => MtlsMode::Strict,
+        Ok(ProtoMtlsMode::Permissive) => MtlsMode::Permissive,
+        Err(_) => return Err(format!("unknown mTLS mode {}", workload.mtls_mode)),
+    };
+    let service_account = if workload.service_account.is_empty() {
+        "default".to_owned()
+    } else {
+        workload.service_account.clone()
+    };
+    Ok(Some(EnrolledPodSpec {
+        key: PodKey { namespace: workload.namespace.clone(), name: workload.name.clone() },
+        node: workload.node.clone(),
+        ip,
+        netns: PathBuf::from(&workload.netns),
+        service_account,
+        mtls_mode,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_api::workload::v1::Workload;
+
+    use super::*;
+
+    fn workload(name: &str, change: impl FnOnce(&mut Workload)) -> Resource {
+        let mut w = Workload {
+            uid: format!("Kubernetes//Pod/demo/{name}"),
+            name: name.into(),
+            namespace: "demo".into(),
+            addresses: vec![vec![10, 1, 1, 2]],
+            node: "node-a".into(),
+            service_account: name.into(),
+            tunnel_protocol: TunnelProtocol::Hbone.into(),
+            netns: format!("/run/netns/{name}"),
+            ..Default::default()
+        };
+        change(&mut w);
+        let bytes = Address { r#type: Some(address::Type::Workload(w)) }.encode_to_vec();
+        Resource {
+            name: format!("Kubernetes//Pod/demo/{name}"),
+            version: format!("v-{name}"),
+            resource: bytes,
+        }
+    }
+
+    fn response(resources: Vec<Resource>, removed: &[&str]) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            resources,
+            removed_resources: removed.iter().map(|s| (*s).to_owned()).collect(),
+            nonce: "1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn invalid_resources_are_rejected_with_a_reason_and_the_rest_applied() {
+        let mut store = ConfigStore::default();
+        let rejected = store.apply(&response(
+            vec![
+                workload("good", |_| {}),
+                workload("relative", |w| w.netns = "netns/x".into()),
+                workload("v6", |w| w.addresses = vec![vec![0; 16]]),
+                workload("short", |w| w.addresses = vec![vec![10, 1]]),
+                workload("nameless", |w| w.name.clear()),
+                workload("nodeless", |w| w.node.clear()),
+                workload("mode", |w| w.mtls_mode = 7),
+                Resource { name: "garbage".into(), version: "1".into(), resource: vec![0xff, 0xff, 0xff] },
+            ],
+            &[],
+        ));
+        let reasons: BTreeMap<String, String> = rejected.into_iter().collect();
+        assert_eq!(reasons.len(), 7, "{reasons:#?}");
+        assert!(reasons["Kubernetes//Pod/demo/relative"].contains("not an absolute path"));
+        assert!(reasons["Kubernetes//Pod/demo/v6"].contains("IPv6"));
+        assert!(reasons["Kubernetes//Pod/demo/short"].contains("2 bytes"));
+        assert!(reasons["Kubernetes//Pod/demo/nameless"].contains("name is empty"));
+        assert!(reasons["Kubernetes//Pod/demo/nodeless"].contains("node is empty"));
+        assert!(reasons["Kubernetes//Pod/demo/mode"].contains("unknown mTLS mode"));
+        assert!(reasons["garbage"].contains("undecodable"));
+        let pods = store.pods();
+        assert_eq!(pods.len(), 1);
+        assert_eq!((pods[0].key.name.as_str(), pods[0].ip), ("good", Ipv4Addr::new(10, 1, 1, 2)));
+    }
+
+    #[test]
+    fn a_rejected_update_keeps_the_previous_version_and_removals_apply() {
+        let mut store = ConfigStore::default();
+        store.apply(&response(vec![workload("a", |_| {}), workload("b", |_| {})], &[]));
+        let rejected =
+            store.apply(&response(vec![workload("a", |w| w.netns.clear())], &["Kubernetes//Pod/demo/b"]));
+        assert_eq!(rejected.len(), 1);
+        let pods = store.pods();
+        assert_eq!(pods.len(), 1, "b removed");
+        assert_eq!(pods[0].netns, PathBuf::from("/run/netns/a"), "a keeps its last good version");
+        assert_eq!(store.versions(ADDRESS_TYPE)["Kubernetes//Pod/demo/a"], "v-a");
+    }
+
+    #[test]
+    fn workloads_outside_the_mesh_enrol_nothing() {
+        let mut store = ConfigStore::default();
+        let rejected = store.apply(&response(
+            vec![workload("plain", |w| {
+                w.tunnel_protocol = TunnelProtocol::None.into();
+                w.netns.clear();
+            })],
+            &[],
+        ));
+        assert!(rejected.is_empty());
+        assert!(store.pods().is_empty());
+        assert_eq!(store.count(ADDRESS_TYPE), 1, "still known (for policy by address later)");
+    }
+
+    #[test]
+    fn persisted_config_is_restored_with_its_versions() {
+        let root = std::env::temp_dir().join(format!("nm-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = StateDir::open(&root).expect("state dir");
+        let mut store = ConfigStore::load(Some(dir.clone()));
+        assert!(store.is_empty());
+        store.apply(&response(vec![workload("a", |_| {}), workload("b", |_| {})], &[]));
+        store.persist();
+        let restored = ConfigStore::load(Some(dir));
+        assert_eq!(restored.pods(), store.pods());
+        assert_eq!(restored.versions(ADDRESS_TYPE), store.versions(ADDRESS_TYPE));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
