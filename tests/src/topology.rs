@@ -112,6 +112,9 @@ pub struct Topology {
     nodes: Mutex<BTreeMap<NodeId, Child>>,
     apps: Mutex<Vec<Child>>,
     control_plane: Mutex<Option<Child>>,
+    /// Set once mesh-control was started: nodes started afterwards use it, even while it is
+    /// stopped (they must then serve from their persisted state).
+    meshed: std::sync::atomic::AtomicBool,
     /// Extra pod annotations written into the manifests (pod name → (key, value)s).
     annotations: BTreeMap<String, Vec<(String, String)>>,
 }
@@ -194,6 +197,7 @@ impl Topology {
             nodes: Mutex::new(BTreeMap::new()),
             apps: Mutex::new(Vec::new()),
             control_plane: Mutex::new(None),
+            meshed: std::sync::atomic::AtomicBool::new(false),
             annotations: BTreeMap::new(),
         };
         // An interrupted earlier run of the same test may have left all of this behind; its logs
@@ -393,6 +397,14 @@ impl Topology {
         self.write_manifests(node)
     }
 
+    /// Returns mesh-control's admin endpoint response for `path` (it listens in node-a's netns).
+    pub fn control_admin(&self, path: &str) -> anyhow::Result<String> {
+        let (status, body) =
+            netns::http_get(&self.node_netns(NodeId::A), SocketAddr::from(([127, 0, 0, 1], 15014)), path)?;
+        anyhow::ensure!(status == 200, "mesh-control {path} answered {status}: {body}");
+        Ok(body)
+    }
+
     fn control_dir(&self) -> PathBuf {
         self.state_dir.join("control")
     }
@@ -426,6 +438,7 @@ impl Topology {
         place(&mut cmd, &netns::path(&self.node_netns(NodeId::A)), Some(&cgroup))?;
         let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
         *self.control_plane.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        self.meshed.store(true, std::sync::atomic::Ordering::Release);
         let deadline = Instant::now() + READY_TIMEOUT;
         let ns = self.node_netns(NodeId::A);
         loop {
@@ -478,7 +491,8 @@ impl Topology {
     }
 
     /// Stops mesh-control (SIGKILL; it keeps no state that a restart would miss) and waits for it.
-    /// Nodes keep the CA settings they were started with and reconnect when it is back.
+    /// Nodes keep serving their last config, reconnect when it is back, and nodes started
+    /// meanwhile still point at it.
     pub fn stop_control_plane(&self) -> anyhow::Result<()> {
         let child = self.control_plane.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut child = child.context("mesh-control is not running")?;
@@ -511,7 +525,7 @@ impl Topology {
             .arg("--bpffs")
             .arg(&self.bpffs)
             .args(["--reload-interval-ms", "200"]);
-        if self.control_plane.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+        if self.meshed.load(std::sync::atomic::Ordering::Acquire) {
             // Config over xDS and certificates from mesh-control; state kept across restarts.
             cmd.args(["--control-plane", &format!("https://{CONTROL_PLANE}")])
                 .arg("--control-plane-roots")

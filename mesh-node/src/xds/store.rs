@@ -33,6 +33,9 @@ struct Accepted {
 #[derive(Debug, Default)]
 pub struct ConfigStore {
     types: BTreeMap<String, BTreeMap<String, Accepted>>,
+    /// Resources rejected (NACKed), by type and name, with the reason. Kept so they are
+    /// reconsidered when what made them invalid goes away (a conflicting workload deleted).
+    rejected: BTreeMap<String, BTreeMap<String, (Resource, String)>>,
     dir: Option<StateDir>,
 }
 
@@ -46,7 +49,7 @@ impl ConfigStore {
     /// Loads what was persisted in `dir` (if anything; an unreadable file is logged and
     /// ignored, the control plane then sends everything again).
     pub fn load(dir: Option<StateDir>) -> Self {
-        let mut store = ConfigStore { types: BTreeMap::new(), dir };
+        let mut store = ConfigStore { types: BTreeMap::new(), rejected: BTreeMap::new(), dir };
         for type_url in TYPES {
             let Some(dir) = &store.dir else { break };
             let name = file_name(type_url);
@@ -81,7 +84,8 @@ impl ConfigStore {
         self.dir.as_ref().map(|d| d.path(""))
     }
 
-    /// Name → version held, for the subscription's `initial_resource_versions`.
+    /// Name → version held, for the subscription's `initial_resource_versions`. Only what
+    /// was accepted: after a restart, rejected resources are sent (and judged) again.
     pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
         self.types
             .get(type_url)
@@ -95,22 +99,50 @@ impl ConfigStore {
 
     /// Applies a delta: every valid resource replaces its old version, removals go, and each
     /// invalid resource is left out (its previous version, if any, stays). Returns the
-    /// rejected resources with the reason, for the NACK.
+    /// rejected resources with the reason, for the NACK. Earlier rejects that became valid
+    /// (their conflict was removed) are accepted now.
     pub fn apply(&mut self, response: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
-        let held = self.types.entry(response.type_url.clone()).or_default();
-        let mut rejected = Vec::new();
-        for resource in &response.resources {
-            match interpret(&response.type_url, resource) {
-                Ok(pod) => {
-                    held.insert(resource.name.clone(), Accepted { resource: resource.clone(), pod });
-                }
-                Err(problem) => rejected.push((resource.name.clone(), problem)),
-            }
-        }
+        let type_url = response.type_url.as_str();
+        let held = self.types.entry(type_url.to_owned()).or_default();
+        let rejected_before = self.rejected.entry(type_url.to_owned()).or_default();
         for name in &response.removed_resources {
             held.remove(name);
+            rejected_before.remove(name);
+        }
+        let mut rejected = Vec::new();
+        for resource in &response.resources {
+            rejected_before.remove(&resource.name);
+            match accept(type_url, resource, held) {
+                Ok(accepted) => {
+                    held.insert(resource.name.clone(), accepted);
+                }
+                Err(problem) => {
+                    rejected_before.insert(resource.name.clone(), (resource.clone(), problem.clone()));
+                    rejected.push((resource.name.clone(), problem));
+                }
+            }
+        }
+        let retry: Vec<(String, Resource)> = rejected_before
+            .iter()
+            .filter(|(name, _)| !rejected.iter().any(|(r, _)| r == *name))
+            .map(|(name, (resource, _))| (name.clone(), resource.clone()))
+            .collect();
+        for (name, resource) in retry {
+            if let Ok(accepted) = accept(type_url, &resource, held) {
+                tracing::info!(resource = %name, "a previously rejected resource is valid now");
+                rejected_before.remove(&name);
+                held.insert(name, accepted);
+            }
         }
         rejected
+    }
+
+    /// Rejected resources and why, for the admin endpoint.
+    pub fn rejected(&self) -> Vec<(String, String)> {
+        self.rejected
+            .values()
+            .flat_map(|r| r.iter().map(|(name, (_, why))| (name.clone(), why.clone())))
+            .collect()
     }
 
     /// Writes the held config to the state directory.
@@ -139,6 +171,24 @@ impl ConfigStore {
         pods.sort_by(|a, b| a.key.cmp(&b.key));
         pods
     }
+}
+
+/// Checks a resource against itself and against what is held: a workload may not claim an
+/// address another workload holds (its identity would be ambiguous, so it fails closed).
+fn accept(
+    type_url: &str,
+    resource: &Resource,
+    held: &BTreeMap<String, Accepted>,
+) -> Result<Accepted, String> {
+    let pod = interpret(type_url, resource)?;
+    if let Some(pod) = &pod
+        && let Some((other, _)) = held
+            .iter()
+            .find(|(name, a)| **name != resource.name && a.pod.as_ref().is_some_and(|p| p.ip == pod.ip))
+    {
+        return Err(format!("address {} already belongs to {other}", pod.ip));
+    }
+    Ok(Accepted { resource: resource.clone(), pod })
 }
 
 /// Checks a resource and says what it means to this node.
@@ -283,6 +333,24 @@ mod tests {
         assert_eq!(pods.len(), 1, "b removed");
         assert_eq!(pods[0].netns, PathBuf::from("/run/netns/a"), "a keeps its last good version");
         assert_eq!(store.versions(ADDRESS_TYPE)["Kubernetes//Pod/demo/a"], "v-a");
+    }
+
+    #[test]
+    fn a_workload_claiming_a_held_address_is_rejected_until_the_holder_goes() {
+        let mut store = ConfigStore::default();
+        store.apply(&response(vec![workload("a", |_| {})], &[]));
+        let rejected = store.apply(&response(vec![workload("impostor", |_| {})], &[]));
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].1.contains("10.1.1.2 already belongs to Kubernetes//Pod/demo/a"), "{rejected:?}");
+        assert_eq!(store.pods().len(), 1);
+        assert_eq!(store.rejected().len(), 1, "remembered for the admin endpoint");
+        // The holder is deleted: the earlier reject is accepted without being sent again.
+        let rejected = store.apply(&response(vec![], &["Kubernetes//Pod/demo/a"]));
+        assert!(rejected.is_empty());
+        let pods = store.pods();
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].key.name, "impostor");
+        assert!(store.rejected().is_empty());
     }
 
     #[test]
