@@ -15,6 +15,8 @@ use std::{
 
 use serde::Deserialize;
 
+pub mod crd;
+
 pub const DATAPLANE_MODE: &str = "nodemesh.io/dataplane-mode";
 pub const NETNS_ANNOTATION: &str = "nodemesh.io/netns";
 pub const MTLS_MODE: &str = "nodemesh.io/mtls-mode";
