@@ -173,3 +173,72 @@ fn missing_file_is_a_clear_error() {
     let err = load(Path::new("/nonexistent/pods.yaml"), "node-a").unwrap_err();
     assert!(err.to_string().starts_with("cannot read /nonexistent/pods.yaml"), "{err}");
 }
+
+fn model_str(yaml: &str) -> Result<translate::Model, ManifestError> {
+    let dir = std::env::temp_dir().join(format!("nm-local-model-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("mesh.yaml");
+    std::fs::write(&file, yaml).expect("write");
+    let result = load_model(&file);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+#[test]
+fn services_policies_and_routes_are_read_too() {
+    let yaml = format!(
+        "{NAMESPACE}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
+         spec: {{clusterIP: 10.96.0.10, selector: {{app: a1}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n\
+         ---\napiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: demo}}\n\
+         spec: {{action: DENY, rules: [{{to: [{{operation: {{methods: [POST]}}}}]}}]}}\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: demo}}\n\
+         spec: {{parentRefs: [{{kind: Service, name: web}}]}}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: x}}\n",
+        pod("a1", "node-a", "10.1.1.2", "").replace("  annotations:", "  labels: {app: a1}\n  annotations:")
+    );
+    let model = model_str(&yaml).expect("valid");
+    assert_eq!(model.services.len(), 1);
+    assert_eq!(model.workloads[0].services.keys().collect::<Vec<_>>(), ["demo/web.demo.svc.cluster.local"]);
+    let local = local::read(&{
+        let dir =
+            std::env::temp_dir().join(format!("nm-local-kinds-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("mesh.yaml"), &yaml).expect("write");
+        dir
+    })
+    .expect("read");
+    assert_eq!(local.objects.authorization_policies.len(), 1);
+    assert_eq!(local.objects.http_routes.len(), 1);
+    assert_eq!(local.origin("Service", "demo/web").map(|o| o.line), Some(22));
+}
+
+#[test]
+fn wrong_versions_bad_fields_and_duplicates_name_file_line_and_field() {
+    let cases = [
+        (
+            format!(
+                "{NAMESPACE}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: demo}}\n"
+            ),
+            "mesh.yaml:8:1: AuthorizationPolicy demo/p: apiVersion security.istio.io/v1 is not one nodemesh reads (expected nodemesh.io/v1alpha1)",
+        ),
+        (
+            format!(
+                "{NAMESPACE}---\nkind: Service\nmetadata: {{name: s, namespace: demo}}\nspec: {{ports: [{{port: eighty}}]}}\n"
+            ),
+            "mesh.yaml:8:1: Service demo/s: spec.ports[0].port: invalid type",
+        ),
+        (
+            format!(
+                "{NAMESPACE}---\nkind: Service\nmetadata: {{name: s}}\n---\nkind: Service\nmetadata: {{name: s, namespace: default}}\n"
+            ),
+            "Service default/s is defined twice",
+        ),
+        (
+            format!("{NAMESPACE}{}", pod("a1", "node-a", "10.1.1.999", "")),
+            "mesh.yaml:8:1: Pod demo/a1: status.podIP",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let err = model_str(&yaml).expect_err(expected).to_string();
+        assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+    }
+}

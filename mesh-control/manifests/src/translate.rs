@@ -1,0 +1,336 @@
+//! From Kubernetes objects (either source) to the mesh model: which pods are workloads, which are
+//! in the mesh and how, and which services they serve on which ports. Pure: no I/O, no clock.
+//! An object that cannot be translated becomes a [`Problem`] naming it; the rest still
+//! translates (the local source turns problems into errors, so a bad file changes nothing).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
+
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, Service},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use crate::{ClusterObjects, DATAPLANE_MODE, MTLS_MODE, MtlsMode, NETNS_ANNOTATION, PodKey};
+
+/// Options that differ between the sources.
+#[derive(Clone, Debug)]
+pub struct TranslateOptions {
+    /// Local mode needs each enrolled pod's netns path from the `nodemesh.io/netns` annotation;
+    /// in Kubernetes mode the node finds it.
+    pub require_netns: bool,
+    /// `cluster.local` unless the cluster says otherwise.
+    pub cluster_domain: String,
+}
+
+impl Default for TranslateOptions {
+    fn default() -> Self {
+        TranslateOptions { require_netns: true, cluster_domain: "cluster.local".into() }
+    }
+}
+
+/// An object that could not be translated, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: &'static str,
+    /// `namespace/name`, or `name` for cluster-scoped kinds.
+    pub object: String,
+    pub message: String,
+}
+
+/// How an enrolled pod is in the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub netns: Option<PathBuf>,
+    pub mtls_mode: MtlsMode,
+}
+
+/// A port a workload serves for a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortMapping {
+    pub service_port: u16,
+    pub target_port: u16,
+}
+
+/// A pod with an address, in the mesh or not (services' endpoints include both).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    pub key: PodKey,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub service_account: String,
+    /// `None`: not in the mesh (its traffic is not captured; peers reach it in plain TCP).
+    pub membership: Option<Membership>,
+    /// Service (`namespace/hostname`) → the ports this pod serves for it.
+    pub services: BTreeMap<String, Vec<PortMapping>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortSpec {
+    pub port: u16,
+    /// The number, or a named container port resolved per pod.
+    pub target_port: IntOrString,
+    /// `http`, `http2`, `grpc`, `tcp`, …: `appProtocol`, else the port name's prefix (Istio's
+    /// convention), else empty (sniffed or L4).
+    pub app_protocol: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub namespace: String,
+    pub name: String,
+    /// `<name>.<namespace>.svc.<cluster domain>`.
+    pub hostname: String,
+    /// Cluster IPs; none for headless services.
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePortSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    pub workloads: Vec<WorkloadSpec>,
+    pub services: Vec<ServiceSpec>,
+    pub problems: Vec<Problem>,
+}
+
+/// Translates everything discovery found.
+pub fn translate(objects: &ClusterObjects, options: &TranslateOptions) -> Model {
+    let mut model = Model::default();
+    let namespaces: BTreeMap<String, &Namespace> =
+        objects.namespaces.iter().filter_map(|n| Some((n.metadata.name.clone()?, n))).collect();
+    for pod in &objects.pods {
+        match workload(pod, &namespaces, options) {
+            Ok(Some(workload)) => model.workloads.push(workload),
+            Ok(None) => {}
+            Err(message) => {
+                model.problems.push(Problem { kind: "Pod", object: key_of(&pod.metadata), message })
+            }
+        }
+    }
+    for service in &objects.services {
+        match service_spec(service, options) {
+            Ok(spec) => {
+                attach_endpoints(service, &spec, &objects.pods, &mut model.workloads);
+                model.services.push(spec);
+            }
+            Err(message) => {
+                model.problems.push(Problem { kind: "Service", object: key_of(&service.metadata), message });
+            }
+        }
+    }
+    model.workloads.sort_by(|a, b| a.key.cmp(&b.key));
+    model.services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    model
+}
+
+fn key_of(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    let name = metadata.name.as_deref().unwrap_or("?");
+    match &metadata.namespace {
+        Some(namespace) => format!("{namespace}/{name}"),
+        None => name.to_owned(),
+    }
+}
+
+/// A nodemesh setting: the annotation, else the label.
+fn setting<'a>(
+    metadata: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+) -> Option<&'a str> {
+    metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .or_else(|| metadata.labels.as_ref().and_then(|l| l.get(key)))
+        .map(String::as_str)
+}
+
+fn mtls_mode(value: &str) -> Result<MtlsMode, String> {
+    MtlsMode::parse(value).ok_or_else(|| format!("{MTLS_MODE} must be STRICT or PERMISSIVE, not {value:?}"))
+}
+
+/// Returns the pod as a workload, `None` while it has no node or address or has finished.
+fn workload(
+    pod: &Pod,
+    namespaces: &BTreeMap<String, &Namespace>,
+    options: &TranslateOptions,
+) -> Result<Option<WorkloadSpec>, String> {
+    let metadata = &pod.metadata;
+    let name = metadata.name.clone().ok_or("metadata.name is required")?;
+    let namespace = metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace_object = namespaces.get(&namespace);
+    let opted_in = match setting(metadata, DATAPLANE_MODE) {
+        Some("none") => false,
+        Some("ambient") => true,
+        Some(other) => {
+            return Err(format!("{DATAPLANE_MODE} must be \"ambient\" or \"none\", not {other:?}"));
+        }
+        None => namespace_object.is_some_and(|n| setting(&n.metadata, DATAPLANE_MODE) == Some("ambient")),
+    };
+    let spec = pod.spec.as_ref();
+    let Some(node) = spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()) else {
+        return Ok(None); // not scheduled yet
+    };
+    let status = pod.status.as_ref();
+    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+        return Ok(None); // finished: its address may already belong to another pod
+    }
+    let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) else {
+        return Ok(None); // not running yet: nothing to reach until it has an address
+    };
+    let ip = match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ip,
+        Ok(IpAddr::V6(_)) => {
+            return Err(format!("status.podIP {ip}: IPv6 pod addresses are not supported yet"));
+        }
+        Err(_) => return Err(format!("status.podIP {ip:?} is not an IP address")),
+    };
+    let membership = if opted_in {
+        let netns = match metadata.annotations.as_ref().and_then(|a| a.get(NETNS_ANNOTATION)) {
+            Some(path) if path.starts_with('/') => Some(PathBuf::from(path)),
+            Some(path) => {
+                return Err(format!("annotation {NETNS_ANNOTATION} must be an absolute path, not {path:?}"));
+            }
+            None if options.require_netns => {
+                return Err(format!(
+                    "annotation {NETNS_ANNOTATION} (path of the pod's network namespace) is required in local mode"
+                ));
+            }
+            None => None,
+        };
+        let mtls_mode = match setting(metadata, MTLS_MODE) {
+            Some(value) => mtls_mode(value)?,
+            None => match namespace_object.and_then(|n| setting(&n.metadata, MTLS_MODE)) {
+                Some(value) => mtls_mode(value).map_err(|e| format!("namespace {namespace}: {e}"))?,
+                None => MtlsMode::Strict,
+            },
+        };
+        Some(Membership { netns, mtls_mode })
+    } else {
+        None
+    };
+    let service_account = spec
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into());
+    Ok(Some(WorkloadSpec {
+        key: PodKey { namespace, name },
+        node,
+        ip,
+        service_account,
+        membership,
+        services: BTreeMap::new(),
+    }))
+}
+
+fn service_spec(service: &Service, options: &TranslateOptions) -> Result<ServiceSpec, String> {
+    let name = service.metadata.name.clone().ok_or("metadata.name is required")?;
+    let namespace = service.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let spec = service.spec.as_ref();
+    let mut vips = Vec::new();
+    let cluster_ips = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
+    let cluster_ip = spec.and_then(|s| s.cluster_ip.clone());
+    for ip in cluster_ips.iter().chain(cluster_ip.iter()) {
+        if ip == "None" || ip.is_empty() {
+            continue; // headless
+        }
+        let ip: IpAddr = ip.parse().map_err(|_| format!("spec.clusterIP {ip:?} is not an IP address"))?;
+        if !vips.contains(&ip) {
+            vips.push(ip);
+        }
+    }
+    let mut ports = Vec::new();
+    for (index, port) in spec.and_then(|s| s.ports.as_ref()).into_iter().flatten().enumerate() {
+        if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+            continue; // the mesh carries TCP only
+        }
+        let number = u16::try_from(port.port).ok().filter(|p| *p != 0);
+        let number = number.ok_or_else(|| format!("spec.ports[{index}].port {} is not a port", port.port))?;
+        let target_port = match &port.target_port {
+            Some(IntOrString::Int(n)) => IntOrString::Int(
+                u16::try_from(*n)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .map(i32::from)
+                    .ok_or_else(|| format!("spec.ports[{index}].targetPort {n} is not a port"))?,
+            ),
+            Some(IntOrString::String(name)) => IntOrString::String(name.clone()),
+            None => IntOrString::Int(i32::from(number)),
+        };
+        let app_protocol =
+            port.app_protocol.clone().unwrap_or_else(|| protocol_from_name(port.name.as_deref()));
+        ports.push(ServicePortSpec {
+            port: number,
+            target_port,
+            app_protocol: app_protocol.to_ascii_lowercase(),
+        });
+    }
+    Ok(ServiceSpec {
+        hostname: format!("{name}.{namespace}.svc.{}", options.cluster_domain),
+        namespace,
+        name,
+        vips,
+        ports,
+    })
+}
+
+/// Istio's port naming convention: `http`, `http-web`, `grpc-api`, … name the protocol.
+fn protocol_from_name(name: Option<&str>) -> String {
+    let prefix = name.unwrap_or_default().split('-').next().unwrap_or_default().to_ascii_lowercase();
+    match prefix.as_str() {
+        "http" | "http2" | "grpc" | "tcp" | "tls" | "https" | "grpc-web" => prefix,
+        _ => String::new(),
+    }
+}
+
+/// Adds the service's ports to every workload its selector picks (same namespace). A service
+/// without a selector has no endpoints from pods (its Endpoints are managed elsewhere).
+fn attach_endpoints(service: &Service, spec: &ServiceSpec, pods: &[Pod], workloads: &mut [WorkloadSpec]) {
+    let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty())
+    else {
+        return;
+    };
+    let key = format!("{}/{}", spec.namespace, spec.hostname);
+    for workload in workloads.iter_mut().filter(|w| w.key.namespace == spec.namespace) {
+        let Some(pod) = pods.iter().find(|p| {
+            p.metadata.name.as_deref() == Some(&workload.key.name)
+                && p.metadata.namespace.as_deref().unwrap_or("default") == workload.key.namespace
+        }) else {
+            continue;
+        };
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+            continue;
+        }
+        let mappings: Vec<PortMapping> = spec
+            .ports
+            .iter()
+            .filter_map(|port| {
+                let target_port = match &port.target_port {
+                    IntOrString::Int(n) => u16::try_from(*n).ok()?,
+                    IntOrString::String(name) => named_port(pod, name)?,
+                };
+                Some(PortMapping { service_port: port.port, target_port })
+            })
+            .collect();
+        if !mappings.is_empty() {
+            workload.services.insert(key.clone(), mappings);
+        }
+    }
+}
+
+/// Resolves a named container port of a pod.
+fn named_port(pod: &Pod, name: &str) -> Option<u16> {
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(name))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+}
+
+#[cfg(test)]
+mod tests;
