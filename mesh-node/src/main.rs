@@ -119,6 +119,11 @@ struct RunArgs {
     /// Requested workload certificate lifetime in seconds; 0 = the CA's default.
     #[arg(long, default_value_t = 0)]
     cert_validity_secs: u64,
+    /// Pool HBONE tunnels (default). `--hbone-tunnel-reuse=false` opens a fresh mTLS tunnel for
+    /// every connection and closes it with the connection: only for measuring tunnel setup
+    /// (`cargo xtask bench`), hence hidden.
+    #[arg(long, hide = true, default_value_t = true, action = clap::ArgAction::Set)]
+    hbone_tunnel_reuse: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -246,6 +251,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             Arc::new(capture),
             identities,
             args.trust_domain.clone(),
+            args.hbone_tunnel_reuse,
         ));
 
         let endpoints = [

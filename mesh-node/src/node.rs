@@ -36,6 +36,8 @@ pub struct Node {
     pub identities: Option<Arc<IdentityManager>>,
     pub mesh: Arc<MeshDirectory>,
     trust_domain: String,
+    /// Whether HBONE tunnels are pooled (see `TunnelPool`).
+    tunnel_reuse: bool,
     pods: Mutex<BTreeMap<PodKey, PodRuntime>>,
     /// Pods that should be enrolled but could not be, with the reason (retried every reload).
     failures: std::sync::Mutex<BTreeMap<PodKey, String>>,
@@ -70,6 +72,7 @@ impl Node {
         capture: Arc<Capture>,
         identities: Option<Arc<IdentityManager>>,
         trust_domain: String,
+        tunnel_reuse: bool,
     ) -> Self {
         let metrics = Metrics::new(identities.as_ref().map(|i| i.expiry_gauge()));
         Node {
@@ -81,6 +84,7 @@ impl Node {
             identities,
             mesh: Arc::new(MeshDirectory::default()),
             trust_domain,
+            tunnel_reuse,
             pods: Mutex::new(BTreeMap::new()),
             failures: std::sync::Mutex::new(BTreeMap::new()),
             source_error: std::sync::Mutex::new(None),
@@ -156,6 +160,7 @@ impl Node {
                 identities: self.identities.clone(),
                 mesh: self.mesh.clone(),
                 trust_domain: self.trust_domain.clone(),
+                tunnel_reuse: self.tunnel_reuse,
             };
             match PodRuntime::start(spec.clone(), index, &services, &self.metrics).await {
                 Ok(runtime) => {

@@ -81,6 +81,8 @@ pub struct NodeServices {
     pub identities: Option<Arc<IdentityManager>>,
     pub mesh: Arc<MeshDirectory>,
     pub trust_domain: String,
+    /// Whether HBONE tunnels are pooled (`--hbone-tunnel-reuse`).
+    pub tunnel_reuse: bool,
 }
 
 /// Locks a set shared by proxy tasks; a panic elsewhere cannot leave a set half-updated.
@@ -185,7 +187,7 @@ impl PodRuntime {
             mtls_mode: spec.mtls_mode,
             identities: services.identities.clone(),
             mesh: services.mesh.clone(),
-            tunnels: TunnelPool::default(),
+            tunnels: TunnelPool::new(services.tunnel_reuse),
             baggage: crate::proxy::trace_context::baggage(&spec.key.namespace, &spec.key.name, &spec.node),
             netns_cookie: sockets.cookie,
             worker,

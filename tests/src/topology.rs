@@ -117,6 +117,8 @@ pub struct Topology {
     meshed: std::sync::atomic::AtomicBool,
     /// Extra pod annotations written into the manifests (pod name → (key, value)s).
     annotations: BTreeMap<String, Vec<(String, String)>>,
+    /// Extra arguments for every mesh-node started from now on (see [`Topology::set_node_args`]).
+    node_args: Mutex<Vec<String>>,
 }
 
 /// Where mesh-control listens: node-a's link address (like a control-plane pod on host network).
@@ -199,6 +201,7 @@ impl Topology {
             control_plane: Mutex::new(None),
             meshed: std::sync::atomic::AtomicBool::new(false),
             annotations: BTreeMap::new(),
+            node_args: Mutex::new(Vec::new()),
         };
         // An interrupted earlier run of the same test may have left all of this behind; its logs
         // and manifests go too, so this run's logs hold only this run.
@@ -467,6 +470,13 @@ impl Topology {
     /// Starts mesh-control (with `control_args`) and every node, and waits until each node holds
     /// a certificate for each of its enrolled identities.
     pub fn start_meshed(&self, control_args: &[&str]) -> anyhow::Result<()> {
+        self.start_meshed_with(control_args, &[])
+    }
+
+    /// Like [`Topology::start_meshed`], with extra mesh-node arguments for both nodes (kept for
+    /// nodes restarted later, see [`Topology::set_node_args`]).
+    pub fn start_meshed_with(&self, control_args: &[&str], node_args: &[&str]) -> anyhow::Result<()> {
+        self.set_node_args(node_args);
         self.start_control_plane_with(control_args)?;
         for node in NodeId::ALL {
             self.start_node(node)?;
@@ -510,6 +520,13 @@ impl Topology {
         self.control_dir().join("nodes").join(format!("{}.token", node.name()))
     }
 
+    /// Sets extra arguments for every mesh-node started from now on (e.g. the benchmarks'
+    /// `--hbone-tunnel-reuse=false`).
+    pub fn set_node_args(&self, args: &[&str]) {
+        *self.node_args.lock().unwrap_or_else(|e| e.into_inner()) =
+            args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
     /// Starts the node's mesh-node and waits until it reports ready.
     pub fn start_node(&self, node: NodeId) -> anyhow::Result<()> {
         let binary = find_binary("mesh-node")?;
@@ -538,6 +555,7 @@ impl Topology {
             // Standalone: the whole cluster's manifests; the node enrols its own pods.
             cmd.arg("--pods").arg(&self.state_dir);
         }
+        cmd.args(self.node_args.lock().unwrap_or_else(|e| e.into_inner()).iter());
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -129,6 +129,35 @@ fn a_thousand_concurrent_streams_share_pooled_tunnels() {
 }
 
 #[test]
+fn without_tunnel_reuse_every_connection_gets_its_own_tunnel_that_closes_with_it() {
+    // `--hbone-tunnel-reuse=false` exists for the benchmarks (tunnel setup rate): check it does
+    // what they rely on.
+    let topology = Topology::build("mtls_no_tunnel_reuse").expect("topology");
+    topology.start_meshed_with(&[], &["--hbone-tunnel-reuse=false"]).expect("meshed topology");
+    topology.serve("b1", PORT).expect("server");
+    for _ in 0..3 {
+        let report = topology.client("a1", addr(&topology, "b1"), 4096, 2).expect("client");
+        assert!(report.ok, "{report:?}");
+    }
+    let tunnels =
+        topology.node_log_text(NodeId::A).lines().filter(|l| l.contains("HBONE tunnel opened")).count();
+    assert_eq!(tunnels, 6, "one tunnel per connection");
+    let ns = topology.netns_name("a1");
+    let open = |deadline: Instant| loop {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "ss", "-Htn", "state", "established", "( dport = :15008 )"])
+            .output()
+            .expect("ss");
+        let open = String::from_utf8_lossy(&output.stdout).lines().count();
+        if open == 0 || Instant::now() > deadline {
+            return open;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(open(Instant::now() + Duration::from_secs(5)), 0, "tunnels close with their connection");
+}
+
+#[test]
 fn strict_refuses_plaintext_from_outside_the_mesh_and_permissive_accepts_it() {
     let topology = meshed_with("mtls_modes", &[("b2", "nodemesh.io/mtls-mode: PERMISSIVE")], &[]);
     topology.serve("b1", PORT).expect("server");

@@ -70,12 +70,20 @@ impl Drop for StreamSlot {
 
 /// One source pod's open tunnels: every tunnel to a destination is kept and reused while it
 /// carries fewer than [`MAX_STREAMS_PER_TUNNEL`] streams; a new one opens when all are full.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TunnelPool {
     tunnels: Mutex<HashMap<(SpiffeId, IpAddr), Vec<Tunnel>>>,
+    /// Whether tunnels are pooled. Off only to measure tunnel setup (`cargo xtask bench`): each
+    /// stream then gets a fresh tunnel of its own, which closes when the stream ends.
+    reuse: bool,
 }
 
 impl TunnelPool {
+    /// Returns an empty pool; `reuse` false opens a tunnel per stream (see the field).
+    pub fn new(reuse: bool) -> Self {
+        TunnelPool { tunnels: Mutex::default(), reuse }
+    }
+
     /// Returns a tunnel to `ip` (expected to be `peer`) with a stream slot reserved on it,
     /// opening a tunnel if every open one is full.
     async fn get(
@@ -85,6 +93,13 @@ impl TunnelPool {
         peer: &SpiffeId,
         ip: IpAddr,
     ) -> Result<(Sender, StreamSlot), ProxyError> {
+        if !self.reuse {
+            // Never pooled: once the stream's sender is dropped, hyper closes the connection
+            // when its last (only) stream ends.
+            let tunnel = open_tunnel(pod, own, peer, ip).await?;
+            tunnel.streams.fetch_add(1, Ordering::AcqRel);
+            return Ok((tunnel.sender, StreamSlot { streams: tunnel.streams }));
+        }
         let mut tunnels = self.tunnels.lock().await;
         let open = tunnels.entry((peer.clone(), ip)).or_default();
         let now = OffsetDateTime::now_utc();
