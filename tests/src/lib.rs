@@ -15,7 +15,7 @@ pub mod rogue;
 pub mod sniff;
 pub mod topology;
 
-pub use report::{ClientReport, PodReport, PodsReport, Traffic};
+pub use report::{ClientReport, PodReport, PodsReport, SendReport, Traffic};
 pub use topology::{NodeId, PodSpec, ServerHandle, Topology};
 
 /// Fails with one clear line when not running as root.

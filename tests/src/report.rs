@@ -41,6 +41,27 @@ impl ClientReport {
     }
 }
 
+/// What `pod-app send` prints: a one-way stream per connection, checked by `pod-app sink`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SendReport {
+    /// Whether every connection's bytes all arrived, verified by the receiver.
+    pub ok: bool,
+    /// Connections attempted.
+    pub conns: u32,
+    /// Connections whose every byte the receiver verified.
+    pub succeeded: u32,
+    /// Connections that failed (connect, send, verification or timeout).
+    pub failed: u32,
+    /// Bytes sent over the succeeded connections.
+    pub bytes_sent: u64,
+    /// Bytes the receiver verified over the succeeded connections.
+    pub bytes_verified: u64,
+    /// From the first connect to the last receiver's verdict, in microseconds.
+    pub elapsed_us: u64,
+    /// The first few errors, as text.
+    pub errors: Vec<String>,
+}
+
 /// mesh-node's `GET /pods`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct PodsReport {

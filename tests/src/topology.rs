@@ -22,7 +22,7 @@ use crate::{
     manifest::{self, PodEntry},
     netns,
     process::{find_binary, place, terminate},
-    report::{ClientReport, PodsReport},
+    report::{ClientReport, PodsReport, SendReport},
 };
 
 const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
@@ -711,9 +711,19 @@ impl Topology {
 
     /// Starts an echo server in a pod (or `ext`) and waits until it listens.
     pub fn serve(&self, pod_or_ext: &str, port: u16) -> anyhow::Result<ServerHandle> {
+        self.start_server(pod_or_ext, "serve", port)
+    }
+
+    /// Starts a sink (`pod-app sink`: verifies the one-way streams of [`Topology::send`]) in a
+    /// pod (or `ext`) and waits until it listens.
+    pub fn sink(&self, pod_or_ext: &str, port: u16) -> anyhow::Result<ServerHandle> {
+        self.start_server(pod_or_ext, "sink", port)
+    }
+
+    fn start_server(&self, pod_or_ext: &str, mode: &str, port: u16) -> anyhow::Result<ServerHandle> {
         let mut cmd = self.app_command(pod_or_ext)?;
-        cmd.args(["serve", "--port", &port.to_string()]).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("starting pod-app serve")?;
+        cmd.args([mode, "--port", &port.to_string()]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("starting pod-app {mode}"))?;
         let stdout = child.stdout.take().context("pod-app stdout")?;
         let stderr = child.stderr.take().context("pod-app stderr")?;
         let pid = child.id();
@@ -723,7 +733,7 @@ impl Topology {
         if !line.starts_with("LISTENING") {
             let mut why = String::new();
             let _ = BufReader::new(stderr).read_line(&mut why);
-            bail!("pod-app serve in {pod_or_ext} did not start: {}", why.trim());
+            bail!("pod-app {mode} in {pod_or_ext} did not start: {}", why.trim());
         }
         // Keep draining stderr (per-connection errors) so the server never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink()));
@@ -791,6 +801,28 @@ impl Topology {
         );
         serde_json::from_slice(&output.stdout)
             .with_context(|| format!("parsing client report {:?}", String::from_utf8_lossy(&output.stdout)))
+    }
+
+    /// Streams a seeded pattern from a pod (or `ext`) to a [`Topology::sink`] on `conns`
+    /// connections for `duration` each, and returns the report (bytes the sink verified, time).
+    pub fn send(
+        &self,
+        from: &str,
+        to: SocketAddr,
+        conns: u32,
+        duration: Duration,
+    ) -> anyhow::Result<SendReport> {
+        let mut cmd = self.app_command(from)?;
+        cmd.args(["send", "--to", &to.to_string(), "--conns", &conns.to_string()])
+            .args(["--duration-ms", &duration.as_millis().to_string()]);
+        let output = cmd.output().context("running pod-app send")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "pod-app send in {from} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout)
+            .with_context(|| format!("parsing send report {:?}", String::from_utf8_lossy(&output.stdout)))
     }
 
     /// Removes everything: processes (by PID), the bpffs mount, netns, cgroups. Idempotent.

@@ -7,7 +7,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use nodemesh_testbed::ClientReport;
+use nodemesh_testbed::{ClientReport, SendReport};
 
 const POD_APP: &str = env!("CARGO_BIN_EXE_pod-app");
 
@@ -31,8 +31,12 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Server::start_mode("serve")
+    }
+
+    fn start_mode(mode: &str) -> Server {
         let mut child = Command::new(POD_APP)
-            .args(["serve", "--port", "0"])
+            .args([mode, "--port", "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -143,4 +147,37 @@ fn bad_arguments_fail_with_a_message_not_a_panic() {
     let output = Command::new(POD_APP).args(["serve", "--port", &port]).output().expect("pod-app");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains(&port) && !stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn send_streams_for_a_while_and_the_sink_verifies_every_byte() {
+    private_netns();
+    let sink = Server::start_mode("sink");
+    let to = format!("127.0.0.1:{}", sink.port);
+    let output = Command::new(POD_APP)
+        .args(["send", "--to", &to, "--conns", "4", "--duration-ms", "300"])
+        .output()
+        .expect("pod-app send");
+    assert!(output.status.success(), "{output:?}");
+    let report: SendReport = serde_json::from_slice(&output.stdout).expect("report");
+    assert!(report.ok, "{report:?}");
+    assert_eq!((report.conns, report.succeeded, report.failed), (4, 4, 0));
+    assert_eq!(report.bytes_verified, report.bytes_sent);
+    assert!(report.bytes_sent > 4 * 1024 * 1024, "300 ms over loopback moves megabytes: {report:?}");
+    assert!(report.elapsed_us >= 300_000, "{report:?}");
+}
+
+#[test]
+fn the_sink_rejects_bytes_that_are_not_the_pattern() {
+    use std::io::{Read as _, Write as _};
+    private_netns();
+    let sink = Server::start_mode("sink");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", sink.port)).expect("connect");
+    let mut data = b"SEND 5\n".to_vec();
+    data.extend(nodemesh_testbed::payload::prefix(6, 4096));
+    stream.write_all(&data).expect("write");
+    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut verdict = String::new();
+    stream.read_to_string(&mut verdict).expect("verdict");
+    assert_eq!(verdict, "BAD 0\n");
 }

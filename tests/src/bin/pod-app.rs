@@ -4,6 +4,10 @@
 //! then echoes everything until EOF. `client` opens many concurrent connections, streams a
 //! deterministic pseudo-random payload on each while reading the echo back, verifies every byte,
 //! and prints one JSON report.
+//!
+//! For throughput (`cargo xtask bench`), `sink` receives one-way streams of a seeded pattern and
+//! verifies every byte, and `send` streams that pattern on one or more connections for a while
+//! and reports how many bytes the sink verified, and how long it took, as JSON.
 
 use std::{
     net::SocketAddr,
@@ -11,7 +15,10 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use nodemesh_testbed::{payload::Stream, report::ClientReport};
+use nodemesh_testbed::{
+    payload::{Pattern, Stream},
+    report::{ClientReport, SendReport},
+};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
@@ -50,6 +57,25 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         duration_ms: u64,
     },
+    /// Receives `send` streams, verifies every byte and answers `OK <bytes>` at the end.
+    Sink {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Streams a seeded pattern one way to a `sink`; prints a JSON report.
+    Send {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        conns: u32,
+        /// How long each connection sends.
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 5000)]
+        connect_timeout_ms: u64,
+    },
 }
 
 fn raise_fd_limit() {
@@ -83,6 +109,14 @@ fn main() -> std::process::ExitCode {
                     spread: Duration::from_millis(duration_ms),
                 };
                 let report = client(to, bytes, conns, seed, timing).await;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Sink { port } => sink(port).await,
+            Command::Send { to, conns, duration_ms, seed, connect_timeout_ms } => {
+                let (duration, connect) =
+                    (Duration::from_millis(duration_ms), Duration::from_millis(connect_timeout_ms));
+                let report = send(to, conns, duration, seed, connect).await;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
@@ -258,4 +292,130 @@ async fn one_connection(to: SocketAddr, bytes: u64, seed: u64, timing: Timing) -
     };
     let (sent, received) = tokio::try_join!(sender, checker)?;
     Ok(ConnResult { sent, received, peer })
+}
+
+/// The most a `send` or `sink` moves per system call.
+const CHUNK: usize = 256 * 1024;
+
+async fn sink(port: u16) -> anyhow::Result<()> {
+    let listener = listen(port).map_err(|err| anyhow::anyhow!("cannot listen on 0.0.0.0:{port}: {err}"))?;
+    println!("LISTENING {}", listener.local_addr()?.port());
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                eprintln!("pod-app: accept: {err}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(err) = receive(stream).await {
+                eprintln!("pod-app: stream from {peer}: {err}");
+            }
+        });
+    }
+}
+
+/// Reads `SEND <seed>\n` and then the pattern of that seed until EOF, checking every byte, and
+/// answers `OK <bytes>` (or `BAD <offset>` at the first wrong byte, and stops reading).
+async fn receive(stream: TcpStream) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::with_capacity(CHUNK, read);
+    let mut header = String::new();
+    read.read_line(&mut header).await?;
+    let Some(seed) = header.strip_prefix("SEND ").and_then(|s| s.trim().parse::<u64>().ok()) else {
+        write.write_all(b"BAD header\n").await?;
+        return Ok(());
+    };
+    let pattern = Pattern::new(seed);
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = read.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        if !pattern.matches(total, &buf[..n]) {
+            write.write_all(format!("BAD {total}\n").as_bytes()).await?;
+            return Ok(());
+        }
+        total += n as u64;
+    }
+    write.write_all(format!("OK {total}\n").as_bytes()).await?;
+    write.shutdown().await
+}
+
+async fn send(to: SocketAddr, conns: u32, duration: Duration, seed: u64, connect: Duration) -> SendReport {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..conns)
+        .map(|i| {
+            let seed = seed.wrapping_add(u64::from(i));
+            // Generous: the sink may still be draining buffers when the sending stops.
+            let limit = connect + duration + Duration::from_secs(60);
+            tokio::spawn(async move {
+                match tokio::time::timeout(limit, send_one(to, duration, seed, connect)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(format!("stream timed out after {limit:?}")),
+                }
+            })
+        })
+        .collect();
+    let mut report = SendReport { conns, ..SendReport::default() };
+    for task in tasks {
+        match task.await {
+            Ok(Ok((sent, verified))) => {
+                report.succeeded += 1;
+                report.bytes_sent += sent;
+                report.bytes_verified += verified;
+            }
+            Ok(Err(err)) => {
+                report.failed += 1;
+                if report.errors.len() < 5 {
+                    report.errors.push(err);
+                }
+            }
+            Err(err) => {
+                report.failed += 1;
+                report.errors.push(format!("task failed: {err}"));
+            }
+        }
+    }
+    report.elapsed_us = started.elapsed().as_micros() as u64;
+    report.ok = report.failed == 0 && report.succeeded == conns && report.bytes_sent == report.bytes_verified;
+    report
+}
+
+/// Streams the pattern of `seed` for `duration`, half-closes, and returns (bytes sent, bytes
+/// the sink verified).
+async fn send_one(
+    to: SocketAddr,
+    duration: Duration,
+    seed: u64,
+    connect: Duration,
+) -> Result<(u64, u64), String> {
+    let stream = match tokio::time::timeout(connect, TcpStream::connect(to)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(err)) => return Err(format!("connect {to}: {err}")),
+        Err(_) => return Err(format!("connect {to}: timed out after {connect:?}")),
+    };
+    let (read, mut write) = stream.into_split();
+    write.write_all(format!("SEND {seed}\n").as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+    let pattern = Pattern::new(seed);
+    let deadline = Instant::now() + duration;
+    let mut sent = 0u64;
+    while Instant::now() < deadline {
+        let chunk = pattern.chunk(sent, CHUNK);
+        write.write_all(chunk).await.map_err(|e| format!("send after {sent} bytes: {e}"))?;
+        sent += chunk.len() as u64;
+    }
+    write.shutdown().await.map_err(|e| format!("half-close: {e}"))?;
+    let mut verdict = String::new();
+    BufReader::new(read).read_line(&mut verdict).await.map_err(|e| format!("reading the verdict: {e}"))?;
+    match verdict.trim().strip_prefix("OK ").and_then(|n| n.parse::<u64>().ok()) {
+        Some(verified) if verified == sent => Ok((sent, verified)),
+        Some(verified) => Err(format!("the sink verified {verified} of {sent} bytes")),
+        None if verdict.is_empty() => Err(format!("the sink closed without a verdict after {sent} bytes")),
+        None => Err(format!("the sink answered {:?} after {sent} bytes", verdict.trim())),
+    }
 }
