@@ -115,15 +115,16 @@ impl ControlPlane {
     /// Re-reads the manifests: the pods nodes may obtain identities for, and a token for every
     /// node that has pods. On error the previous state stays.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let pods = match mesh_manifests::load_all(&self.config.config_dir) {
-            Ok(pods) => pods,
+        let model = match mesh_manifests::load_model(&self.config.config_dir) {
+            Ok(model) => model,
             Err(err) => {
                 self.service.metrics.config_errors.inc();
                 lock(&self.config_status).error = Some(err.to_string());
                 return Err(err.into());
             }
         };
-        let snapshot = Snapshot::build(&pods, &self.config.trust_domain);
+        let snapshot = Snapshot::build(&model, &self.config.trust_domain);
+        let pods = mesh_manifests::enrolled(&model);
         *lock(&self.config_status) = ConfigStatus {
             snapshot_version: snapshot.version().to_owned(),
             workloads: snapshot.count(ADDRESS_TYPE),

@@ -29,6 +29,8 @@ pub struct Origin {
 pub struct LocalObjects {
     pub objects: ClusterObjects,
     origins: HashMap<(String, String), Origin>,
+    /// Each object as read, to tell a harmless repetition from a conflict.
+    documents: HashMap<(String, String), serde_json::Value>,
 }
 
 impl LocalObjects {
@@ -145,12 +147,18 @@ fn read_document(
         format!("{namespace}/{name}")
     };
     if let Some(first) = local.origins.get(&(kind.clone(), key.clone())) {
+        // The same object in two files (each node's manifests may carry the shared Namespace)
+        // is what `kubectl apply` of both would make; two different ones are a mistake.
+        if local.documents.get(&(kind.clone(), key.clone())) == Some(&value) {
+            return Ok(());
+        }
         return Err(ManifestError::Duplicate {
             object: format!("{kind} {key}"),
             first: first.file.clone(),
             second: file.to_owned(),
         });
     }
+    local.documents.insert((kind.clone(), key.clone()), value.clone());
     let invalid = |problem| at(&key, problem);
     let objects = &mut local.objects;
     match kind.as_str() {

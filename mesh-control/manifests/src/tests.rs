@@ -212,6 +212,12 @@ fn services_policies_and_routes_are_read_too() {
 }
 
 #[test]
+fn the_same_object_repeated_is_harmless() {
+    let yaml = format!("{NAMESPACE}---\n{NAMESPACE}{}", pod("a1", "node-a", "10.1.1.2", ""));
+    assert_eq!(model_str(&yaml).expect("valid").workloads.len(), 1);
+}
+
+#[test]
 fn wrong_versions_bad_fields_and_duplicates_name_file_line_and_field() {
     let cases = [
         (
@@ -228,9 +234,13 @@ fn wrong_versions_bad_fields_and_duplicates_name_file_line_and_field() {
         ),
         (
             format!(
-                "{NAMESPACE}---\nkind: Service\nmetadata: {{name: s}}\n---\nkind: Service\nmetadata: {{name: s, namespace: default}}\n"
+                "{NAMESPACE}---\nkind: Service\nmetadata: {{name: s}}\n---\nkind: Service\nmetadata: {{name: s, namespace: default}}\nspec: {{ports: [{{port: 80}}]}}\n"
             ),
             "Service default/s is defined twice",
+        ),
+        (
+            format!("{NAMESPACE}---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n"),
+            "Namespace demo is defined twice",
         ),
         (
             format!("{NAMESPACE}{}", pod("a1", "node-a", "10.1.1.999", "")),

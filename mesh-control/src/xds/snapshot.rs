@@ -1,16 +1,23 @@
 //! One consistent version of everything the control plane distributes, per resource type, with
 //! a content version per resource so a push carries only what changed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_api::{
     workload::v1::{
-        ADDRESS_TYPE, Address, MESH_CONFIG_TYPE, MeshConfig, MtlsMode as ProtoMtlsMode, TunnelProtocol,
-        Workload, WorkloadStatus, address,
+        ADDRESS_TYPE, Address, MESH_CONFIG_TYPE, MeshConfig, MtlsMode as ProtoMtlsMode, NetworkAddress, Port,
+        PortList, Service, TunnelProtocol, Workload, WorkloadStatus, address,
     },
     xds::v1::Resource,
 };
-use mesh_manifests::{EnrolledPodSpec, MtlsMode};
+use mesh_manifests::{
+    MtlsMode,
+    translate::{Model, PortMapping, ServiceSpec, WorkloadSpec},
+};
 
 /// Name of the one mesh config resource.
 pub const MESH_CONFIG_NAME: &str = "mesh";
@@ -54,16 +61,21 @@ impl Delta {
 }
 
 impl Snapshot {
-    /// Builds the snapshot for the enrolled pods of the whole mesh.
-    pub fn build(pods: &[EnrolledPodSpec], trust_domain: &str) -> Self {
-        let addresses = pods
-            .iter()
-            .map(|pod| {
-                let workload = workload_of(pod, trust_domain);
-                let name = workload.uid.clone();
-                (name, Versioned::encode(&Address { r#type: Some(address::Type::Workload(workload)) }))
-            })
-            .collect();
+    /// Builds the snapshot of a translated model: every workload and service of the mesh.
+    pub fn build(model: &Model, trust_domain: &str) -> Self {
+        let workloads = model.workloads.iter().map(|w| {
+            let workload = workload_of(w, trust_domain);
+            (workload.uid.clone(), Address { r#type: Some(address::Type::Workload(workload)) })
+        });
+        let services = model.services.iter().map(|s| {
+            let service = service_of(s);
+            (
+                format!("{}/{}", service.namespace, service.hostname),
+                Address { r#type: Some(address::Type::Service(service)) },
+            )
+        });
+        let addresses =
+            workloads.chain(services).map(|(name, address)| (name, Versioned::encode(&address))).collect();
         let mesh = MeshConfig { trust_domain: trust_domain.to_owned() };
         let config = BTreeMap::from([(MESH_CONFIG_NAME.to_owned(), Versioned::encode(&mesh))]);
         let types = BTreeMap::from([(ADDRESS_TYPE, addresses), (MESH_CONFIG_TYPE, config)]);
@@ -121,58 +133,109 @@ pub fn workload_uid(namespace: &str, name: &str) -> String {
     format!("Kubernetes//Pod/{namespace}/{name}")
 }
 
-fn workload_of(pod: &EnrolledPodSpec, trust_domain: &str) -> Workload {
+fn workload_of(w: &WorkloadSpec, trust_domain: &str) -> Workload {
+    let ports = |mappings: &Vec<PortMapping>| PortList {
+        ports: mappings
+            .iter()
+            .map(|m| Port {
+                service_port: u32::from(m.service_port),
+                target_port: u32::from(m.target_port),
+                app_protocol: String::new(),
+            })
+            .collect(),
+    };
+    let meshed = w.membership.as_ref();
     Workload {
-        uid: workload_uid(&pod.key.namespace, &pod.key.name),
-        name: pod.key.name.clone(),
-        namespace: pod.key.namespace.clone(),
-        addresses: vec![pod.ip.octets().to_vec()],
-        node: pod.node.clone(),
-        service_account: pod.service_account.clone(),
+        uid: workload_uid(&w.key.namespace, &w.key.name),
+        name: w.key.name.clone(),
+        namespace: w.key.namespace.clone(),
+        addresses: vec![w.ip.octets().to_vec()],
+        node: w.node.clone(),
+        service_account: w.service_account.clone(),
         trust_domain: trust_domain.to_owned(),
-        tunnel_protocol: TunnelProtocol::Hbone.into(),
+        tunnel_protocol: if meshed.is_some() { TunnelProtocol::Hbone } else { TunnelProtocol::None }.into(),
         status: WorkloadStatus::Healthy.into(),
-        services: HashMap::new(),
-        netns: pod.netns.display().to_string(),
-        mtls_mode: match pod.mtls_mode {
-            MtlsMode::Strict => ProtoMtlsMode::Strict,
-            MtlsMode::Permissive => ProtoMtlsMode::Permissive,
+        services: w.services.iter().map(|(name, mappings)| (name.clone(), ports(mappings))).collect(),
+        netns: meshed.and_then(|m| m.netns.as_ref()).map(|p| p.display().to_string()).unwrap_or_default(),
+        mtls_mode: match meshed.map(|m| m.mtls_mode) {
+            Some(MtlsMode::Permissive) => ProtoMtlsMode::Permissive,
+            _ => ProtoMtlsMode::Strict,
         }
         .into(),
     }
 }
 
+fn service_of(s: &ServiceSpec) -> Service {
+    Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: s.hostname.clone(),
+        addresses: s
+            .vips
+            .iter()
+            .map(|ip| NetworkAddress {
+                address: match ip {
+                    IpAddr::V4(v4) => v4.octets().to_vec(),
+                    IpAddr::V6(v6) => v6.octets().to_vec(),
+                },
+            })
+            .collect(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| Port {
+                service_port: u32::from(p.port),
+                target_port: match &p.target_port {
+                    IntOrString::Int(n) => u32::try_from(*n).unwrap_or_default(),
+                    IntOrString::String(_) => 0, // resolved per workload
+                },
+                app_protocol: p.app_protocol.clone(),
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use prost::Message as _;
     use std::{net::Ipv4Addr, path::PathBuf};
 
-    use mesh_manifests::PodKey;
+    use mesh_manifests::{
+        PodKey,
+        translate::{Membership, ServicePortSpec},
+    };
+    use prost::Message as _;
 
     use super::*;
 
-    fn pod(name: &str, node: &str, ip: [u8; 4]) -> EnrolledPodSpec {
-        EnrolledPodSpec {
+    fn pod(name: &str, node: &str, ip: [u8; 4]) -> WorkloadSpec {
+        WorkloadSpec {
             key: PodKey { namespace: "demo".into(), name: name.into() },
             node: node.into(),
             ip: Ipv4Addr::from(ip),
-            netns: PathBuf::from(format!("/run/netns/{name}")),
             service_account: name.into(),
-            mtls_mode: MtlsMode::Strict,
+            membership: Some(Membership {
+                netns: Some(PathBuf::from(format!("/run/netns/{name}"))),
+                mtls_mode: MtlsMode::Strict,
+            }),
+            services: BTreeMap::new(),
         }
+    }
+
+    fn model(workloads: Vec<WorkloadSpec>) -> Model {
+        Model { workloads, ..Default::default() }
+    }
+
+    fn decode(resource: &Resource) -> address::Type {
+        Address::decode(resource.resource.as_slice()).unwrap().r#type.expect("a type")
     }
 
     #[test]
     fn a_workload_carries_what_a_node_needs() {
-        let snapshot = Snapshot::build(&[pod("a1", "node-a", [10, 1, 1, 2])], "cluster.local");
+        let snapshot = Snapshot::build(&model(vec![pod("a1", "node-a", [10, 1, 1, 2])]), "cluster.local");
         let delta = snapshot.delta(ADDRESS_TYPE, &HashMap::new());
         assert_eq!(delta.resources.len(), 1);
         assert_eq!(delta.resources[0].name, "Kubernetes//Pod/demo/a1");
-        let Address { r#type: Some(address::Type::Workload(w)) } =
-            Address::decode(delta.resources[0].resource.as_slice()).unwrap()
-        else {
-            panic!("not a workload");
-        };
+        let address::Type::Workload(w) = decode(&delta.resources[0]) else { panic!("not a workload") };
         assert_eq!(w.addresses, [vec![10, 1, 1, 2]]);
         assert_eq!((w.node.as_str(), w.service_account.as_str()), ("node-a", "a1"));
         assert_eq!(w.tunnel_protocol(), TunnelProtocol::Hbone);
@@ -180,15 +243,51 @@ mod tests {
     }
 
     #[test]
+    fn services_and_workloads_outside_the_mesh_are_addresses_too() {
+        let mut web = pod("web", "node-b", [10, 1, 2, 2]);
+        web.membership = None;
+        web.services.insert(
+            "demo/web.demo.svc.cluster.local".into(),
+            vec![PortMapping { service_port: 80, target_port: 8080 }],
+        );
+        let service = ServiceSpec {
+            namespace: "demo".into(),
+            name: "web".into(),
+            hostname: "web.demo.svc.cluster.local".into(),
+            vips: vec!["10.96.0.10".parse().unwrap()],
+            ports: vec![ServicePortSpec {
+                port: 80,
+                target_port: IntOrString::Int(8080),
+                app_protocol: "http".into(),
+            }],
+        };
+        let snapshot =
+            Snapshot::build(&Model { workloads: vec![web], services: vec![service], problems: vec![] }, "td");
+        let delta = snapshot.delta(ADDRESS_TYPE, &HashMap::new());
+        let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["Kubernetes//Pod/demo/web", "demo/web.demo.svc.cluster.local"]);
+        let address::Type::Workload(w) = decode(&delta.resources[0]) else { panic!("not a workload") };
+        assert_eq!(w.tunnel_protocol(), TunnelProtocol::None);
+        assert_eq!(w.services["demo/web.demo.svc.cluster.local"].ports[0].target_port, 8080);
+        let address::Type::Service(s) = decode(&delta.resources[1]) else { panic!("not a service") };
+        assert_eq!(s.addresses[0].address, [10, 96, 0, 10]);
+        assert_eq!((s.ports[0].service_port, s.ports[0].app_protocol.as_str()), (80, "http"));
+    }
+
+    #[test]
     fn deltas_carry_only_changes_and_removals() {
-        let before =
-            Snapshot::build(&[pod("a1", "node-a", [10, 1, 1, 2]), pod("b1", "node-b", [10, 1, 2, 2])], "td");
+        let before = Snapshot::build(
+            &model(vec![pod("a1", "node-a", [10, 1, 1, 2]), pod("b1", "node-b", [10, 1, 2, 2])]),
+            "td",
+        );
         let have = before.versions(ADDRESS_TYPE);
         assert!(before.delta(ADDRESS_TYPE, &have).is_empty(), "nothing to send when up to date");
 
         // b1 moves to another IP, a1 is deleted, c1 appears.
-        let after =
-            Snapshot::build(&[pod("b1", "node-b", [10, 1, 2, 9]), pod("c1", "node-b", [10, 1, 2, 3])], "td");
+        let after = Snapshot::build(
+            &model(vec![pod("b1", "node-b", [10, 1, 2, 9]), pod("c1", "node-b", [10, 1, 2, 3])]),
+            "td",
+        );
         let delta = after.delta(ADDRESS_TYPE, &have);
         let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["Kubernetes//Pod/demo/b1", "Kubernetes//Pod/demo/c1"]);
@@ -197,15 +296,15 @@ mod tests {
 
     #[test]
     fn versions_are_content_hashes_stable_across_builds() {
-        let pods = [pod("a1", "node-a", [10, 1, 1, 2])];
-        assert_eq!(Snapshot::build(&pods, "td"), Snapshot::build(&pods, "td"));
-        let other = Snapshot::build(&pods, "other-td");
-        assert_ne!(Snapshot::build(&pods, "td").versions(ADDRESS_TYPE), other.versions(ADDRESS_TYPE));
+        let m = model(vec![pod("a1", "node-a", [10, 1, 1, 2])]);
+        assert_eq!(Snapshot::build(&m, "td"), Snapshot::build(&m, "td"));
+        let other = Snapshot::build(&m, "other-td");
+        assert_ne!(Snapshot::build(&m, "td").versions(ADDRESS_TYPE), other.versions(ADDRESS_TYPE));
     }
 
     #[test]
     fn the_mesh_config_is_one_resource() {
-        let snapshot = Snapshot::build(&[], "cluster.local");
+        let snapshot = Snapshot::build(&Model::default(), "cluster.local");
         let delta = snapshot.delta(MESH_CONFIG_TYPE, &HashMap::new());
         assert_eq!(delta.resources.len(), 1);
         let config = MeshConfig::decode(delta.resources[0].resource.as_slice()).unwrap();
