@@ -3,18 +3,19 @@
 use std::sync::RwLock;
 
 use mesh_api::SpiffeId;
-use mesh_manifests::EnrolledPodSpec;
+use mesh_manifests::translate::{Model, WorkloadSpec};
 
-/// The enrolled pods the control plane knows, by node.
+/// The meshed pods the control plane knows, by node.
 #[derive(Debug, Default)]
 pub struct PodDirectory {
-    pods: RwLock<Vec<EnrolledPodSpec>>,
+    pods: RwLock<Vec<WorkloadSpec>>,
 }
 
 impl PodDirectory {
-    /// Replaces the known pods (after a reload of the manifests).
-    pub fn replace(&self, pods: Vec<EnrolledPodSpec>) {
-        *self.pods.write().unwrap_or_else(std::sync::PoisonError::into_inner) = pods;
+    /// Replaces the known pods with the meshed workloads of a model.
+    pub fn replace(&self, model: &Model) {
+        let meshed = model.workloads.iter().filter(|w| w.membership.is_some()).cloned().collect();
+        *self.pods.write().unwrap_or_else(std::sync::PoisonError::into_inner) = meshed;
     }
 
     /// Returns the nodes that have pods.

@@ -11,6 +11,10 @@ use mesh_api::{
     ca::v1::certificate_service_server::CertificateServiceServer, http, workload::v1::ADDRESS_TYPE,
     xds::v1::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
 };
+use mesh_manifests::{
+    ClusterObjects,
+    translate::{self, Model, TranslateOptions},
+};
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
 
@@ -31,8 +35,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Everything mesh-control needs to start.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Directory (or file) of Kubernetes-shaped manifests (local mode).
-    pub config_dir: PathBuf,
+    /// Directory (or file) of Kubernetes-shaped manifests (local mode); `None` when the objects
+    /// come from the Kubernetes API.
+    pub config_dir: Option<PathBuf>,
     /// Where the root CA and node tokens are kept (`ca/`, `nodes/`).
     pub state_dir: PathBuf,
     /// The signing root's directory, when not `<state_dir>/ca` (e.g. the next root, while
@@ -52,6 +57,9 @@ pub struct Config {
 pub struct ConfigStatus {
     pub snapshot_version: String,
     pub workloads: usize,
+    pub services: usize,
+    /// Objects that could not be translated (Kubernetes mode skips them).
+    pub problems: Vec<String>,
     /// Why the manifests are being ignored (the last good state is served), if they are.
     pub error: Option<String>,
 }
@@ -115,19 +123,29 @@ impl ControlPlane {
     /// Re-reads the manifests: the pods nodes may obtain identities for, and a token for every
     /// node that has pods. On error the previous state stays.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let model = match mesh_manifests::load_model(&self.config.config_dir) {
-            Ok(model) => model,
+        let Some(dir) = &self.config.config_dir else { return Ok(()) };
+        match mesh_manifests::load_model(dir) {
+            Ok(model) => self.publish(&model),
             Err(err) => {
                 self.service.metrics.config_errors.inc();
                 lock(&self.config_status).error = Some(err.to_string());
-                return Err(err.into());
+                Err(err.into())
             }
-        };
-        let snapshot = Snapshot::build(&model, &self.config.trust_domain);
-        let pods = mesh_manifests::enrolled(&model);
+        }
+    }
+
+    /// Makes `model` what nodes receive and what the CA authorizes.
+    pub fn publish(&self, model: &Model) -> anyhow::Result<()> {
+        let snapshot = Snapshot::build(model, &self.config.trust_domain);
         *lock(&self.config_status) = ConfigStatus {
             snapshot_version: snapshot.version().to_owned(),
-            workloads: snapshot.count(ADDRESS_TYPE),
+            workloads: model.workloads.len(),
+            services: model.services.len(),
+            problems: model
+                .problems
+                .iter()
+                .map(|p| format!("{} {}: {}", p.kind, p.object, p.message))
+                .collect(),
             error: None,
         };
         self.service
@@ -139,17 +157,30 @@ impl ControlPlane {
             if **current == snapshot {
                 return false;
             }
-            tracing::info!(version = %snapshot.version(), workloads = snapshot.count(ADDRESS_TYPE), "configuration changed");
+            tracing::info!(version = %snapshot.version(), addresses = snapshot.count(ADDRESS_TYPE), "configuration changed");
             *current = Arc::new(snapshot);
             true
         });
-        self.service.pods.replace(pods);
+        self.service.pods.replace(model);
         for node in self.service.pods.nodes() {
             if self.service.nodes.ensure(&node)? {
                 tracing::info!(node = %node, token = %self.service.nodes.token_path(&node).display(), "created a node token");
             }
         }
         Ok(())
+    }
+
+    /// Translates what the Kubernetes source found (objects that do not translate are
+    /// skipped, logged and shown on `/debug/config`) and publishes it.
+    pub fn publish_kubernetes(&self, objects: &ClusterObjects) {
+        let options = TranslateOptions { require_netns: false, ..TranslateOptions::default() };
+        let model = translate::translate(objects, &options);
+        for problem in &model.problems {
+            tracing::warn!(kind = problem.kind, object = %problem.object, error = %problem.message, "object skipped");
+        }
+        if let Err(err) = self.publish(&model) {
+            tracing::error!(error = %format!("{err:#}"), "cannot publish the configuration");
+        }
     }
 
     /// Serves `/metrics`, `/debug/nodes` (each node's xDS sync), `/debug/config` and
@@ -182,6 +213,10 @@ impl ControlPlane {
     /// every reload interval.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
         let plane = self.clone();
+        if self.config.config_dir.is_none() {
+            // Kubernetes mode: the objects arrive from the watchers (see `watch_kubernetes`).
+            return self.serve_grpc(listener).await;
+        }
         tokio::spawn(async move {
             let mut last_error = None;
             loop {
@@ -198,6 +233,16 @@ impl ControlPlane {
                 }
             }
         });
+        self.serve_grpc(listener).await
+    }
+
+    /// Watches the Kubernetes API with `client` and publishes every change, until dropped.
+    pub async fn watch_kubernetes(self: Arc<Self>, client: kube::Client) {
+        let plane = self.clone();
+        crate::discovery::kubernetes(client, move |objects| plane.publish_kubernetes(&objects)).await;
+    }
+
+    async fn serve_grpc(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
         let (cert, key) = &self.server_identity;
         let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
         let ca =

@@ -15,9 +15,12 @@ use mesh_control::{
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Directory (or file) of Kubernetes-shaped manifests (local mode).
-    #[arg(long, required = true)]
+    /// Local mode: a directory (or file) of Kubernetes-shaped manifests, re-read on change.
+    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
     config_dir: Option<PathBuf>,
+    /// Kubernetes mode: watch the API server (in-cluster config, or KUBECONFIG / ~/.kube/config).
+    #[arg(long)]
+    kubernetes: bool,
     /// Where the root CA (`ca/`) and node tokens (`nodes/`) are kept.
     #[arg(long, default_value = "/var/lib/nodemesh/control")]
     state_dir: PathBuf,
@@ -91,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cli.max_cert_ttl_secs
     );
     let config = Config {
-        config_dir: cli.config_dir.context("--config-dir is required")?,
+        config_dir: cli.config_dir.clone(),
         state_dir: cli.state_dir,
         root_dir: cli.root_dir,
         trust_domain: cli.trust_domain,
@@ -108,6 +111,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the admin endpoint on {}", cli.admin_listen))?;
         tokio::spawn(plane.clone().serve_admin(admin));
+        if cli.kubernetes {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            tokio::spawn(plane.clone().watch_kubernetes(client));
+        }
         tracing::info!(listen = %cli.listen, trust_domain = %plane.config.trust_domain, "mesh-control serving the CA and xDS");
         plane.serve(listener).await
     })

@@ -45,7 +45,7 @@ pub async fn start(name: &str) -> Harness {
     std::fs::create_dir_all(dir.join("config")).expect("dir");
     std::fs::write(dir.join("config/pods.yaml"), MANIFESTS).expect("manifests");
     let config = Config {
-        config_dir: dir.join("config"),
+        config_dir: Some(dir.join("config")),
         state_dir: dir.join("state"),
         root_dir: None,
         trust_domain: "cluster.local".into(),

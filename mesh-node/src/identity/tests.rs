@@ -52,7 +52,7 @@ async fn start_ca(name: &str) -> Ca {
         max: Duration::from_secs(60),
     };
     let config = Config {
-        config_dir: dir.join("config"),
+        config_dir: Some(dir.join("config")),
         state_dir: dir.join("state"),
         root_dir: None,
         trust_domain: "cluster.local".into(),
