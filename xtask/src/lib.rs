@@ -6,11 +6,14 @@
 //!   tests, and the end-to-end tests (as root).
 //! - `demo` ([`demo`]): a two-node mesh in network namespaces with real traffic, and a report of
 //!   what it captured.
+//! - `bench` ([`bench`]): what the mesh costs against the direct path, measured in one run
+//!   (throughput, latency at a fixed rate, connection setup, proxy CPU and memory).
 //!
 //! Every step shows a spinner with its elapsed time and sends the output of the commands it runs
 //! to `target/xtask/<step>.log` ([`progress`]); a failure is one message saying what failed and
 //! why, with the few lines of the log that matter ([`cargo_log`]).
 
+pub mod bench;
 pub mod cargo_log;
 pub mod demo;
 pub mod ebpf;

@@ -1,7 +1,7 @@
 //! `cargo xtask`: nodemesh's developer commands (see the `xtask` library for what each does).
 
 use clap::{Parser, Subcommand};
-use xtask::{demo, ebpf, test};
+use xtask::{bench, demo, ebpf, test};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask", about = "nodemesh developer commands")]
@@ -25,6 +25,16 @@ enum Cmd {
     },
     /// Run the two-node demo (as root) and show what the mesh captured.
     Demo,
+    /// Measure the mesh against the direct path (as root): throughput, latency at a fixed rate,
+    /// connection setup, proxy CPU and memory; report in target/bench/.
+    Bench {
+        /// A couple of seconds per mode: checks the harness and that every byte arrives (CI).
+        #[arg(long)]
+        smoke: bool,
+        /// Runs per mode of each measurement (default 5; 1 with --smoke).
+        #[arg(long)]
+        rounds: Option<u32>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +46,7 @@ fn main() -> std::process::ExitCode {
             _ => test::Selection::All,
         }),
         Cmd::Demo => demo::run(),
+        Cmd::Bench { smoke, rounds } => bench::run(smoke, rounds),
     };
     xtask::exit_code(result)
 }

@@ -9,6 +9,7 @@ use std::{
 use anyhow::bail;
 
 use crate::{
+    bench,
     cargo_log::{self, TestCounts},
     ebpf,
     progress::Step,
@@ -40,6 +41,8 @@ enum Stage {
     /// Stops the run: the end-to-end tests cannot run without root.
     NeedRoot,
     EndToEnd,
+    /// `cargo xtask bench --smoke`: the bench harness works and every byte arrives (no timing).
+    BenchSmoke,
 }
 
 /// Returns the steps to run, in order. Without root everything else still runs, then the run
@@ -47,12 +50,13 @@ enum Stage {
 fn stages(selection: Selection, root: bool) -> Vec<Stage> {
     use Stage::*;
     let unit = [Fmt, Clippy, UnitTests, TestbedUnitTests];
-    let e2e = [BuildBinaries, if root { EndToEnd } else { NeedRoot }];
+    let e2e: &[Stage] =
+        if root { &[BuildBinaries, EndToEnd, BenchSmoke] } else { &[BuildBinaries, NeedRoot] };
     match selection {
-        Selection::All => [&[BuildEbpf, TestTools][..], &unit, &e2e].concat(),
+        Selection::All => [&[BuildEbpf, TestTools][..], &unit, e2e].concat(),
         Selection::UnitOnly => [&[BuildEbpf][..], &unit].concat(),
         Selection::E2eOnly if !root => vec![NeedRoot],
-        Selection::E2eOnly => [&[BuildEbpf, TestTools][..], &e2e].concat(),
+        Selection::E2eOnly => [&[BuildEbpf, TestTools][..], e2e].concat(),
     }
 }
 
@@ -100,9 +104,10 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
             Stage::Clippy => run_step(
                 "lints (cargo clippy -D warnings)",
                 "clippy",
-                // The demo is behind a feature (see xtask's Cargo.toml): lint it too.
+                // The demo and the bench harness are behind features (see xtask's Cargo.toml):
+                // lint them too.
                 cargo()
-                    .args(["clippy", "--workspace", "--all-targets", "--features", "xtask/demo"])
+                    .args(["clippy", "--workspace", "--all-targets", "--features", "xtask/demo,xtask/bench"])
                     .args(["--", "-D", "warnings"]),
                 &mut totals,
             )?,
@@ -137,6 +142,7 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
                 &mut e2e_command(&debug, &object),
                 &mut totals,
             )?,
+            Stage::BenchSmoke => bench::run_with(&object, true, None)?,
         }
     }
     eprintln!("\nall passed in {}: {totals}", minutes(started.elapsed()));
@@ -166,7 +172,17 @@ mod tests {
     fn everything_runs_in_order_as_root() {
         assert_eq!(
             stages(Selection::All, true),
-            [BuildEbpf, TestTools, Fmt, Clippy, UnitTests, TestbedUnitTests, BuildBinaries, EndToEnd]
+            [
+                BuildEbpf,
+                TestTools,
+                Fmt,
+                Clippy,
+                UnitTests,
+                TestbedUnitTests,
+                BuildBinaries,
+                EndToEnd,
+                BenchSmoke
+            ]
         );
     }
 
@@ -182,6 +198,9 @@ mod tests {
     #[test]
     fn parts_run_alone() {
         assert_eq!(stages(Selection::UnitOnly, false), [BuildEbpf, Fmt, Clippy, UnitTests, TestbedUnitTests]);
-        assert_eq!(stages(Selection::E2eOnly, true), [BuildEbpf, TestTools, BuildBinaries, EndToEnd]);
+        assert_eq!(
+            stages(Selection::E2eOnly, true),
+            [BuildEbpf, TestTools, BuildBinaries, EndToEnd, BenchSmoke]
+        );
     }
 }

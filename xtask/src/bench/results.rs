@@ -1,0 +1,427 @@
+//! What a bench run measured (every run, as recorded) and what it concludes (medians, and ratios
+//! against the direct path measured in the same run). Pure: the report renders these.
+
+use serde::{Deserialize, Serialize};
+
+use super::{connections::ConnectReport, latency::LoadReport};
+
+/// A way for the client pod's traffic to reach the server pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// No mesh: the same pods and links, no mesh-node at all.
+    Direct,
+    /// mesh-node standalone (no control plane): capture on both nodes, plain TCP between them.
+    L4,
+    /// mesh-control + both mesh-nodes: HBONE (HTTP/2 CONNECT over mutual TLS 1.3), pooled tunnels.
+    Mtls,
+    /// Like [`Mode::Mtls`] with `--hbone-tunnel-reuse=false`: a new mTLS tunnel per connection.
+    /// Only the connection-setup measurement uses it.
+    MtlsFreshTunnels,
+}
+
+impl Mode {
+    /// The modes every measurement compares, in the order each round runs them. The first is
+    /// the baseline. A peer (e.g. Envoy as the node proxy) is added here and in `modes.rs`.
+    pub const COMPARED: [Mode; 3] = [Mode::Direct, Mode::L4, Mode::Mtls];
+
+    /// Returns the short name used in tables and charts.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::L4 => "L4 plaintext",
+            Mode::Mtls => "HBONE mTLS",
+            Mode::MtlsFreshTunnels => "mTLS, new tunnel each",
+        }
+    }
+
+    /// Returns whether mesh-node proxies are on the path (and so have CPU and memory to report).
+    pub fn has_proxies(self) -> bool {
+        self != Mode::Direct
+    }
+}
+
+/// The machine the numbers come from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub kernel: String,
+    pub cpu_model: String,
+    /// The open-files limit the bench ran with (it decides whether 10,000 connections fit).
+    pub fd_limit: u64,
+}
+
+/// How the run was done.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Meta {
+    /// UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub started: String,
+    pub smoke: bool,
+    /// Rounds: each measurement ran this many times per mode, interleaved.
+    pub rounds: u32,
+    /// Whether the binaries were built with optimisations (`--release`).
+    pub release: bool,
+    pub machine: Machine,
+    pub throughput_secs: f64,
+    pub latency_secs: f64,
+    pub latency_conns: u32,
+    pub request_bytes: usize,
+    pub connect_secs: f64,
+    pub connect_workers: u32,
+    /// Things the reader should know (limits hit, steps skipped).
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ThroughputRun {
+    pub mode: Mode,
+    pub round: u32,
+    pub streams: u32,
+    /// Bytes the receiver verified.
+    pub bytes: u64,
+    pub elapsed_us: u64,
+    pub gbit_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LatencyRun {
+    pub mode: Mode,
+    pub round: u32,
+    pub report: LoadReport,
+    /// CPU seconds both proxies used during the run.
+    pub proxy_cpu_secs: Option<f64>,
+    /// Why the run is not counted (the rate was missed), if it is not.
+    pub discarded: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConnectRun {
+    pub mode: Mode,
+    pub round: u32,
+    pub report: ConnectReport,
+    /// HBONE tunnels node-a opened during the run (from its log), for the mTLS modes.
+    pub tunnels_opened: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Held {
+    pub conns: u32,
+    /// Both proxies' VmRSS with the connections open.
+    pub rss_kib: Option<u64>,
+    /// Why it was not measured, if it was not.
+    pub skipped: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemoryRun {
+    pub mode: Mode,
+    /// Both proxies' VmRSS right after start-up, before any traffic.
+    pub idle_kib: u64,
+    /// Both proxies' VmRSS after the other measurements, just before connections are held.
+    pub before_hold_kib: u64,
+    pub held: Vec<Held>,
+}
+
+/// Everything one bench run recorded.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub meta: Meta,
+    pub throughput: Vec<ThroughputRun>,
+    pub latency: Vec<LatencyRun>,
+    pub connect: Vec<ConnectRun>,
+    pub memory: Vec<MemoryRun>,
+}
+
+/// Returns gigabits per second for `bytes` in `elapsed_us` microseconds.
+pub fn gbit_per_s(bytes: u64, elapsed_us: u64) -> f64 {
+    if elapsed_us == 0 { 0.0 } else { bytes as f64 * 8.0 / (elapsed_us as f64 * 1000.0) }
+}
+
+/// Returns the median (the mean of the middle two for an even count), `None` when empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len().is_multiple_of(2) { (sorted[mid - 1] + sorted[mid]) / 2.0 } else { sorted[mid] })
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ThroughputSummary {
+    pub streams: u32,
+    pub runs: usize,
+    pub gbit_per_s: Option<f64>,
+    /// Median throughput over the direct path's median.
+    pub ratio: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LatencySummary {
+    pub rate: u32,
+    pub runs_kept: usize,
+    pub runs_discarded: usize,
+    pub p50_us: Option<f64>,
+    pub p90_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub p999_us: Option<f64>,
+    /// Median p50 / p99 minus the direct path's.
+    pub added_p50_us: Option<f64>,
+    pub added_p99_us: Option<f64>,
+    /// Both proxies' CPU seconds per 1,000 requests, which is also vCPU per 1,000 requests/s.
+    pub cpu_secs_per_1k: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ConnectSummary {
+    pub runs: usize,
+    pub per_second: Option<f64>,
+    pub ratio: Option<f64>,
+    pub setup_p50_us: Option<f64>,
+    pub setup_p99_us: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MemorySummary {
+    pub idle_mib: f64,
+    pub before_hold_mib: f64,
+    /// (connections, MiB with them open, MiB per 1,000 of them over `before_hold_mib`).
+    pub held: Vec<(u32, Option<f64>, Option<f64>)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModeSummary {
+    pub mode: Mode,
+    pub throughput: Vec<ThroughputSummary>,
+    pub latency: Vec<LatencySummary>,
+    pub connect: Option<ConnectSummary>,
+    pub memory: Option<MemorySummary>,
+}
+
+const KIB_PER_MIB: f64 = 1024.0;
+
+/// Returns what the runs conclude, one entry per mode that has results, in mode order.
+pub fn summarize(results: &Results) -> Vec<ModeSummary> {
+    let mut modes: Vec<Mode> = results
+        .throughput
+        .iter()
+        .map(|r| r.mode)
+        .chain(results.latency.iter().map(|r| r.mode))
+        .chain(results.connect.iter().map(|r| r.mode))
+        .chain(results.memory.iter().map(|r| r.mode))
+        .collect();
+    modes.sort();
+    modes.dedup();
+
+    let mut streams: Vec<u32> = results.throughput.iter().map(|r| r.streams).collect();
+    streams.sort();
+    streams.dedup();
+    let mut rates: Vec<u32> = results.latency.iter().map(|r| r.report.target_rps).collect();
+    rates.sort();
+    rates.dedup();
+
+    let throughput_of = |mode: Mode, n: u32| -> (usize, Option<f64>) {
+        let values: Vec<f64> = results
+            .throughput
+            .iter()
+            .filter(|r| r.mode == mode && r.streams == n)
+            .map(|r| r.gbit_per_s)
+            .collect();
+        (values.len(), median(&values))
+    };
+    let kept = |mode: Mode, rate: u32| -> Vec<&LatencyRun> {
+        results
+            .latency
+            .iter()
+            .filter(|r| r.mode == mode && r.report.target_rps == rate && r.discarded.is_none())
+            .collect()
+    };
+    let latency_median = |runs: &[&LatencyRun], pick: fn(&LoadReport) -> f64| -> Option<f64> {
+        median(&runs.iter().map(|r| pick(&r.report)).collect::<Vec<_>>())
+    };
+    let connect_of = |mode: Mode| -> Vec<&ConnectReport> {
+        // A run in which connections failed is not a rate of working connections.
+        results.connect.iter().filter(|r| r.mode == mode && r.report.failed == 0).map(|r| &r.report).collect()
+    };
+    let direct_connect = median(&connect_of(Mode::Direct).iter().map(|r| r.per_second).collect::<Vec<_>>());
+
+    modes
+        .into_iter()
+        .map(|mode| {
+            let throughput = streams
+                .iter()
+                .filter(|n| results.throughput.iter().any(|r| r.mode == mode && r.streams == **n))
+                .map(|&n| {
+                    let (runs, gbit) = throughput_of(mode, n);
+                    let base = throughput_of(Mode::Direct, n).1;
+                    let ratio = gbit.zip(base).filter(|(_, b)| *b > 0.0).map(|(g, b)| g / b);
+                    ThroughputSummary { streams: n, runs, gbit_per_s: gbit, ratio }
+                })
+                .collect();
+            let latency = rates
+                .iter()
+                .filter(|rate| {
+                    results.latency.iter().any(|r| r.mode == mode && r.report.target_rps == **rate)
+                })
+                .map(|&rate| {
+                    let runs = kept(mode, rate);
+                    let base = kept(Mode::Direct, rate);
+                    let all =
+                        results.latency.iter().filter(|r| r.mode == mode && r.report.target_rps == rate);
+                    let p50 = latency_median(&runs, |r| r.p50_us);
+                    let p99 = latency_median(&runs, |r| r.p99_us);
+                    let cpu: Vec<f64> = runs
+                        .iter()
+                        .filter(|r| r.report.completed > 0)
+                        .filter_map(|r| r.proxy_cpu_secs.map(|cpu| cpu * 1000.0 / r.report.completed as f64))
+                        .collect();
+                    LatencySummary {
+                        rate,
+                        runs_kept: runs.len(),
+                        runs_discarded: all.count() - runs.len(),
+                        p50_us: p50,
+                        p90_us: latency_median(&runs, |r| r.p90_us),
+                        p99_us: p99,
+                        p999_us: latency_median(&runs, |r| r.p999_us),
+                        added_p50_us: p50.zip(latency_median(&base, |r| r.p50_us)).map(|(m, b)| m - b),
+                        added_p99_us: p99.zip(latency_median(&base, |r| r.p99_us)).map(|(m, b)| m - b),
+                        cpu_secs_per_1k: median(&cpu),
+                    }
+                })
+                .collect();
+            let runs = connect_of(mode);
+            let connect = (!runs.is_empty()).then(|| {
+                let per_second = median(&runs.iter().map(|r| r.per_second).collect::<Vec<_>>());
+                ConnectSummary {
+                    runs: runs.len(),
+                    per_second,
+                    ratio: per_second.zip(direct_connect).filter(|(_, b)| *b > 0.0).map(|(m, b)| m / b),
+                    setup_p50_us: median(&runs.iter().map(|r| r.setup_p50_us).collect::<Vec<_>>()),
+                    setup_p99_us: median(&runs.iter().map(|r| r.setup_p99_us).collect::<Vec<_>>()),
+                }
+            });
+            let memory = results.memory.iter().find(|m| m.mode == mode).map(|m| {
+                let before = m.before_hold_kib as f64 / KIB_PER_MIB;
+                MemorySummary {
+                    idle_mib: m.idle_kib as f64 / KIB_PER_MIB,
+                    before_hold_mib: before,
+                    held: m
+                        .held
+                        .iter()
+                        .map(|h| {
+                            let mib = h.rss_kib.map(|k| k as f64 / KIB_PER_MIB);
+                            let per_1k = mib.map(|v| (v - before) * 1000.0 / f64::from(h.conns.max(1)));
+                            (h.conns, mib, per_1k)
+                        })
+                        .collect(),
+                }
+            });
+            ModeSummary { mode, throughput, latency, connect, memory }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ConnectRun, Held, LatencyRun, MemoryRun, Mode, Results, ThroughputRun, median, summarize};
+    use crate::bench::{connections::ConnectReport, latency::LoadReport};
+
+    #[test]
+    fn gigabits_per_second() {
+        assert_eq!(super::gbit_per_s(1_250_000_000, 1_000_000), 10.0);
+        assert_eq!(super::gbit_per_s(5, 0), 0.0);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[f64::NAN, 2.0]), Some(2.0), "not-a-number is ignored");
+    }
+
+    fn tp(mode: Mode, streams: u32, gbit: f64) -> ThroughputRun {
+        ThroughputRun { mode, round: 0, streams, bytes: 1, elapsed_us: 1, gbit_per_s: gbit }
+    }
+
+    fn lat(mode: Mode, p50: f64, p99: f64, cpu: Option<f64>, discarded: bool) -> LatencyRun {
+        LatencyRun {
+            mode,
+            round: 0,
+            report: LoadReport {
+                target_rps: 1000,
+                achieved_rps: 1000.0,
+                completed: 10_000,
+                p50_us: p50,
+                p90_us: p50,
+                p99_us: p99,
+                p999_us: p99,
+                ..LoadReport::default()
+            },
+            proxy_cpu_secs: cpu,
+            discarded: discarded.then(|| "missed".to_owned()),
+        }
+    }
+
+    #[test]
+    fn ratios_and_added_latency_are_against_direct_in_the_same_run() {
+        let results = Results {
+            throughput: vec![
+                tp(Mode::Direct, 1, 10.0),
+                tp(Mode::Direct, 1, 12.0),
+                tp(Mode::Direct, 1, 11.0),
+                tp(Mode::Mtls, 1, 5.5),
+                tp(Mode::Mtls, 1, 4.0),
+                tp(Mode::Mtls, 1, 6.0),
+            ],
+            latency: vec![
+                lat(Mode::Direct, 50.0, 90.0, None, false),
+                lat(Mode::Direct, 52.0, 94.0, None, false),
+                lat(Mode::Mtls, 100.0, 200.0, Some(0.4), false),
+                lat(Mode::Mtls, 110.0, 220.0, Some(0.6), false),
+                lat(Mode::Mtls, 9_000.0, 90_000.0, Some(9.0), true),
+            ],
+            connect: vec![
+                ConnectRun {
+                    mode: Mode::Direct,
+                    round: 0,
+                    report: ConnectReport { per_second: 4000.0, ..ConnectReport::default() },
+                    tunnels_opened: None,
+                },
+                ConnectRun {
+                    mode: Mode::Mtls,
+                    round: 0,
+                    report: ConnectReport { per_second: 1000.0, ..ConnectReport::default() },
+                    tunnels_opened: Some(0),
+                },
+            ],
+            memory: vec![MemoryRun {
+                mode: Mode::Mtls,
+                idle_kib: 8 * 1024,
+                before_hold_kib: 10 * 1024,
+                held: vec![Held { conns: 1000, rss_kib: Some(30 * 1024), skipped: None }],
+            }],
+            ..Results::default()
+        };
+        let summary = summarize(&results);
+        assert_eq!(summary.iter().map(|s| s.mode).collect::<Vec<_>>(), [Mode::Direct, Mode::Mtls]);
+        let mtls = &summary[1];
+        assert_eq!(mtls.throughput[0].gbit_per_s, Some(5.5));
+        assert_eq!(mtls.throughput[0].ratio, Some(0.5));
+        assert_eq!(summary[0].throughput[0].ratio, Some(1.0));
+        let l = &mtls.latency[0];
+        assert_eq!((l.runs_kept, l.runs_discarded), (2, 1), "the run that missed its rate is not counted");
+        assert_eq!(l.p50_us, Some(105.0));
+        assert_eq!(l.added_p50_us, Some(54.0));
+        assert_eq!(l.added_p99_us, Some(118.0));
+        let cpu = l.cpu_secs_per_1k.expect("cpu");
+        assert!((cpu - 0.05).abs() < 1e-12, "0.5 CPU s over 10,000 requests: {cpu}");
+        assert_eq!(summary[0].latency[0].cpu_secs_per_1k, None, "no proxies on the direct path");
+        assert_eq!(mtls.connect.as_ref().and_then(|c| c.ratio), Some(0.25));
+        let memory = mtls.memory.as_ref().expect("memory");
+        assert_eq!(memory.idle_mib, 8.0);
+        assert_eq!(memory.held, [(1000, Some(30.0), Some(20.0))]);
+    }
+}

@@ -1,0 +1,85 @@
+//! The bench harness, run by `cargo xtask bench` once everything it needs is built (it finds
+//! the binaries through `MESH_NODE_BIN`, `MESH_CONTROL_BIN`, `POD_APP_BIN` and
+//! `NODEMESH_BPF_OBJECT`). `run` is the bench; the hidden subcommands are the clients it starts
+//! inside the client pod.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand};
+use xtask::bench::{connections, latency, resources, suite};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask-bench", about = "nodemesh benchmarks (run through `cargo xtask bench`)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs the benchmarks and writes the report to target/bench/.
+    Run {
+        /// A couple of seconds per mode: checks the harness, no timing.
+        #[arg(long)]
+        smoke: bool,
+        /// Runs per mode of each measurement (default 5; 1 with --smoke).
+        #[arg(long)]
+        rounds: Option<u32>,
+    },
+    /// Open-loop load at a fixed rate against pod-app's echo; prints a JSON report.
+    #[command(hide = true)]
+    Load {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        rate: u32,
+        #[arg(long, default_value_t = 16)]
+        conns: u32,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+    },
+    /// New connections back to back against pod-app's echo; prints a JSON report.
+    #[command(hide = true)]
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 8)]
+        workers: u32,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = u64::MAX)]
+        max: u64,
+    },
+    /// Opens connections, prints `HELD <n>`, keeps them until standard input closes.
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        conns: u32,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
+        Cmd::Run { smoke, rounds } => suite::run(suite::Options { smoke, rounds }),
+        Cmd::Load { to, rate, conns, duration_ms, size } => {
+            let spec =
+                latency::LoadSpec { to, rate, conns, duration: Duration::from_millis(duration_ms), size };
+            latency::run(spec)
+                .and_then(|report| Ok(serde_json::to_string(&report)?))
+                .map(|json| println!("{json}"))
+        }
+        Cmd::Connect { to, workers, duration_ms, max } => {
+            let report = connections::rate(to, workers, Duration::from_millis(duration_ms), max);
+            serde_json::to_string(&report).map(|json| println!("{json}")).map_err(Into::into)
+        }
+        Cmd::Hold { to, conns } => {
+            resources::raise_fd_limit(u64::from(conns) + 1024);
+            connections::hold(to, conns)
+        }
+    };
+    xtask::exit_code(result)
+}
