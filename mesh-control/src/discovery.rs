@@ -42,11 +42,21 @@ where
     K::DynamicType: Default + Eq + Hash + Clone,
 {
     let (store, writer) = reflector::store();
+    // A failing watch retries with backoff; its error is logged when it changes, not each time.
+    let mut last_error: Option<String> = None;
     let events = reflector::reflector(writer, watcher(api, watcher::Config::default()))
         .default_backoff()
         .map(move |event| {
-            if let Err(err) = event {
-                tracing::warn!(kind = name, error = %err, "watch failed; retrying with backoff");
+            match event {
+                Err(err) => {
+                    let message = err.to_string();
+                    if last_error.as_ref() != Some(&message) {
+                        tracing::warn!(kind = name, error = %message, "watch failed; retrying with backoff");
+                        last_error = Some(message);
+                    }
+                }
+                Ok(_) if last_error.take().is_some() => tracing::info!(kind = name, "watch recovered"),
+                Ok(_) => {}
             }
             name
         })
