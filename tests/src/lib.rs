@@ -5,7 +5,11 @@
 //! veths, an external host outside the mesh, a cgroup tree per node under a test-owned cgroup,
 //! and a private bpffs; it starts mesh-node and pod-app processes inside them and tears all of
 //! it down on drop, also sweeping what an interrupted earlier run of the same name left.
+//!
+//! [`KubeApiServer`] runs a real kube-apiserver and etcd on loopback for the tests of the
+//! Kubernetes discovery (built once by `cargo xtask kube-apiserver`).
 
+pub mod kube_apiserver;
 pub mod manifest;
 pub mod netns;
 pub mod payload;
@@ -15,6 +19,7 @@ pub mod rogue;
 pub mod sniff;
 pub mod topology;
 
+pub use kube_apiserver::{KubeApiServer, TokenUser};
 pub use report::{ClientReport, PodReport, PodsReport, SendReport, Traffic};
 pub use topology::{NodeId, PodSpec, ServerHandle, Topology};
 

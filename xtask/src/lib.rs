@@ -4,6 +4,8 @@
 //!   ([`toolchain`]), builds the kernel programs.
 //! - `test` ([`test`]): everything CI runs, in order: the kernel programs, formatting, lints, unit
 //!   tests, and the end-to-end tests (as root).
+//! - `kube-apiserver` ([`kube_apiserver`]): builds, once, the real kube-apiserver the Kubernetes
+//!   discovery tests run against, from Debian's source package; `test` does it too.
 //! - `demo` ([`demo`]): a two-node mesh in network namespaces with real traffic, and a report of
 //!   what it captured.
 //! - `bench` ([`bench`]): what the mesh costs against the direct path, measured in one run
@@ -17,6 +19,7 @@ pub mod bench;
 pub mod cargo_log;
 pub mod demo;
 pub mod ebpf;
+pub mod kube_apiserver;
 pub mod progress;
 pub mod test;
 pub mod toolchain;

@@ -1,7 +1,7 @@
 //! `cargo xtask`: nodemesh's developer commands (see the `xtask` library for what each does).
 
 use clap::{Parser, Subcommand};
-use xtask::{bench, demo, ebpf, test};
+use xtask::{bench, demo, ebpf, kube_apiserver, test};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask", about = "nodemesh developer commands")]
@@ -23,6 +23,8 @@ enum Cmd {
         #[arg(long)]
         e2e_only: bool,
     },
+    /// Build (once, ~6 minutes) the kube-apiserver the Kubernetes tests run against, and install etcd.
+    KubeApiserver,
     /// Run the two-node demo (as root) and show what the mesh captured.
     Demo,
     /// Measure the mesh against the direct path (as root): throughput, latency at a fixed rate,
@@ -45,6 +47,7 @@ fn main() -> std::process::ExitCode {
             (_, true) => test::Selection::E2eOnly,
             _ => test::Selection::All,
         }),
+        Cmd::KubeApiserver => kube_apiserver::ensure().map(|_| ()),
         Cmd::Demo => demo::run(),
         Cmd::Bench { smoke, rounds } => bench::run(smoke, rounds),
     };

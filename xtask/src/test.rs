@@ -11,7 +11,7 @@ use anyhow::bail;
 use crate::{
     bench,
     cargo_log::{self, TestCounts},
-    ebpf,
+    ebpf, kube_apiserver,
     progress::Step,
     toolchain,
 };
@@ -83,7 +83,15 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
     for stage in stages(selection, crate::is_root()) {
         match stage {
             Stage::BuildEbpf => object = ebpf::build()?,
-            Stage::TestTools => toolchain::ensure_test_tools()?,
+            Stage::TestTools => {
+                toolchain::ensure_test_tools()?;
+                // Built once (~6 minutes) and cached; only the root-run tests use it.
+                if crate::is_root() {
+                    kube_apiserver::ensure()?;
+                } else {
+                    kube_apiserver::report();
+                }
+            }
             Stage::Fmt => {
                 run_step(
                     "formatting (cargo fmt --check)",
@@ -155,7 +163,8 @@ fn e2e_command(debug: &Path, object: &Path) -> Command {
     cmd.args(["test", "-p", "nodemesh-testbed", "--test", "*", "--no-fail-fast"])
         .env("MESH_NODE_BIN", debug.join("mesh-node"))
         .env("MESH_CONTROL_BIN", debug.join("mesh-control"))
-        .env("NODEMESH_BPF_OBJECT", object);
+        .env("NODEMESH_BPF_OBJECT", object)
+        .env(kube_apiserver::ENV_VAR, kube_apiserver::binary_path());
     cmd
 }
 

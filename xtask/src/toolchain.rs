@@ -41,6 +41,13 @@ pub struct Package {
     why: &'static str,
 }
 
+impl Package {
+    /// Returns a package that counts as installed when `path` exists.
+    pub const fn with_file(name: &'static str, path: &'static str, why: &'static str) -> Self {
+        Package { name, probe: Probe::File(path), why }
+    }
+}
+
 /// The packages `build-ebpf` needs (TOOLCHAIN.md §1).
 pub const EBPF_PACKAGES: [Package; 4] = [
     Package {
@@ -128,7 +135,7 @@ fn install_refusal(missing: &[&str], root: bool, has_apt: bool) -> Option<String
 }
 
 /// Prints a ✓/✗ line per package; returns the missing ones.
-fn check_packages(packages: &[Package]) -> Vec<Package> {
+pub fn check_packages(packages: &[Package]) -> Vec<Package> {
     let mut missing = Vec::new();
     for package in packages {
         match probe(package.probe) {
