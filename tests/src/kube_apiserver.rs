@@ -376,7 +376,7 @@ pub fn find_binary() -> anyhow::Result<PathBuf> {
 /// Returns `from_env` if given, else `<target>/tools/kube-apiserver-<version>/kube-apiserver`;
 /// either must exist.
 fn locate(from_env: Option<PathBuf>, target: &Path) -> anyhow::Result<PathBuf> {
-    let build = "build it with `cargo xtask kube-apiserver` (once, about 6 minutes)";
+    let build = "build it with `cargo xtask kube-apiserver` (once, 4 to 6 minutes)";
     if let Some(path) = from_env {
         if path.is_file() {
             return Ok(path);
@@ -698,7 +698,7 @@ mod tests {
             err,
             "kube-apiserver v1.20.2 is not built (no NODEMESH_KUBE_APISERVER, no \
              /nonexistent/target/tools/kube-apiserver-v1.20.2/kube-apiserver): build it with \
-             `cargo xtask kube-apiserver` (once, about 6 minutes)"
+             `cargo xtask kube-apiserver` (once, 4 to 6 minutes)"
         );
         let err =
             locate(Some("/nonexistent/kube-apiserver".into()), Path::new("/t")).unwrap_err().to_string();

@@ -2,10 +2,10 @@
 //! once from Debian's `kubernetes` source package and cached under the target directory.
 //!
 //! This machine reaches package registries only, and Debian 12 ships Kubernetes as source alone:
-//! v1.20.2 with its Go dependencies vendored, which builds offline with Debian's Go 1.19 in about
-//! six minutes on two cores. The deb-src entry it needs is given to apt on the command line, so
-//! /etc stays untouched. Source and build trees (~3 GB) live in a scratch directory removed
-//! afterwards; only the binary (~120 MB) is kept. The tests run it against Debian's `etcd-server`
+//! v1.20.2 with its Go dependencies vendored, which builds offline with Debian's Go 1.19 in four
+//! to six minutes on two cores. The deb-src entry it needs is given to apt on the command line, so
+//! /etc stays untouched. Source and build trees (~2 GB) live in a scratch directory removed
+//! afterwards; only the binary (~105 MB) is kept. The tests run it against Debian's `etcd-server`
 //! (`nodemesh-testbed`'s `kube_apiserver` module).
 
 use std::{
@@ -99,7 +99,7 @@ pub fn ensure() -> anyhow::Result<PathBuf> {
     }
     eprintln!(
         "  ✗ {:<13} missing ({reason}): building it from Debian's kubernetes source package \
-         (about 6 minutes on 2 cores, ~3 GB of scratch space removed afterwards)",
+         (4 to 6 minutes on 2 cores, ~2 GB of scratch space removed afterwards)",
         "kube-apiserver"
     );
     build(&binary)?;
@@ -162,7 +162,7 @@ impl Drop for Scratch {
     }
 }
 
-/// Fails early, rather than six minutes in, when the disk cannot hold the build.
+/// Fails early, rather than minutes in, when the disk cannot hold the build.
 fn check_free_space(dir: &Path) -> anyhow::Result<()> {
     let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).context("path contains NUL")?;
     // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
@@ -194,7 +194,7 @@ fn build(binary: &Path) -> anyhow::Result<()> {
     fetch_source(&scratch.0, &tree)?;
 
     let step =
-        Step::start("building kube-apiserver (make WHAT=cmd/kube-apiserver; about 6 minutes on 2 cores)");
+        Step::start("building kube-apiserver (make WHAT=cmd/kube-apiserver; 4 to 6 minutes on 2 cores)");
     let mut path = vec![PathBuf::from(GO_BIN)];
     if let Some(outer) = std::env::var_os("PATH") {
         path.extend(std::env::split_paths(&outer));

@@ -23,7 +23,7 @@ enum Cmd {
         #[arg(long)]
         e2e_only: bool,
     },
-    /// Build (once, ~6 minutes) the kube-apiserver the Kubernetes tests run against, and install etcd.
+    /// Build (once, 4-6 minutes) the kube-apiserver the Kubernetes tests run against, and install etcd.
     KubeApiserver,
     /// Run the two-node demo (as root) and show what the mesh captured.
     Demo,

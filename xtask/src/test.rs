@@ -85,7 +85,7 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
             Stage::BuildEbpf => object = ebpf::build()?,
             Stage::TestTools => {
                 toolchain::ensure_test_tools()?;
-                // Built once (~6 minutes) and cached; only the root-run tests use it.
+                // Built once (4 to 6 minutes) and cached; only the root-run tests use it.
                 if crate::is_root() {
                     kube_apiserver::ensure()?;
                 } else {
