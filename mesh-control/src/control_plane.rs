@@ -22,6 +22,7 @@ use crate::{
     attestation::PodDirectory,
     ca::{CertificateAuthority, RootCa, TrustBundle, TtlPolicy},
     metrics::{Metrics, XdsTypeLabels},
+    node_auth::KubernetesNodeAuth,
     node_auth::NodeCredentials,
     service::{CaService, MAX_REQUEST_BYTES},
     tls,
@@ -78,6 +79,12 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Loads (or creates) the root, the trust bundle and node tokens, and reads the manifests.
     pub fn open(config: Config) -> anyhow::Result<Self> {
+        Self::open_with(config, None)
+    }
+
+    /// Like [`ControlPlane::open`]; with `kubernetes_auth`, nodes authenticate with
+    /// service-account tokens reviewed by the Kubernetes API instead of node tokens.
+    pub fn open_with(config: Config, kubernetes_auth: Option<KubernetesNodeAuth>) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let root_dir = config.root_dir.clone().unwrap_or_else(|| config.state_dir.join("ca"));
         let (root, created) = RootCa::load_or_generate(&root_dir, &config.trust_domain)?;
@@ -102,12 +109,14 @@ impl ControlPlane {
         let (nodes, metrics) = (Arc::new(nodes), Arc::new(Metrics::default()));
         let service = CaService {
             ca: Arc::new(RwLock::new(ca)),
-            nodes: nodes.clone(),
+            nodes,
+            kubernetes_auth: kubernetes_auth.map(Arc::new),
             pods: Arc::new(pods),
             metrics: metrics.clone(),
         };
         let (snapshots, receiver) = watch::channel(Arc::new(Snapshot::default()));
-        let xds = XdsServer { nodes, snapshots: receiver, status: Arc::default(), metrics };
+        let xds =
+            XdsServer { nodes: service.node_auth(), snapshots: receiver, status: Arc::default(), metrics };
         let plane = ControlPlane {
             config,
             service,
@@ -162,6 +171,9 @@ impl ControlPlane {
             true
         });
         self.service.pods.replace(model);
+        if self.service.kubernetes_auth.is_some() {
+            return Ok(()); // nodes present service-account tokens; no node tokens to make
+        }
         for node in self.service.pods.nodes() {
             if self.service.nodes.ensure(&node)? {
                 tracing::info!(node = %node, token = %self.service.nodes.token_path(&node).display(), "created a node token");

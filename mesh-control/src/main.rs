@@ -7,6 +7,7 @@ use clap::Parser;
 use mesh_control::{
     ca::{RootCa, TtlPolicy},
     control_plane::{Config, ControlPlane},
+    node_auth::KubernetesNodeAuth,
 };
 
 #[derive(Debug, Parser)]
@@ -21,6 +22,10 @@ struct Cli {
     /// Kubernetes mode: watch the API server (in-cluster config, or KUBECONFIG / ~/.kube/config).
     #[arg(long)]
     kubernetes: bool,
+    /// Kubernetes mode: the node agent's service account (`namespace/name`); nodes authenticate
+    /// with its projected tokens, bound to their pod.
+    #[arg(long, default_value = "nodemesh-system/mesh-node")]
+    node_service_account: String,
     /// Where the root CA (`ca/`) and node tokens (`nodes/`) are kept.
     #[arg(long, default_value = "/var/lib/nodemesh/control")]
     state_dir: PathBuf,
@@ -105,16 +110,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let plane = Arc::new(ControlPlane::open(config)?);
+        let client = match cli.kubernetes {
+            true => Some(
+                kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?,
+            ),
+            false => None,
+        };
+        let node_auth = client
+            .clone()
+            .map(|client| KubernetesNodeAuth::new(client, &cli.node_service_account))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let plane = Arc::new(ControlPlane::open_with(config, node_auth)?);
         let listener = tokio::net::TcpListener::bind(cli.listen).await?;
         let admin = tokio::net::TcpListener::bind(cli.admin_listen)
             .await
             .with_context(|| format!("binding the admin endpoint on {}", cli.admin_listen))?;
         tokio::spawn(plane.clone().serve_admin(admin));
-        if cli.kubernetes {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        if let Some(client) = client {
             tokio::spawn(plane.clone().watch_kubernetes(client));
         }
         tracing::info!(listen = %cli.listen, trust_domain = %plane.config.trust_domain, "mesh-control serving the CA and xDS");

@@ -10,7 +10,7 @@ use std::{
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
-    sync::RwLock,
+    sync::{Arc, RwLock},
 };
 
 /// Bytes of randomness in a token (hex-encoded on disk).
@@ -101,10 +101,20 @@ impl NodeCredentials {
         let tokens = self.tokens.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         tokens.get(node).is_some_and(|expected| constant_time_eq(expected.as_bytes(), token.as_bytes()))
     }
+}
 
+/// How nodes authenticate: per-node tokens (local mode), or service-account tokens reviewed by
+/// the Kubernetes API (Kubernetes mode).
+#[derive(Debug, Clone)]
+pub struct NodeAuth {
+    pub local: Arc<NodeCredentials>,
+    pub kubernetes: Option<Arc<KubernetesNodeAuth>>,
+}
+
+impl NodeAuth {
     /// Returns the calling node's name from gRPC metadata (`x-nodemesh-node` and
     /// `authorization: Bearer <token>`), or why it is not authenticated.
-    pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<String, String> {
+    pub async fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<String, String> {
         let node = metadata
             .get(NODE_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -114,12 +124,18 @@ impl NodeCredentials {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or("missing `authorization: Bearer <node token>` metadata")?;
-        if !self.verify(node, token) {
-            return Err(format!("node {node:?} is unknown or its token is wrong"));
+        match &self.kubernetes {
+            Some(kubernetes) => kubernetes.authenticate(node, token).await?,
+            None if self.local.verify(node, token) => {}
+            None => return Err(format!("node {node:?} is unknown or its token is wrong")),
         }
         Ok(node.to_owned())
     }
 }
+
+mod kubernetes;
+
+pub use kubernetes::KubernetesNodeAuth;
 
 /// Metadata key naming the calling node.
 pub const NODE_HEADER: &str = "x-nodemesh-node";

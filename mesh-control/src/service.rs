@@ -12,7 +12,7 @@ use crate::{
     attestation::PodDirectory,
     ca::{CaError, CertificateAuthority},
     metrics::{CaOutcome, Metrics},
-    node_auth::NodeCredentials,
+    node_auth::{KubernetesNodeAuth, NodeAuth, NodeCredentials},
 };
 
 pub use crate::node_auth::NODE_HEADER;
@@ -24,6 +24,8 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub struct CaService {
     pub ca: Arc<RwLock<CertificateAuthority>>,
     pub nodes: Arc<NodeCredentials>,
+    /// Set in Kubernetes mode: nodes present service-account tokens instead of node tokens.
+    pub kubernetes_auth: Option<Arc<KubernetesNodeAuth>>,
     pub pods: Arc<PodDirectory>,
     pub metrics: Arc<Metrics>,
 }
@@ -40,15 +42,15 @@ fn invalid(message: impl Into<String>) -> Refusal {
 
 impl CaService {
     /// Returns the authenticated node's name.
-    fn authenticate(&self, request: &Request<CertificateRequest>) -> Result<String, Refusal> {
-        self.nodes.authenticate(request.metadata()).map_err(unauthenticated)
+    pub fn node_auth(&self) -> NodeAuth {
+        NodeAuth { local: self.nodes.clone(), kubernetes: self.kubernetes_auth.clone() }
     }
 
     fn handle(
         &self,
+        node: String,
         request: Request<CertificateRequest>,
     ) -> Result<(String, SpiffeId, CertificateResponse), Refusal> {
-        let node = self.authenticate(&request)?;
         let request = request.into_inner();
         let ca = self.ca.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let wanted =
@@ -84,7 +86,8 @@ impl CertificateService for CaService {
         &self,
         request: Request<CertificateRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        match self.handle(request) {
+        let authenticated = self.node_auth().authenticate(request.metadata()).await.map_err(unauthenticated);
+        match authenticated.and_then(|node| self.handle(node, request)) {
             Ok((node, identity, response)) => {
                 self.metrics.count(CaOutcome::Issued);
                 tracing::info!(node = %node, identity = %identity, "certificate issued");

@@ -24,7 +24,7 @@ use tracing::Instrument as _;
 
 use crate::{
     metrics::{Metrics, XdsOutcome},
-    node_auth::NodeCredentials,
+    node_auth::NodeAuth,
 };
 
 /// How long the server lets changes settle before pushing: a burst of edits is one push.
@@ -45,7 +45,7 @@ pub struct NodeSyncStatus {
 /// The server: one session task per connected node.
 #[derive(Debug, Clone)]
 pub struct XdsServer {
-    pub nodes: Arc<NodeCredentials>,
+    pub nodes: NodeAuth,
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     pub status: Arc<Mutex<BTreeMap<String, NodeSyncStatus>>>,
     pub metrics: Arc<Metrics>,
@@ -61,7 +61,7 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let node = self.nodes.authenticate(request.metadata()).map_err(|problem| {
+        let node = self.nodes.authenticate(request.metadata()).await.map_err(|problem| {
             tracing::warn!(error = %problem, "xDS stream refused");
             Status::unauthenticated(problem)
         })?;

@@ -5,6 +5,7 @@
 //! each certificate, so the node keeps trusting mesh-control while the mesh root is rotated.
 
 use std::{
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -25,13 +26,22 @@ pub enum ControlPlaneError {
     Tls(String),
     #[error("node name or token is not valid in gRPC metadata")]
     Credentials,
+    #[error("cannot read the node token {0}: {1}")]
+    Token(PathBuf, std::io::Error),
+}
+
+fn read_token(path: &Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_owned())
 }
 
 #[derive(Debug)]
 struct Inner {
     address: String,
     node: String,
-    token: String,
+    /// The token as last read; re-read from `token_file` for each request, since projected
+    /// service-account tokens rotate.
+    token: Mutex<String>,
+    token_file: Option<PathBuf>,
     /// The roots in use (PEM) and a channel verifying with them.
     roots: Mutex<(String, Channel)>,
 }
@@ -50,9 +60,26 @@ impl ControlPlane {
         Ok(ControlPlane(Arc::new(Inner {
             address: address.to_owned(),
             node: node.to_owned(),
-            token: token.to_owned(),
+            token: Mutex::new(token.to_owned()),
+            token_file: None,
             roots: Mutex::new((roots_pem.to_owned(), channel)),
         })))
+    }
+
+    /// Like [`ControlPlane::new`], with the token read from `token_file` now and before each
+    /// request (a rotated token is picked up; if the file cannot be read, the last one is sent).
+    pub fn with_token_file(
+        address: &str,
+        roots_pem: &str,
+        node: &str,
+        token_file: &Path,
+    ) -> Result<Self, ControlPlaneError> {
+        let token = read_token(token_file).map_err(|e| ControlPlaneError::Token(token_file.to_owned(), e))?;
+        let mut control = Self::new(address, roots_pem, node, &token)?;
+        if let Some(inner) = Arc::get_mut(&mut control.0) {
+            inner.token_file = Some(token_file.to_owned());
+        }
+        Ok(control)
     }
 
     pub fn node(&self) -> &str {
@@ -70,12 +97,19 @@ impl ControlPlane {
 
     /// Adds the node's name and token to a request.
     pub fn authorize<T>(&self, request: &mut tonic::Request<T>) {
+        let token = {
+            let mut token = self.0.token.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(fresh) = self.0.token_file.as_deref().and_then(|f| read_token(f).ok()) {
+                *token = fresh;
+            }
+            token.clone()
+        };
         let metadata = request.metadata_mut();
-        // Both were checked in `new`.
+        // The name was checked in `new`; a token that is not valid metadata is not sent.
         if let Ok(node) = self.0.node.parse() {
             metadata.insert(NODE_HEADER, node);
         }
-        if let Ok(token) = format!("Bearer {}", self.0.token).parse() {
+        if let Ok(token) = format!("Bearer {token}").parse() {
             metadata.insert("authorization", token);
         }
     }

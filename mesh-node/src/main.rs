@@ -111,7 +111,8 @@ struct RunArgs {
     /// Private state kept across restarts (last good config, certificates): a root-only tmpfs.
     #[arg(long, default_value = "/run/nodemesh")]
     state_dir: PathBuf,
-    /// This node's token for mesh-control (local mode), as mesh-control wrote it.
+    /// This node's token for mesh-control, re-read before each request: in local mode the
+    /// file mesh-control wrote; in Kubernetes a projected service-account token (it rotates).
     #[arg(long)]
     node_token_file: Option<PathBuf>,
     #[arg(long, default_value = "cluster.local")]
@@ -297,9 +298,7 @@ fn control_plane(args: &RunArgs) -> anyhow::Result<Option<ControlPlane>> {
     };
     let roots_pem = std::fs::read_to_string(roots)
         .with_context(|| format!("reading mesh-control trust roots {}", roots.display()))?;
-    let token =
-        std::fs::read_to_string(token).with_context(|| format!("reading node token {}", token.display()))?;
-    Ok(Some(ControlPlane::new(address, &roots_pem, &args.node_name, token.trim())?))
+    Ok(Some(ControlPlane::with_token_file(address, &roots_pem, &args.node_name, token)?))
 }
 
 /// Re-reads the pod source and applies changes; on a bad file the last good state stays.
