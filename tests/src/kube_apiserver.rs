@@ -86,7 +86,9 @@ fn random_token() -> String {
 /// Dropping it (also when a test panics) stops both by PID, waits for them and removes its
 /// directory; if a test panicked the logs are kept and their path printed. Both processes also
 /// get SIGKILL if the thread that started them dies without dropping it (a killed test binary),
-/// and [`KubeApiServer::start`] ends what a crashed earlier run of the same name left.
+/// and [`KubeApiServer::start`] ends what a crashed earlier run of the same name left. Because of
+/// that, start it on the thread that keeps it (a test's own), not in a `spawn_blocking` task or
+/// a static shared across tests.
 pub struct KubeApiServer {
     name: String,
     dir: PathBuf,
