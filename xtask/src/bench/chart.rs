@@ -219,14 +219,19 @@ pub fn svg(meta: &Meta, summary: &[ModeSummary]) -> String {
     let m = &meta.machine;
     let _ = writeln!(
         out,
-        r##"<text x="8" y="{:.0}" font-size="10" fill="#555">nodemesh cargo xtask bench, {}: {} vCPU {}, Linux {}; median of {} interleaved rounds{}</text>"##,
-        HEIGHT - 10.0,
+        r##"<text x="8" y="{:.0}" font-size="10" fill="#555">nodemesh cargo xtask bench, {}, median of {} interleaved rounds{}</text>"##,
+        HEIGHT - 22.0,
         esc(&meta.started),
-        m.nproc,
-        esc(&m.cpu_model),
-        esc(&m.kernel),
         meta.rounds,
         if meta.smoke { " (smoke run, not a measurement)" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        r##"<text x="8" y="{:.0}" font-size="10" fill="#555">{} vCPU {}, Linux {}</text>"##,
+        HEIGHT - 9.0,
+        m.nproc,
+        esc(&m.cpu_model),
+        esc(&m.kernel)
     );
     out.push_str("</svg>\n");
     out
