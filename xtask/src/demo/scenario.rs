@@ -29,12 +29,37 @@ const FLOWS: [Flow; 6] = [
     Flow { from: "a1", to: "ext", bytes: MIB, conns: 1, note: "to a host outside the mesh: plain TCP" },
 ];
 
+/// Shows what mesh-control distributed and what each node acknowledged.
+fn print_configuration(topology: &Topology) -> anyhow::Result<()> {
+    let config: serde_json::Value = serde_json::from_str(&topology.control_admin("/debug/config")?)?;
+    let nodes: serde_json::Value = serde_json::from_str(&topology.control_admin("/debug/nodes")?)?;
+    println!(
+        "\nConfiguration (delta xDS from mesh-control, version {}): {} workloads, {} services",
+        config["snapshot_version"].as_str().unwrap_or("?"),
+        config["workloads"],
+        config["services"]
+    );
+    for node in NodeId::ALL {
+        let view: serde_json::Value = serde_json::from_str(&topology.node_admin(node, "/config")?)?;
+        let sync = &nodes[node.name()];
+        println!(
+            "  {:<7} connected {:<5}  ACKed {} type(s)  meshed workloads known {}  state kept in {}",
+            node.name(),
+            sync["connected"],
+            sync["acked"].as_object().map_or(0, |a| a.len()),
+            view["workloads"].as_array().map_or(0, Vec::len),
+            view["xds"]["persisted_at"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
 /// Runs the demo on binaries already built (`cargo xtask demo` builds them, then runs this).
 pub fn run() -> anyhow::Result<()> {
     let step = Step::start("creating two nodes, six pods and an external host (network namespaces)");
     let topology = Topology::build("demo")?;
     step.done_with(&format!("state and logs in {}", topology.state_dir().display()));
-    let step = Step::start("starting mesh-control (the CA) on node-a");
+    let step = Step::start("starting mesh-control (CA and xDS, reading the YAML) on node-a");
     topology.start_control_plane()?;
     step.done();
     for node in NodeId::ALL {
@@ -50,6 +75,8 @@ pub fn run() -> anyhow::Result<()> {
         topology.serve(server, PORT)?;
     }
     step.done();
+
+    print_configuration(&topology)?;
 
     println!("\nWorkload identities (SPIFFE X.509 SVIDs from mesh-control's CA; keys never left the node):");
     for node in NodeId::ALL {
