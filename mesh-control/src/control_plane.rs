@@ -73,6 +73,8 @@ pub struct ControlPlane {
     pub xds: XdsServer,
     snapshots: watch::Sender<Arc<Snapshot>>,
     pub config_status: Mutex<ConfigStatus>,
+    /// The manifests' files as last read (local mode).
+    source_fingerprint: Mutex<Option<Vec<(PathBuf, u64, u64, i64, i64)>>>,
     server_identity: (String, String),
 }
 
@@ -123,6 +125,7 @@ impl ControlPlane {
             xds,
             snapshots,
             config_status: Mutex::new(ConfigStatus::default()),
+            source_fingerprint: Mutex::new(None),
             server_identity,
         };
         plane.reload().context("reading the manifests")?;
@@ -133,6 +136,18 @@ impl ControlPlane {
     /// node that has pods. On error the previous state stays.
     pub fn reload(&self) -> anyhow::Result<()> {
         let Some(dir) = &self.config.config_dir else { return Ok(()) };
+        // Unchanged files are not read again (a failed read is retried only when they change).
+        let fingerprint = mesh_manifests::local::fingerprint(dir).ok();
+        {
+            let mut last = lock(&self.source_fingerprint);
+            if fingerprint.is_some() && *last == fingerprint {
+                return match &lock(&self.config_status).error {
+                    Some(error) => Err(anyhow::anyhow!("{error}")),
+                    None => Ok(()),
+                };
+            }
+            *last = fingerprint;
+        }
         match mesh_manifests::load_model(dir) {
             Ok(model) => self.publish(&model),
             Err(err) => {

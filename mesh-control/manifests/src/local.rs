@@ -53,6 +53,21 @@ pub fn read(path: &Path) -> Result<LocalObjects, ManifestError> {
     Ok(local)
 }
 
+/// What a file or directory of manifests looks like without reading it: each file with its
+/// inode, size and modification time. Equal fingerprints mean nothing to re-read, so an idle
+/// control plane does not parse thousands of objects on every poll.
+pub fn fingerprint(path: &Path) -> Result<Vec<(PathBuf, u64, u64, i64, i64)>, ManifestError> {
+    use std::os::unix::fs::MetadataExt as _;
+    yaml_files(path)?
+        .into_iter()
+        .map(|file| {
+            let meta = std::fs::metadata(&file)
+                .map_err(|source| ManifestError::Read { path: file.clone(), source })?;
+            Ok((file, meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec()))
+        })
+        .collect()
+}
+
 fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     let read_err = |source| ManifestError::Read { path: path.to_owned(), source };
     if !path.is_dir() {
