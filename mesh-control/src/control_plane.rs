@@ -74,7 +74,7 @@ pub struct ControlPlane {
     snapshots: watch::Sender<Arc<Snapshot>>,
     pub config_status: Mutex<ConfigStatus>,
     /// The manifests' files as last read (local mode).
-    source_fingerprint: Mutex<Option<Vec<(PathBuf, u64, u64, i64, i64)>>>,
+    source_fingerprint: Mutex<Option<mesh_manifests::local::Fingerprint>>,
     server_identity: (String, String),
 }
 

@@ -53,10 +53,13 @@ pub fn read(path: &Path) -> Result<LocalObjects, ManifestError> {
     Ok(local)
 }
 
+/// Each file with its inode, size and modification time (seconds, nanoseconds).
+pub type Fingerprint = Vec<(PathBuf, u64, u64, i64, i64)>;
+
 /// What a file or directory of manifests looks like without reading it: each file with its
 /// inode, size and modification time. Equal fingerprints mean nothing to re-read, so an idle
 /// control plane does not parse thousands of objects on every poll.
-pub fn fingerprint(path: &Path) -> Result<Vec<(PathBuf, u64, u64, i64, i64)>, ManifestError> {
+pub fn fingerprint(path: &Path) -> Result<Fingerprint, ManifestError> {
     use std::os::unix::fs::MetadataExt as _;
     yaml_files(path)?
         .into_iter()
