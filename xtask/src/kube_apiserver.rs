@@ -6,7 +6,10 @@
 //! to six minutes on two cores. The deb-src entry it needs is given to apt on the command line, so
 //! /etc stays untouched. Source and build trees (~2 GB) live in a scratch directory removed
 //! afterwards; only the binary (~105 MB) is kept. The tests run it against Debian's `etcd-server`
-//! (`nodemesh-testbed`'s `kube_apiserver` module).
+//! (`nodemesh-testbed`'s `kube_apiserver` module). One vendored library is fixed for Go 1.19
+//! before building ([`reflect2`]), or custom resources crash the API server.
+
+mod reflect2;
 
 use std::{
     fs::{self, File},
@@ -59,10 +62,23 @@ pub fn binary_path() -> PathBuf {
     crate::target_dir().join("tools").join(format!("kube-apiserver-{VERSION}")).join("kube-apiserver")
 }
 
-/// Returns `Ok(what runs)` when `binary` starts and is [`VERSION`], or `Err(why not)`.
+/// Returns the file recording which source fixes the cached binary was built with.
+fn fixes_path(binary: &Path) -> PathBuf {
+    binary.with_extension("fixes")
+}
+
+/// Returns `Ok(what runs)` when `binary` starts, is [`VERSION`] and was built with the current
+/// [`reflect2::FIXES`], or `Err(why not)`.
 fn probe_binary(binary: &Path) -> Result<String, String> {
     if !binary.is_file() {
         return Err(format!("no {}", binary.display()));
+    }
+    if fs::read_to_string(fixes_path(binary)).ok().as_deref() != Some(reflect2::FIXES) {
+        return Err(format!(
+            "{} was built without the fix for {} (custom resources crash it)",
+            binary.display(),
+            reflect2::FIXES
+        ));
     }
     let output = Command::new(binary)
         .arg("--version")
@@ -192,6 +208,7 @@ fn build(binary: &Path) -> anyhow::Result<()> {
     // A GOPATH layout, as Debian's own build uses.
     let tree = scratch.0.join("gopath/src/k8s.io/kubernetes");
     fetch_source(&scratch.0, &tree)?;
+    reflect2::fix(&tree)?;
 
     let step =
         Step::start("building kube-apiserver (make WHAT=cmd/kube-apiserver; 4 to 6 minutes on 2 cores)");
@@ -224,6 +241,8 @@ fn build(binary: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("chmod {}", staged.display()))?;
     // Atomic: a concurrent reader sees no binary or a whole one.
     fs::rename(&staged, binary).with_context(|| format!("moving the binary to {}", binary.display()))?;
+    let fixes = fixes_path(binary);
+    fs::write(&fixes, reflect2::FIXES).with_context(|| format!("writing {}", fixes.display()))?;
     if let Err(reason) = probe_binary(binary) {
         bail!("kube-apiserver was built but is not usable: {reason}");
     }
