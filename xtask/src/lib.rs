@@ -6,6 +6,7 @@
 //!   tests, and the end-to-end tests (as root).
 //! - `kube-apiserver` ([`kube_apiserver`]): builds, once, the real kube-apiserver the Kubernetes
 //!   discovery tests run against, from Debian's source package; `test` does it too.
+//! - `gen-crds` ([`crds`]): writes the CRD manifests in `deploy/crds/` from the Rust types.
 //! - `demo` ([`demo`]): a two-node mesh in network namespaces with real traffic, and a report of
 //!   what it captured.
 //! - `bench` ([`bench`]): what the mesh costs against the direct path, measured in one run
@@ -17,6 +18,7 @@
 
 pub mod bench;
 pub mod cargo_log;
+pub mod crds;
 pub mod demo;
 pub mod ebpf;
 pub mod kube_apiserver;

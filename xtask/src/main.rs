@@ -1,7 +1,7 @@
 //! `cargo xtask`: nodemesh's developer commands (see the `xtask` library for what each does).
 
 use clap::{Parser, Subcommand};
-use xtask::{bench, demo, ebpf, kube_apiserver, test};
+use xtask::{bench, crds, demo, ebpf, kube_apiserver, test};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask", about = "nodemesh developer commands")]
@@ -25,6 +25,8 @@ enum Cmd {
     },
     /// Build (once, 4-6 minutes) the kube-apiserver the Kubernetes tests run against, and install etcd.
     KubeApiserver,
+    /// Write deploy/crds/ from the CRD types in mesh-control/manifests (a test fails when stale).
+    GenCrds,
     /// Run the two-node demo (as root) and show what the mesh captured.
     Demo,
     /// Measure the mesh against the direct path (as root): throughput, latency at a fixed rate,
@@ -48,6 +50,7 @@ fn main() -> std::process::ExitCode {
             _ => test::Selection::All,
         }),
         Cmd::KubeApiserver => kube_apiserver::ensure().map(|_| ()),
+        Cmd::GenCrds => crds::run(),
         Cmd::Demo => demo::run(),
         Cmd::Bench { smoke, rounds } => bench::run(smoke, rounds),
     };

@@ -115,7 +115,13 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
                 // The demo and the bench harness are behind features (see xtask's Cargo.toml):
                 // lint them too.
                 cargo()
-                    .args(["clippy", "--workspace", "--all-targets", "--features", "xtask/demo,xtask/bench"])
+                    .args([
+                        "clippy",
+                        "--workspace",
+                        "--all-targets",
+                        "--features",
+                        "xtask/demo,xtask/bench,xtask/crds",
+                    ])
                     .args(["--", "-D", "warnings"]),
                 &mut totals,
             )?,

@@ -10,6 +10,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod generate;
+
+pub use generate::{CrdFile, GENERATE_COMMAND, RenderError, crd_files};
+
 /// Who may call a workload: Istio's AuthorizationPolicy, enforced by the node proxy.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -18,7 +22,8 @@ use serde::{Deserialize, Serialize};
     kind = "AuthorizationPolicy",
     namespaced,
     status = "PolicyStatus",
-    shortname = "authz"
+    shortname = "authz",
+    doc = "Who may call a workload: Istio's AuthorizationPolicy, enforced by nodemesh's node proxy."
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
@@ -146,7 +151,11 @@ pub struct PolicyStatus {
     kind = "HTTPRoute",
     root = "HttpRoute",
     namespaced,
-    status = "RouteStatus"
+    status = "RouteStatus",
+    doc = "HTTP routing for a Service: the subset of Gateway API's HTTPRoute v1 that nodemesh implements.",
+    // `*.k8s.io` groups are protected: the API server refuses a CRD in one without this
+    // annotation. The value is the one Gateway API's own CRDs carry.
+    annotation("api-approved.kubernetes.io", "https://github.com/kubernetes-sigs/gateway-api/pull/2466")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteSpec {
