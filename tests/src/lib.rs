@@ -7,8 +7,10 @@
 //! it down on drop, also sweeping what an interrupted earlier run of the same name left.
 //!
 //! [`KubeApiServer`] runs a real kube-apiserver and etcd on loopback for the tests of the
-//! Kubernetes discovery (built once by `cargo xtask kube-apiserver`).
+//! Kubernetes discovery (built once by `cargo xtask kube-apiserver`); [`deploy`] applies the
+//! manifests in `deploy/` to it as they are written.
 
+pub mod deploy;
 pub mod kube_apiserver;
 pub mod manifest;
 pub mod netns;

@@ -112,8 +112,8 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
             Stage::Clippy => run_step(
                 "lints (cargo clippy -D warnings)",
                 "clippy",
-                // The demo and the bench harness are behind features (see xtask's Cargo.toml):
-                // lint them too.
+                // The demo, the bench harness and the CRD generator are behind features (see
+                // xtask's Cargo.toml): lint them too.
                 cargo()
                     .args([
                         "clippy",
