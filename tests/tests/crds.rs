@@ -12,7 +12,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_accepts_the_crds_and_stores_every_field() {
-    let api = KubeApiServer::start("crds").expect("kube-apiserver");
+    let api = KubeApiServer::start("deploy-crds").expect("kube-apiserver");
     let client = api.client().expect("client");
     deploy::apply_dir(&client, "crds").await.expect("the API server accepts deploy/crds/");
     deploy::wait_established(
