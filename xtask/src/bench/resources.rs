@@ -88,8 +88,8 @@ pub fn raise_fd_limit(wanted: u64) -> u64 {
         return soft;
     }
     let limit = libc::rlimit { rlim_cur: target.max(soft), rlim_max: target.max(hard) };
-    // SAFETY: setrlimit with a valid struct; raising the hard limit needs root, which the
-    // bench has; on failure the old limit simply stays.
+    // SAFETY: setrlimit with a valid struct. Raising the hard limit needs CAP_SYS_RESOURCE,
+    // which a container may lack even as root; then the old limit simply stays.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     fd_limits().0
 }

@@ -39,6 +39,20 @@ impl Mode {
     pub fn has_proxies(self) -> bool {
         self != Mode::Direct
     }
+
+    /// Returns the open files the busiest process needs to hold `conns` connections, with
+    /// slack: an L4 proxy holds two sockets per connection (captured and upstream on node-a,
+    /// captured and delivery on node-b); over HBONE each proxy holds one per connection plus the
+    /// shared tunnels (100 streams each); the client and the server one each.
+    pub fn files_to_hold(self, conns: u32) -> u64 {
+        let conns = u64::from(conns);
+        let per_process = match self {
+            Mode::L4 => 2 * conns,
+            Mode::Direct => conns,
+            Mode::Mtls | Mode::MtlsFreshTunnels => conns + conns.div_ceil(100),
+        };
+        per_process + 1024
+    }
 }
 
 /// The machine the numbers come from.
@@ -326,6 +340,13 @@ pub fn summarize(results: &Results) -> Vec<ModeSummary> {
 mod tests {
     use super::{ConnectRun, Held, LatencyRun, MemoryRun, Mode, Results, ThroughputRun, median, summarize};
     use crate::bench::{connections::ConnectReport, latency::LoadReport};
+
+    #[test]
+    fn holding_connections_needs_files_per_proxy_path() {
+        assert_eq!(Mode::L4.files_to_hold(10_000), 21_024, "two sockets per connection");
+        assert_eq!(Mode::Mtls.files_to_hold(10_000), 11_124, "one per connection, plus 100 tunnels");
+        assert_eq!(Mode::Direct.files_to_hold(1000), 2024);
+    }
 
     #[test]
     fn gigabits_per_second() {

@@ -382,10 +382,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                 report::thousands(conns.into()),
                 mode.label()
             ));
-            // Client, server and each proxy hold a socket or two per connection, plus slack.
-            let needed = 2 * u64::from(conns) + 1024;
+            let needed = mode.files_to_hold(conns);
             if fd_limit < needed {
-                let why = format!("open-files limit {fd_limit} < {needed}");
+                let why = format!(
+                    "open-files limit {fd_limit} < {needed} needed (the hard limit cannot be raised here)"
+                );
                 results.meta.notes.push(format!(
                     "{}: {} connections not measured: {why}",
                     mode.label(),
