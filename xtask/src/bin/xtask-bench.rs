@@ -3,10 +3,12 @@
 //! `NODEMESH_BPF_OBJECT`). `run` is the bench; the hidden subcommands are the clients it starts
 //! inside the client pod.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
 
 use clap::{Parser, Subcommand};
-use xtask::bench::{connections, latency, resources, suite};
+use xtask::bench::{chart, connections, latency, report, resources, results, suite};
 
 #[derive(Debug, Parser)]
 #[command(name = "xtask-bench", about = "nodemesh benchmarks (run through `cargo xtask bench`)")]
@@ -25,6 +27,14 @@ enum Cmd {
         /// Runs per mode of each measurement (default 5; 1 with --smoke).
         #[arg(long)]
         rounds: Option<u32>,
+    },
+    /// Prints a saved run (`target/bench/<time>.json`) as Markdown, and writes its chart.
+    Render {
+        /// The run's JSON.
+        json: PathBuf,
+        /// Where to write the SVG chart.
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
     /// Open-loop load at a fixed rate against pod-app's echo; prints a JSON report.
     #[command(hide = true)]
@@ -65,6 +75,7 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Cmd::Run { smoke, rounds } => suite::run(suite::Options { smoke, rounds }),
+        Cmd::Render { json, svg } => render(&json, svg.as_deref()),
         Cmd::Load { to, rate, conns, duration_ms, size } => {
             let spec =
                 latency::LoadSpec { to, rate, conns, duration: Duration::from_millis(duration_ms), size };
@@ -82,4 +93,17 @@ fn main() -> std::process::ExitCode {
         }
     };
     xtask::exit_code(result)
+}
+
+/// Re-renders a saved run: the Markdown on standard output, the chart to `svg`.
+fn render(json: &std::path::Path, svg: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let run: results::Results =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a bench run", json.display()))?;
+    if let Some(path) = svg {
+        let chart = chart::svg(&run.meta, &results::summarize(&run));
+        std::fs::write(path, chart).with_context(|| format!("writing {}", path.display()))?;
+    }
+    print!("{}", report::markdown(&run));
+    Ok(())
 }
