@@ -39,6 +39,9 @@ pub async fn accept_loop(pod: Arc<PodContext>, listener: TcpListener) {
 }
 
 async fn serve_tunnel(pod: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
+    // Handshake flights and HTTP/2 control frames are small writes: without this, Nagle holds
+    // them back until the peer's delayed ACK (40 ms), for every new tunnel.
+    let _ = tcp.set_nodelay(true);
     let Some(own) = pod.identities.as_ref().and_then(|i| i.current(&pod.identity)) else {
         // No valid certificate for this pod: refuse rather than serve unauthenticated.
         tracing::warn!(dst.identity = %pod.identity, "HBONE connection refused: no certificate yet");
