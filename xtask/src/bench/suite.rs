@@ -279,6 +279,24 @@ fn held_rss(bed: &Bed, conns: u32) -> anyhow::Result<u64> {
     }
 }
 
+/// Takes the lock of the runs with this prefix: two at once would tear down each other's test
+/// beds (same names) and disturb each other's measurements. Held until the file is dropped.
+fn lock(prefix: &str) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let dir = crate::target_dir().join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!(".{prefix}.lock"));
+    let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; the lock goes with the file.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another `cargo xtask bench{}` is running on this machine: wait for it to finish",
+            if prefix.ends_with("smoke") { " --smoke" } else { "" }
+        );
+    }
+    Ok(file)
+}
+
 /// Runs the whole bench and writes its report.
 pub fn run(options: Options) -> anyhow::Result<()> {
     if !crate::is_root() {
@@ -312,6 +330,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             .push(format!("only {} rounds: medians of fewer than 5 runs are rough", plan.rounds));
     }
     let prefix = if options.smoke { "bench-smoke" } else { "bench" };
+    let _lock = lock(prefix)?;
     let compared = Mode::COMPARED;
     let mut progress = Progress::new(plan.steps(compared.len()));
 
