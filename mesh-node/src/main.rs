@@ -272,8 +272,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 tokio::spawn(reload_loop(node.clone(), path, all, interval));
             }
             (None, Some(xds)) => {
-                let store_pods = xds.store.lock().await.pods();
-                if !xds.store.lock().await.is_empty() {
+                let (store_pods, held) = {
+                    let store = xds.store.lock().await;
+                    (store.pods(), !store.is_empty())
+                };
+                if held {
                     // Serve at once from the last good config; xDS brings it up to date.
                     tracing::info!(workloads = store_pods.len(), "serving the persisted config until mesh-control answers");
                     node.apply_mesh(&store_pods).await;

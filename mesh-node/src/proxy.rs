@@ -44,6 +44,24 @@ pub fn reset(stream: tokio::net::TcpStream) {
     }
 }
 
+/// Connects to `dst` from inside the pod's netns (the destination sees the pod's address), with
+/// the proxy's mark so the capture programs leave the connection alone.
+pub async fn connect_from_pod(
+    pod: &crate::pod::PodContext,
+    dst: SocketAddr,
+) -> Result<tokio::net::TcpStream, ProxyError> {
+    let socket = pod
+        .worker
+        .run(move || -> io::Result<socket2::Socket> {
+            let s = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, None)?;
+            s.set_mark(mesh_ebpf_common::PROXY_MARK)?;
+            Ok(s)
+        })
+        .await?
+        .map_err(ProxyError::Socket)?;
+    connect(socket, dst).await
+}
+
 /// Connects a socket that was created (in some pod's netns) and configured already.
 pub async fn connect(socket: socket2::Socket, dst: SocketAddr) -> Result<tokio::net::TcpStream, ProxyError> {
     socket.set_nonblocking(true).map_err(ProxyError::Socket)?;

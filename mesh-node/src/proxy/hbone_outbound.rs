@@ -17,14 +17,14 @@ use std::{
 use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_api::SpiffeId;
-use mesh_ebpf_common::{HBONE_PORT, PROXY_MARK};
+use mesh_ebpf_common::HBONE_PORT;
 use rustls::pki_types::ServerName;
 use time::OffsetDateTime;
 use tokio::{net::TcpStream, sync::Mutex};
 use tokio_rustls::TlsConnector;
 
 use super::{
-    ProxyError, connect,
+    ProxyError, connect_from_pod,
     hbone::{
         CERT_WAIT, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_TUNNEL, STREAM_WINDOW, TunnelBody,
     },
@@ -125,16 +125,7 @@ async fn open_tunnel(
     ip: IpAddr,
 ) -> Result<Tunnel, ProxyError> {
     let dst = SocketAddr::new(ip, HBONE_PORT);
-    let socket = pod
-        .worker
-        .run(move || -> std::io::Result<socket2::Socket> {
-            let s = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, None)?;
-            s.set_mark(PROXY_MARK)?;
-            Ok(s)
-        })
-        .await?
-        .map_err(ProxyError::Socket)?;
-    let tcp = connect(socket, dst).await?;
+    let tcp = connect_from_pod(pod, dst).await?;
     let config = tls::client_config(own, peer).map_err(|e| ProxyError::Tunnel(e.to_string()))?;
     let tls = TlsConnector::from(Arc::new(config))
         .connect(ServerName::IpAddress(ip.into()), tcp)

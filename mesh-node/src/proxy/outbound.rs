@@ -3,11 +3,10 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use mesh_ebpf_common::PROXY_MARK;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
-use super::{ProxyError, connect, relay::relay, reset};
+use super::{ProxyError, connect_from_pod, relay::relay, reset};
 use crate::pod::PodContext;
 
 /// The sock_ops program records the original destination when the client's side of the
@@ -76,16 +75,7 @@ async fn forward(
         let source = SocketAddr::new(std::net::IpAddr::V4(pod.ip), peer.port());
         return super::hbone_outbound::forward(pod, client, source, dst, expected).await;
     }
-    let socket = pod
-        .worker
-        .run(move || -> std::io::Result<socket2::Socket> {
-            let s = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, None)?;
-            s.set_mark(PROXY_MARK)?;
-            Ok(s)
-        })
-        .await?
-        .map_err(ProxyError::Socket)?;
-    let upstream = match connect(socket, dst).await {
+    let upstream = match connect_from_pod(pod, dst).await {
         Ok(upstream) => upstream,
         Err(err) => {
             reset(client);
