@@ -35,3 +35,18 @@ pub fn require_root() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Polls `check` until it returns `Some` or `within` passes, then fails naming `what`.
+///
+/// For what the mesh records just after a client sees the result (a log line, a failure
+/// counter): the proxy closes the client's socket first, so reading at once is a race.
+pub fn eventually<T>(what: &str, within: std::time::Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodemesh_testbed::{ClientReport, NodeId, Topology, payload, process::find_binary};
+use nodemesh_testbed::{ClientReport, NodeId, Topology, eventually, payload, process::find_binary};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -170,9 +170,12 @@ fn strict_refuses_plaintext_from_outside_the_mesh_and_permissive_accepts_it() {
     assert_eq!(to_permissive.peer_ips(), [topology.pod("a3").ip.to_string()]);
     // Meshed clients reach the STRICT pod through HBONE.
     assert!(topology.client("a1", addr(&topology, "b1"), 1024, 1).expect("client").ok);
+    let wait = Duration::from_secs(5);
+    eventually("the refusal is logged with the reason", wait, || {
+        topology.node_log_text(NodeId::B).contains("the pod is STRICT").then_some(())
+    });
     let b = topology.node_pods(NodeId::B).expect("pods");
     assert_eq!(b.pod("b1").expect("b1").inbound.failed, 1, "the refusal is counted");
-    assert!(topology.node_log_text(NodeId::B).contains("the pod is STRICT"), "and logged with the reason");
 }
 
 /// Returns the serial of `identity`'s current certificate on `node`.

@@ -6,12 +6,14 @@
 use std::{net::SocketAddr, time::Duration};
 
 use nodemesh_testbed::{
-    NodeId, Topology,
+    NodeId, Topology, eventually,
     rogue::{self, Flaw, RogueServer},
 };
 
 const PORT: u16 = 8080;
 const HBONE: u16 = 15008;
+/// How long node A may take to record what its client already saw.
+const WAIT: Duration = Duration::from_secs(5);
 
 fn spiffe(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/demo/sa/{sa}")
@@ -52,14 +54,14 @@ fn a_rogue_server_in_place_of_a_meshed_pod_is_refused_and_the_client_fails() {
         assert_eq!(report.bytes_received, 0, "{flaw:?}: nothing came back");
         assert!(seen.connections >= 1, "{flaw:?}: the tunnel did reach the rogue: {seen:?}");
         assert_eq!(seen.handshakes_completed, 0, "{flaw:?}: node-a never finished a handshake: {seen:?}");
-        let log = &topology.node_log_text(NodeId::A)[log_before..];
-        assert!(log.contains(refusal(flaw)), "{flaw:?}: node-a says why ({}):\n{log}", refusal(flaw));
-        let pods = topology.node_pods(NodeId::A).expect("pods");
-        assert_eq!(
-            pods.pod("a1").expect("a1").outbound.failed,
-            i as u64 + 1,
-            "{flaw:?}: counted as a failure"
-        );
+        // node-a logs and counts the refusal just after it closes the client's connection.
+        eventually(&format!("{flaw:?}: node-a says why ({})", refusal(flaw)), WAIT, || {
+            topology.node_log_text(NodeId::A)[log_before..].contains(refusal(flaw)).then_some(())
+        });
+        let failed = || topology.node_pods(NodeId::A).ok()?.pod("a1").map(|a1| a1.outbound.failed);
+        eventually(&format!("{flaw:?}: counted as failure {}", i + 1), WAIT, || {
+            (failed()? == i as u64 + 1).then_some(())
+        });
     }
 }
 

@@ -159,9 +159,24 @@ fn without_backtraces(lines: &[String]) -> Vec<String> {
             }
             in_backtrace = false;
         }
+        // A frame whose header was interleaved with another thread's output still goes.
+        if is_backtrace_frame(line) {
+            continue;
+        }
         kept.push(line.clone());
     }
     kept
+}
+
+/// Whether `line` is a backtrace frame (`  16: std::…`) or its location (`      at src/x.rs:1:2`).
+fn is_backtrace_frame(line: &str) -> bool {
+    let trimmed = line.trim_start();
+    if trimmed.len() == line.len() {
+        return false;
+    }
+    let frame_number =
+        trimmed.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    frame_number || trimmed.starts_with("at ")
 }
 
 /// How many tests passed, failed and were ignored.
@@ -325,6 +340,32 @@ failures:
                 "thread 't' (26653) panicked at src/lib.rs:8:9:",
                 "boom",
                 "stack backtrace: (in the log)",
+                "after"
+            ]
+        );
+    }
+
+    #[test]
+    fn frames_without_their_header_are_left_in_the_log_too() {
+        let log = "---- t stdout ----
+thread 'worker' panicked at src/a.rs:1:1:
+boom
+other thread's line stack backtrace:
+  16: std::sys::backtrace::__rust_begin_short_backtrace
+             at /rustc/x/library/std/src/sys/backtrace.rs:166:18
+  17: start_thread
+after
+
+failures:
+    t
+";
+        let failed = failed_tests(log);
+        assert_eq!(
+            failed[0].output,
+            [
+                "thread 'worker' panicked at src/a.rs:1:1:",
+                "boom",
+                "other thread's line stack backtrace:",
                 "after"
             ]
         );
