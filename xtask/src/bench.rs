@@ -5,7 +5,8 @@
 //! the same run: throughput (1 and 4 streams), latency at a fixed request rate (open loop,
 //! [`latency`]), new connections per second (pooled and fresh mTLS tunnels, [`connections`]),
 //! proxy CPU per request and memory ([`resources`]). Results go to `target/bench/` ([`report`],
-//! [`chart`]).
+//! [`chart`]). `--scale` measures the control plane instead ([`scale`]): how fast a manifest
+//! change reaches 100 simulated nodes, and mesh-control's memory, at 1k and 10k workloads.
 //!
 //! Like the demo, the harness drives the test bed, so it is a separate binary behind the `bench`
 //! feature. The pure parts (histogram, schedule, `/proc` parsing, summaries, rendering) are
@@ -20,6 +21,7 @@ pub mod modes;
 pub mod report;
 pub mod resources;
 pub mod results;
+pub mod scale;
 #[cfg(feature = "bench")]
 pub mod suite;
 #[cfg(feature = "bench")]
@@ -40,6 +42,37 @@ pub fn run(smoke: bool, rounds: Option<u32>) -> anyhow::Result<()> {
     let object = ebpf::build()?;
     toolchain::ensure_test_tools()?;
     run_with(&object, smoke, rounds)
+}
+
+/// Builds mesh-control (optimised, unless `smoke`) and the harness, then runs the scale bench.
+/// It runs only mesh-control and its clients on loopback: no root needed.
+pub fn run_scale(smoke: bool) -> anyhow::Result<()> {
+    let (profile, dir) = if smoke { (None, "debug") } else { (Some("--release"), "release") };
+    let cargo = || {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(crate::workspace_root()).env("CARGO_TERM_COLOR", "never");
+        cmd
+    };
+    Step::start(format!("building mesh-control ({dir})")).run(
+        &format!("build-scale-binaries-{dir}"),
+        cargo().args(["build", "-p", "mesh-control", "--bins"]).args(profile),
+    )?;
+    Step::start(format!("building the bench harness ({dir})")).run(
+        &format!("build-bench-{dir}"),
+        cargo().args(["build", "-p", "xtask", "--features", "bench", "--bin", "xtask-bench"]).args(profile),
+    )?;
+    let bin = crate::target_dir().join(dir);
+    let harness = bin.join("xtask-bench");
+    let mut cmd = Command::new(&harness);
+    cmd.arg("scale").env("MESH_CONTROL_BIN", bin.join("mesh-control"));
+    if smoke {
+        cmd.arg("--smoke");
+    }
+    let status = cmd.status().with_context(|| format!("running {}", harness.display()))?;
+    if !status.success() {
+        bail!("the scale bench{} failed (see above)", if smoke { " smoke run" } else { "" });
+    }
+    Ok(())
 }
 
 /// Builds the binaries and the harness and runs the bench with the kernel programs in `object`

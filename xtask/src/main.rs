@@ -36,8 +36,12 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
         /// Runs per mode of each measurement (default 5; 1 with --smoke).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "scale")]
         rounds: Option<u32>,
+        /// Instead: the control plane at scale (1k and 10k workloads, 1k services, 100 simulated
+        /// nodes): time from a manifest change to every node having it, and mesh-control's memory.
+        #[arg(long)]
+        scale: bool,
     },
 }
 
@@ -52,7 +56,8 @@ fn main() -> std::process::ExitCode {
         Cmd::KubeApiserver => kube_apiserver::ensure().map(|_| ()),
         Cmd::GenCrds => crds::run(),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { smoke, rounds } => bench::run(smoke, rounds),
+        Cmd::Bench { smoke, scale: true, .. } => bench::run_scale(smoke),
+        Cmd::Bench { smoke, rounds, scale: false } => bench::run(smoke, rounds),
     };
     xtask::exit_code(result)
 }

@@ -27,8 +27,13 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
 
 /// Returns `VmRSS` in KiB from the text of `/proc/<pid>/status`.
 pub fn parse_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut parts = line["VmRSS:".len()..].split_whitespace();
+    parse_status_kib(status, "VmRSS")
+}
+
+/// Returns a field given in kB (`VmRSS`, `VmHWM`, …) from the text of `/proc/<pid>/status`.
+pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    let mut parts = line[field.len() + 1..].split_whitespace();
     let value: u64 = parts.next()?.parse().ok()?;
     match parts.next() {
         Some("kB") => Some(value),
@@ -98,7 +103,7 @@ pub fn raise_fd_limit(wanted: u64) -> u64 {
 mod tests {
     use std::time::Duration;
 
-    use super::{Sample, cpu_between, parse_cpu_ticks, parse_rss_kib};
+    use super::{Sample, cpu_between, parse_cpu_ticks, parse_rss_kib, parse_status_kib};
 
     #[test]
     fn cpu_times_are_read_after_the_command_name() {
@@ -118,6 +123,8 @@ mod tests {
         assert_eq!(parse_rss_kib(status), Some(7340));
         assert_eq!(parse_rss_kib("Name:\tkthreadd\n"), None, "kernel threads have no VmRSS");
         assert_eq!(parse_rss_kib("VmRSS:\t12 MB\n"), None, "an unknown unit is not guessed");
+        assert_eq!(parse_status_kib(status, "VmPeak"), Some(99_999));
+        assert_eq!(parse_status_kib("VmHWMx:\t1 kB\nVmHWM:\t2 kB\n", "VmHWM"), Some(2), "the exact field");
     }
 
     #[test]

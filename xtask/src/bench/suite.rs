@@ -140,7 +140,8 @@ impl Drop for Progress {
     }
 }
 
-fn machine(fd_limit: u64) -> Machine {
+/// Describes this machine for a report.
+pub(crate) fn machine(fd_limit: u64) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     Machine {
         nproc: std::thread::available_parallelism().map_or(1, usize::from),
@@ -281,7 +282,7 @@ fn held_rss(bed: &Bed, conns: u32) -> anyhow::Result<u64> {
 
 /// Takes the lock of the runs with this prefix: two at once would tear down each other's test
 /// beds (same names) and disturb each other's measurements. Held until the file is dropped.
-fn lock(prefix: &str) -> anyhow::Result<std::fs::File> {
+pub(crate) fn lock(prefix: &str) -> anyhow::Result<std::fs::File> {
     use std::os::fd::AsRawFd as _;
     let dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -290,7 +291,8 @@ fn lock(prefix: &str) -> anyhow::Result<std::fs::File> {
     // SAFETY: flock on a file descriptor we own; the lock goes with the file.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         bail!(
-            "another `cargo xtask bench{}` is running on this machine: wait for it to finish",
+            "another `cargo xtask bench{}{}` is running on this machine: wait for it to finish",
+            if prefix.starts_with("scale") { " --scale" } else { "" },
             if prefix.ends_with("smoke") { " --smoke" } else { "" }
         );
     }

@@ -1,14 +1,14 @@
 //! The bench harness, run by `cargo xtask bench` once everything it needs is built (it finds
 //! the binaries through `MESH_NODE_BIN`, `MESH_CONTROL_BIN`, `POD_APP_BIN` and
-//! `NODEMESH_BPF_OBJECT`). `run` is the bench; the hidden subcommands are the clients it starts
-//! inside the client pod.
+//! `NODEMESH_BPF_OBJECT`). `run` is the bench and `scale` the control plane at scale; the hidden
+//! subcommands are the clients it starts inside the client pod.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 
 use clap::{Parser, Subcommand};
-use xtask::bench::{chart, connections, latency, report, resources, results, suite};
+use xtask::bench::{chart, connections, latency, report, resources, results, scale, suite};
 
 #[derive(Debug, Parser)]
 #[command(name = "xtask-bench", about = "nodemesh benchmarks (run through `cargo xtask bench`)")]
@@ -27,6 +27,12 @@ enum Cmd {
         /// Runs per mode of each measurement (default 5; 1 with --smoke).
         #[arg(long)]
         rounds: Option<u32>,
+    },
+    /// Measures mesh-control at scale: convergence and memory with 100 simulated nodes.
+    Scale {
+        /// 100 workloads, 5 nodes, 10 changes: checks that every change converges, no timing.
+        #[arg(long)]
+        smoke: bool,
     },
     /// Prints a saved run (`target/bench/<time>.json`) as Markdown, and writes its chart.
     Render {
@@ -75,6 +81,7 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Cmd::Run { smoke, rounds } => suite::run(suite::Options { smoke, rounds }),
+        Cmd::Scale { smoke } => scale::run::run(smoke),
         Cmd::Render { json, svg } => render(&json, svg.as_deref()),
         Cmd::Load { to, rate, conns, duration_ms, size } => {
             let spec =
