@@ -4,7 +4,7 @@
 //! translates (the local source turns problems into errors, so a bad file changes nothing).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
 };
@@ -110,10 +110,11 @@ pub fn translate(objects: &ClusterObjects, options: &TranslateOptions) -> Model 
             }
         }
     }
+    let index = EndpointIndex::new(&objects.pods, &model.workloads);
     for service in &objects.services {
         match service_spec(service, options) {
             Ok(spec) => {
-                attach_endpoints(service, &spec, &objects.pods, &mut model.workloads);
+                attach_endpoints(service, &spec, &index, &mut model.workloads);
                 model.services.push(spec);
             }
             Err(message) => {
@@ -285,23 +286,65 @@ fn protocol_from_name(name: Option<&str>) -> String {
     }
 }
 
+/// Finds a service's workloads by label instead of looking at every workload of its namespace
+/// and scanning every pod for each (quadratic at 10,000 pods): pods by key, workloads by their
+/// pod's labels.
+struct EndpointIndex<'a> {
+    pods: HashMap<(&'a str, &'a str), &'a Pod>,
+    /// (namespace, label key, label value) → indexes into the workloads.
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+}
+
+impl<'a> EndpointIndex<'a> {
+    fn new(pods: &'a [Pod], workloads: &[WorkloadSpec]) -> Self {
+        let mut index = EndpointIndex { pods: HashMap::new(), by_label: HashMap::new() };
+        for pod in pods {
+            let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+            if let Some(name) = pod.metadata.name.as_deref() {
+                index.pods.entry((namespace, name)).or_insert(pod);
+            }
+        }
+        for (i, workload) in workloads.iter().enumerate() {
+            let Some(pod) = index.pods.get(&(workload.key.namespace.as_str(), workload.key.name.as_str()))
+            else {
+                continue;
+            };
+            let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+            for (key, value) in pod.metadata.labels.iter().flatten() {
+                index.by_label.entry((namespace, key, value)).or_default().push(i);
+            }
+        }
+        index
+    }
+}
+
 /// Adds the service's ports to every workload its selector picks (same namespace). A service
 /// without a selector has no endpoints from pods (its Endpoints are managed elsewhere).
-fn attach_endpoints(service: &Service, spec: &ServiceSpec, pods: &[Pod], workloads: &mut [WorkloadSpec]) {
+fn attach_endpoints(
+    service: &Service,
+    spec: &ServiceSpec,
+    index: &EndpointIndex<'_>,
+    workloads: &mut [WorkloadSpec],
+) {
     let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty())
     else {
         return;
     };
+    // Only workloads carrying the selector's first label can match all of it.
+    let Some((first_key, first_value)) = selector.iter().next() else { return };
+    let Some(candidates) =
+        index.by_label.get(&(spec.namespace.as_str(), first_key.as_str(), first_value.as_str()))
+    else {
+        return;
+    };
     let key = format!("{}/{}", spec.namespace, spec.hostname);
-    for workload in workloads.iter_mut().filter(|w| w.key.namespace == spec.namespace) {
-        let Some(pod) = pods.iter().find(|p| {
-            p.metadata.name.as_deref() == Some(&workload.key.name)
-                && p.metadata.namespace.as_deref().unwrap_or("default") == workload.key.namespace
-        }) else {
+    for &i in candidates {
+        let Some(workload) = workloads.get_mut(i) else { continue };
+        let Some(pod) = index.pods.get(&(workload.key.namespace.as_str(), workload.key.name.as_str())) else {
             continue;
         };
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+        let labels = pod.metadata.labels.as_ref();
+        if !selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v)) {
             continue;
         }
         let mappings: Vec<PortMapping> = spec

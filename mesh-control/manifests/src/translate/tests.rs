@@ -246,3 +246,29 @@ fn selectors_attach_ports_to_matching_pods_in_the_same_namespace() {
     );
     assert!(model.workloads.iter().all(|w| !w.services.keys().any(|k| k.contains("no-selector"))));
 }
+
+#[test]
+fn a_selector_picks_pods_with_all_its_labels_in_its_own_namespace_only() {
+    let labelled = |name: &str, ip: &str, namespace: &str, labels: serde_json::Value| {
+        pod(name, ip, |p| {
+            p["metadata"]["namespace"] = json!(namespace);
+            p["metadata"]["labels"] = labels;
+        })
+    };
+    let pods = vec![
+        labelled("both", "10.1.1.2", "demo", json!({"app": "web", "tier": "front"})),
+        labelled("app-only", "10.1.1.3", "demo", json!({"app": "web"})),
+        labelled("tier-only", "10.1.1.4", "demo", json!({"tier": "front"})),
+        labelled("elsewhere", "10.1.1.5", "other", json!({"app": "web", "tier": "front"})),
+        labelled("none", "10.1.1.6", "demo", json!({})),
+    ];
+    let web = service("web", |s| s["spec"]["selector"] = json!({"app": "web", "tier": "front"}));
+    let model = model(&objects(vec![ambient("demo"), ambient("other")], pods, vec![web]));
+    let selected: Vec<&str> = model
+        .workloads
+        .iter()
+        .filter(|w| w.services.contains_key("demo/web.demo.svc.cluster.local"))
+        .map(|w| w.key.name.as_str())
+        .collect();
+    assert_eq!(selected, ["both"]);
+}
