@@ -29,20 +29,24 @@ async fn route(node: &Node, endpoint: Endpoint, path: &str) -> Response<Body> {
             "stats": node.capture.stats(),
         })),
         (Endpoint::Admin, "/config") => {
-            let (workloads, rejected, xds) = match &node.xds {
+            let (view, rejected, xds) = match &node.xds {
                 Some(xds) => {
                     let store = xds.store.lock().await;
-                    (store.pods(), store.rejected(), Some(xds.status()))
+                    (store.view(), store.rejected(), Some(xds.status()))
                 }
-                None => (Vec::new(), Vec::new(), None),
+                None => (Default::default(), Vec::new(), None),
             };
             let rejected: Vec<_> =
                 rejected.iter().map(|(name, why)| json!({"resource": name, "reason": why})).collect();
-            let workloads: Vec<_> = workloads
+            let workloads: Vec<_> = view
+                .workloads
                 .iter()
                 .map(|p| json!({"pod": p.key.to_string(), "node": p.node, "ip": p.ip, "service_account": p.service_account}))
                 .collect();
-            json(&json!({"source": node.source, "xds": xds, "workloads": workloads, "rejected": rejected}))
+            json(&json!({
+                "source": node.source, "xds": xds, "workloads": workloads, "rejected": rejected,
+                "ambient_namespaces": view.ambient_namespaces,
+            }))
         }
         (Endpoint::Admin, "/") => respond(
             StatusCode::OK,

@@ -8,7 +8,9 @@ mod admin;
 mod bpffs;
 mod capture;
 mod cgroup;
+mod cni;
 mod control_plane;
+mod desired;
 mod identity;
 mod mesh;
 mod metrics;
@@ -35,6 +37,7 @@ use crate::{
     admin::Endpoint,
     capture::{Capture, CaptureConfig, KernelLogger},
     control_plane::ControlPlane,
+    desired::MeshView,
     node::Node,
     state_dir::StateDir,
     xds::{XdsClient, store::ConfigStore},
@@ -60,13 +63,21 @@ enum LogFormat {
 enum Command {
     /// Installs capture, enrols this node's pods and runs the proxy.
     Run(Box<RunArgs>),
-    /// Detaches and unpins everything mesh-node installed for a node (uninstall).
+    /// Detaches and unpins everything mesh-node installed for a node (uninstall), and takes
+    /// the CNI plugin out of the cluster's CNI config when given its directories.
     Cleanup {
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+        #[arg(long, requires = "cni_bin_dir")]
+        cni_conf_dir: Option<PathBuf>,
+        #[arg(long, requires = "cni_conf_dir")]
+        cni_bin_dir: Option<PathBuf>,
     },
+    /// The CNI plugin, as the container runtime runs it (installed as `nodemesh-cni`).
+    #[command(hide = true)]
+    Cni,
 }
 
 #[derive(Debug, clap::Args)]
@@ -125,14 +136,41 @@ struct RunArgs {
     /// (`cargo xtask bench`), hence hidden.
     #[arg(long, hide = true, default_value_t = true, action = clap::ArgAction::Set)]
     hbone_tunnel_reuse: bool,
+    /// Kubernetes enrolment: the root-only Unix socket where the CNI plugin announces new pods.
+    #[arg(long)]
+    cni_socket: Option<PathBuf>,
+    /// The cluster's CNI config directory: the plugin is chained into its config list.
+    #[arg(long, requires_all = ["cni_socket", "cni_bin_dir"])]
+    cni_conf_dir: Option<PathBuf>,
+    /// The CNI binary directory the plugin is installed into.
+    #[arg(long, requires = "cni_conf_dir")]
+    cni_bin_dir: Option<PathBuf>,
+    /// How long a new pod of an ambient namespace may wait for its capture before its creation
+    /// fails (and the kubelet retries).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    cni_timeout_secs: u64,
+    /// Namespaces whose pods the plugin never holds (repeatable).
+    #[arg(long = "cni-exempt-namespace", default_values = cni::DEFAULT_EXEMPT_NAMESPACES)]
+    cni_exempt_namespaces: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
+    // The container runtime runs the plugin by its name, with no arguments.
+    let invoked_as = std::env::args_os().next().map(PathBuf::from);
+    if invoked_as.as_deref().and_then(Path::file_name).is_some_and(|n| n == cni::PLUGIN_TYPE) {
+        return cni::plugin::main();
+    }
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Cni) {
+        return cni::plugin::main();
+    }
     init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run(*args),
-        Command::Cleanup { node_name, bpffs } => cleanup(&node_name, &bpffs),
+        Command::Cleanup { node_name, bpffs, cni_conf_dir, cni_bin_dir } => {
+            cleanup(&node_name, &bpffs, cni_conf_dir.zip(cni_bin_dir))
+        }
+        Command::Cni => unreachable!("handled above"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -251,6 +289,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             xds.clone(),
             Arc::new(capture),
             identities,
+            state.clone(),
             args.trust_domain.clone(),
             args.hbone_tunnel_reuse,
         ));
@@ -265,21 +304,38 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tokio::spawn(admin::serve(listener, node.clone(), endpoint));
         }
 
+        if let Some(socket) = &args.cni_socket {
+            let listener = cni::agent::bind(socket)?;
+            tokio::spawn(cni::agent::serve(listener, node.clone(), Duration::from_secs(args.cni_timeout_secs)));
+            tracing::info!(socket = %socket.display(), "listening for the CNI plugin");
+        }
+        if let (Some(conf_dir), Some(bin_dir), Some(socket)) = (&args.cni_conf_dir, &args.cni_bin_dir, &args.cni_socket) {
+            let install = cni::install::CniInstall {
+                conf_dir: conf_dir.clone(),
+                bin_dir: bin_dir.clone(),
+                socket: socket.clone(),
+                timeout_secs: args.cni_timeout_secs,
+                exempt_namespaces: args.cni_exempt_namespaces.clone(),
+            };
+            install.install_binary()?;
+            tokio::spawn(keep_cni_chained(install));
+        }
+
         let interval = Duration::from_millis(args.reload_interval_ms.max(50));
         match (standalone, xds) {
             (Some((path, all)), _) => {
-                node.apply_mesh(&all).await;
+                node.apply_mesh(MeshView::from_manifests(all.clone())).await;
                 tokio::spawn(reload_loop(node.clone(), path, all, interval));
             }
             (None, Some(xds)) => {
-                let (store_pods, held) = {
+                let (view, held) = {
                     let store = xds.store.lock().await;
-                    (store.pods(), !store.is_empty())
+                    (store.view(), !store.is_empty())
                 };
                 if held {
                     // Serve at once from the last good config; xDS brings it up to date.
-                    tracing::info!(workloads = store_pods.len(), "serving the persisted config until mesh-control answers");
-                    node.apply_mesh(&store_pods).await;
+                    tracing::info!(workloads = view.workloads.len(), "serving the persisted config until mesh-control answers");
+                    node.apply_mesh(view).await;
                 }
                 tokio::spawn(xds.run(node.clone()));
             }
@@ -326,7 +382,7 @@ async fn reload_loop(
                 }
                 // Apply changes, and retry pods that failed to enrol.
                 if all != current || !node.status().await.failed_pods.is_empty() {
-                    node.apply_mesh(&all).await;
+                    node.apply_mesh(MeshView::from_manifests(all.clone())).await;
                     current = all;
                 }
             }
@@ -379,7 +435,44 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cleanup(node: &str, bpffs: &Path) -> anyhow::Result<()> {
+/// Keeps the plugin chained into the cluster's CNI config: it may not exist yet when mesh-node
+/// starts, and the cluster's network plugin may rewrite it.
+async fn keep_cni_chained(install: cni::install::CniInstall) {
+    let mut last: Option<Result<Option<PathBuf>, String>> = None;
+    loop {
+        let attempt = install.clone();
+        let outcome = match tokio::task::spawn_blocking(move || attempt.install_config()).await {
+            Ok(result) => result.map_err(|e| format!("{e:#}")),
+            Err(err) => Err(err.to_string()),
+        };
+        if last.as_ref() != Some(&outcome) {
+            match &outcome {
+                Ok(Some(file)) => tracing::info!(config = %file.display(), "CNI plugin chained"),
+                Ok(None) => tracing::warn!(
+                    dir = %install.conf_dir.display(),
+                    "no CNI config yet (the cluster's network plugin writes it); waiting"
+                ),
+                Err(err) => tracing::error!(error = %err, "cannot chain the CNI plugin"),
+            }
+            last = Some(outcome);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+fn cleanup(node: &str, bpffs: &Path, cni: Option<(PathBuf, PathBuf)>) -> anyhow::Result<()> {
+    if let Some((conf_dir, bin_dir)) = cni {
+        let install = cni::install::CniInstall {
+            conf_dir,
+            bin_dir,
+            socket: PathBuf::from(cni::DEFAULT_SOCKET),
+            timeout_secs: 0,
+            exempt_namespaces: Vec::new(),
+        };
+        if install.uninstall()? {
+            println!("removed the CNI plugin and its entry from {}", install.conf_dir.display());
+        }
+    }
     let root = pin_root(bpffs, node)?;
     if !root.exists() {
         println!("nothing installed for node {node} under {}", root.display());

@@ -1,10 +1,14 @@
 //! The mesh as this node sees it: which addresses belong to meshed pods, and the identity each
 //! must present. Outbound connections to these go through HBONE; others stay plain TCP.
 
-use std::{collections::HashMap, net::IpAddr, sync::RwLock};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    sync::RwLock,
+};
 
 use mesh_api::SpiffeId;
-use mesh_manifests::EnrolledPodSpec;
+use mesh_manifests::PodKey;
 
 #[derive(Debug, Default)]
 pub struct MeshDirectory {
@@ -12,15 +16,17 @@ pub struct MeshDirectory {
 }
 
 impl MeshDirectory {
-    /// Replaces the view with every enrolled pod of every node.
-    pub fn replace(&self, pods: &[EnrolledPodSpec], trust_domain: &str) {
+    /// Replaces the view with every meshed pod of every node: (pod, address, service account).
+    pub fn replace(&self, pods: &[(PodKey, Ipv4Addr, String)], trust_domain: &str) {
         let peers = pods
             .iter()
-            .filter_map(|p| match SpiffeId::new(trust_domain, &p.key.namespace, &p.service_account) {
-                Ok(id) => Some((IpAddr::V4(p.ip), id)),
-                Err(err) => {
-                    tracing::warn!(pod = %p.key, error = %err, "pod has no valid identity; not meshed");
-                    None
+            .filter_map(|(key, ip, service_account)| {
+                match SpiffeId::new(trust_domain, &key.namespace, service_account) {
+                    Ok(id) => Some((IpAddr::V4(*ip), id)),
+                    Err(err) => {
+                        tracing::warn!(pod = %key, error = %err, "pod has no valid identity; not meshed");
+                        None
+                    }
                 }
             })
             .collect();

@@ -67,6 +67,17 @@ pub struct Metrics {
     /// 1 while the xDS stream to mesh-control is open.
     pub xds_connected: Gauge,
     xds_updates: Family<XdsUpdateLabels, Counter>,
+    cni_requests: Family<CniLabels, Counter>,
+    /// Meshed pods of this node still waiting for the CNI plugin (address or netns unknown).
+    pub pods_awaiting_cni: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CniLabels {
+    /// "add", "del", "check".
+    command: &'static str,
+    /// "enrolled", "outside", "failed", "removed", …
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +88,10 @@ struct XdsUpdateLabels {
 }
 
 impl Metrics {
+    pub fn count_cni_request(&self, command: &'static str, outcome: &'static str) {
+        self.cni_requests.get_or_create(&CniLabels { command, outcome }).inc();
+    }
+
     /// Creates the families; `cert_expiry` (from the identity manager) is registered when given.
     pub fn new(cert_expiry: Option<Family<Vec<(String, String)>, Gauge>>) -> Self {
         let mut registry = Registry::with_prefix("nodemesh");
@@ -110,6 +125,18 @@ impl Metrics {
             xds_connected.clone(),
         );
         registry.register("xds_updates", "xDS updates applied, by type and ACK or NACK", xds_updates.clone());
+        let cni_requests = Family::<CniLabels, Counter>::default();
+        let pods_awaiting_cni = Gauge::default();
+        registry.register(
+            "cni_requests",
+            "Requests from the CNI plugin, by command and outcome",
+            cni_requests.clone(),
+        );
+        registry.register(
+            "pods_awaiting_cni",
+            "Meshed pods of this node whose address or netns the CNI plugin has not reported yet",
+            pods_awaiting_cni.clone(),
+        );
         if let Some(family) = cert_expiry {
             registry.register(
                 "workload_cert_expiry_timestamp_seconds",
@@ -117,7 +144,18 @@ impl Metrics {
                 family,
             );
         }
-        Metrics { registry, connections, failed, active, bytes, pods_enrolled, xds_connected, xds_updates }
+        Metrics {
+            registry,
+            connections,
+            failed,
+            active,
+            bytes,
+            pods_enrolled,
+            xds_connected,
+            xds_updates,
+            cni_requests,
+            pods_awaiting_cni,
+        }
     }
 
     /// Returns the counters of one pod and direction (created on first use).

@@ -6,21 +6,28 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
+    time::Duration,
 };
 
 use mesh_api::SpiffeId;
 use mesh_manifests::{EnrolledPodSpec, PodKey};
 use serde::Serialize;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 
 use crate::{
     capture::{Capture, LinkName},
+    desired::{CniBinding, CniDecision, MeshView, cni_decision, resolve},
     identity::{CertStatus, IdentityManager},
     mesh::MeshDirectory,
     metrics::Metrics,
     pod::{NodeServices, PodRuntime, PodStatus},
+    state_dir::StateDir,
     xds::XdsClient,
 };
+
+/// The state-directory file with what the CNI plugin reported, so a restarted mesh-node
+/// re-adopts the pods it captured in Kubernetes.
+const CNI_BINDINGS_FILE: &str = "cni_pods.json";
 
 /// One node's agent state, shared by the reconciler and the HTTP endpoints.
 #[derive(Debug)]
@@ -39,6 +46,18 @@ pub struct Node {
     /// Whether HBONE tunnels are pooled (see `TunnelPool`).
     tunnel_reuse: bool,
     pods: Mutex<BTreeMap<PodKey, PodRuntime>>,
+    /// The mesh as the source last described it (`None` before the first config).
+    view: std::sync::Mutex<Option<Arc<MeshView>>>,
+    /// What the CNI plugin reported about this node's pods, by pod.
+    cni: std::sync::Mutex<BTreeMap<PodKey, CniBinding>>,
+    /// Where the CNI bindings are persisted (with mesh-control; none standalone).
+    state: Option<StateDir>,
+    /// Meshed pods of this node still waiting for the CNI plugin.
+    awaiting_cni: std::sync::Mutex<Vec<PodKey>>,
+    /// One reconciliation at a time, so an older view never lands after a newer one.
+    reconciling: Mutex<()>,
+    /// Bumped after each reconciliation; the CNI plugin's requests wait on it.
+    reconciled: watch::Sender<u64>,
     /// Pods that should be enrolled but could not be, with the reason (retried every reload).
     failures: std::sync::Mutex<BTreeMap<PodKey, String>>,
     /// The last error reading the pod source, if the last read failed.
@@ -56,6 +75,8 @@ pub struct NodeStatus {
     pub ready: bool,
     pub pods: Vec<PodStatus>,
     pub failed_pods: BTreeMap<String, String>,
+    /// Meshed pods of this node whose address or netns the CNI plugin has not reported yet.
+    pub awaiting_cni: Vec<String>,
     pub source: String,
     pub source_error: Option<String>,
 }
@@ -65,16 +86,19 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Node {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
         source: String,
         xds: Option<Arc<XdsClient>>,
         capture: Arc<Capture>,
         identities: Option<Arc<IdentityManager>>,
+        state: Option<StateDir>,
         trust_domain: String,
         tunnel_reuse: bool,
     ) -> Self {
         let metrics = Metrics::new(identities.as_ref().map(|i| i.expiry_gauge()));
+        let cni = state.as_ref().map(load_cni_bindings).unwrap_or_default();
         Node {
             name,
             source,
@@ -86,6 +110,12 @@ impl Node {
             trust_domain,
             tunnel_reuse,
             pods: Mutex::new(BTreeMap::new()),
+            view: std::sync::Mutex::new(None),
+            cni: std::sync::Mutex::new(cni),
+            state,
+            awaiting_cni: std::sync::Mutex::new(Vec::new()),
+            reconciling: Mutex::new(()),
+            reconciled: watch::Sender::new(0),
             failures: std::sync::Mutex::new(BTreeMap::new()),
             source_error: std::sync::Mutex::new(None),
             ready: AtomicBool::new(false),
@@ -108,17 +138,106 @@ impl Node {
         }
     }
 
-    /// Applies a whole mesh (every node's enrolled pods): the view for outbound decisions, and
-    /// this node's pods. The first time, leftovers of a previous mesh-node are pruned against
-    /// it and the node becomes ready.
-    pub async fn apply_mesh(&self, all_pods: &[EnrolledPodSpec]) {
-        self.set_mesh(all_pods);
-        let mine: Vec<EnrolledPodSpec> = all_pods.iter().filter(|p| p.node == self.name).cloned().collect();
-        self.apply(&mine).await;
+    /// Applies a whole mesh (every node's meshed workloads): the view for outbound decisions,
+    /// and this node's pods. The first time, leftovers of a previous mesh-node are pruned
+    /// against it and the node becomes ready.
+    pub async fn apply_mesh(&self, view: MeshView) {
+        *lock(&self.view) = Some(Arc::new(view));
+        let enrolled = self.reconcile().await;
         if !self.configured.swap(true, Ordering::AcqRel) {
             self.prune_leftovers().await;
             self.set_ready();
-            tracing::info!(pods = mine.len(), "ready");
+            tracing::info!(pods = enrolled, "ready");
+        }
+    }
+
+    /// Enrols what the last view and the CNI bindings call for; returns how many pods are
+    /// enrolled.
+    async fn reconcile(&self) -> usize {
+        let _one_at_a_time = self.reconciling.lock().await;
+        let Some(view) = lock(&self.view).clone() else { return 0 };
+        let resolved = resolve(&view, &lock(&self.cni), &self.name);
+        self.mesh.replace(&resolved.mesh, &self.trust_domain);
+        self.apply(&resolved.mine).await;
+        self.metrics.pods_awaiting_cni.set(resolved.awaiting_cni.len() as i64);
+        *lock(&self.awaiting_cni) = resolved.awaiting_cni;
+        self.reconciled.send_modify(|generation| *generation += 1);
+        resolved.mine.len()
+    }
+
+    /// The CNI plugin's ADD: records where the pod lives, then returns once it is captured
+    /// (`Ok(true)`) or known to be outside the mesh (`Ok(false)`); an error (the pod must not
+    /// start) when it cannot be captured or nothing decides within `timeout`.
+    pub async fn cni_add(&self, key: PodKey, binding: CniBinding, timeout: Duration) -> Result<bool, String> {
+        tracing::info!(pod = %key, netns = %binding.netns.display(), ip = %binding.ip, "CNI: pod being created");
+        let netns = binding.netns.clone();
+        lock(&self.cni).insert(key.clone(), binding);
+        self.persist_cni_bindings();
+        let mut reconciled = self.reconciled.subscribe();
+        self.reconcile().await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let decision = {
+                let pods = self.pods.lock().await;
+                let enrolled = pods.get(&key).is_some_and(|p| p.spec.netns == netns);
+                let failure = lock(&self.failures).get(&key).cloned();
+                cni_decision(lock(&self.view).as_deref(), &key, &self.name, enrolled, failure.as_deref())
+            };
+            match decision {
+                CniDecision::Enrolled => return Ok(true),
+                CniDecision::Outside => return Ok(false),
+                CniDecision::Failed(why) => return Err(why),
+                CniDecision::Waiting(why) => {
+                    if tokio::time::timeout_at(deadline, reconciled.changed()).await.is_err() {
+                        return Err(format!("{why} (waited {timeout:?})"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The CNI plugin's DEL: forgets the sandbox (only this one: an older sandbox's DEL may
+    /// arrive after the pod was re-created) and withdraws the pod if nothing else enrols it.
+    pub async fn cni_del(&self, key: &PodKey, container_id: &str) -> bool {
+        let removed = {
+            let mut bindings = lock(&self.cni);
+            let matches = bindings.get(key).is_some_and(|b| b.container_id == container_id);
+            matches && bindings.remove(key).is_some()
+        };
+        if removed {
+            tracing::info!(pod = %key, "CNI: pod sandbox deleted");
+            self.persist_cni_bindings();
+            self.reconcile().await;
+        }
+        removed
+    }
+
+    /// The CNI plugin's CHECK: whether a meshed pod is still captured.
+    pub async fn cni_check(&self, key: &PodKey) -> Result<bool, String> {
+        let pods = self.pods.lock().await;
+        let failure = lock(&self.failures).get(key).cloned();
+        match cni_decision(
+            lock(&self.view).as_deref(),
+            key,
+            &self.name,
+            pods.contains_key(key),
+            failure.as_deref(),
+        ) {
+            CniDecision::Enrolled => Ok(true),
+            CniDecision::Outside => Ok(false),
+            CniDecision::Failed(why) | CniDecision::Waiting(why) => Err(why),
+        }
+    }
+
+    fn persist_cni_bindings(&self) {
+        let Some(state) = &self.state else { return };
+        let bindings: Vec<(PodKey, CniBinding)> =
+            lock(&self.cni).iter().map(|(k, b)| (k.clone(), b.clone())).collect();
+        let written = serde_json::to_vec(&bindings)
+            .map_err(|e| e.to_string())
+            .and_then(|json| state.write(CNI_BINDINGS_FILE, &json).map_err(|e| e.to_string()));
+        if let Err(err) = written {
+            tracing::warn!(error = %err, "cannot persist what the CNI plugin reported");
         }
     }
 
@@ -187,11 +306,6 @@ impl Node {
         self.metrics.set_pods_enrolled(pods.len());
     }
 
-    /// Updates the view of every meshed pod (all nodes), for outbound HBONE decisions.
-    pub fn set_mesh(&self, all_pods: &[EnrolledPodSpec]) {
-        self.mesh.replace(all_pods, &self.trust_domain);
-    }
-
     /// Starts (or stops) using the pod's workload identity.
     fn use_identity(&self, spec: &EnrolledPodSpec, used: bool) {
         let Some(identities) = &self.identities else { return };
@@ -244,8 +358,38 @@ impl Node {
             ready: self.is_ready(),
             pods: pods.values().map(PodRuntime::status).collect(),
             failed_pods: lock(&self.failures).iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            awaiting_cni: lock(&self.awaiting_cni).iter().map(ToString::to_string).collect(),
             source: self.source.clone(),
             source_error: lock(&self.source_error).clone(),
+        }
+    }
+}
+
+/// Reads the persisted CNI bindings, dropping those whose netns is gone (the sandbox was
+/// deleted while mesh-node was down). An unreadable file is logged and ignored.
+fn load_cni_bindings(state: &StateDir) -> BTreeMap<PodKey, CniBinding> {
+    let bytes = match state.read(CNI_BINDINGS_FILE) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return BTreeMap::new(),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the persisted CNI bindings");
+            return BTreeMap::new();
+        }
+    };
+    match serde_json::from_slice::<Vec<(PodKey, CniBinding)>>(&bytes) {
+        Ok(bindings) => bindings
+            .into_iter()
+            .filter(|(key, binding)| {
+                let alive = binding.netns.exists();
+                if !alive {
+                    tracing::info!(pod = %key, netns = %binding.netns.display(), "forgetting a pod whose netns is gone");
+                }
+                alive
+            })
+            .collect(),
+        Err(err) => {
+            tracing::warn!(file = %state.path(CNI_BINDINGS_FILE).display(), error = %err, "ignoring the persisted CNI bindings");
+            BTreeMap::new()
         }
     }
 }

@@ -142,19 +142,17 @@ impl XdsClient {
 
     /// Applies one response to the store and the node; returns the ACK or NACK.
     async fn apply(&self, node: &Arc<Node>, response: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
-        let (rejected, pods, workloads) = {
+        let (rejected, view, workloads) = {
             let mut store = self.store.lock().await;
             let rejected = store.apply(response);
             store.persist();
-            (rejected, store.pods(), store.count(ADDRESS_TYPE))
+            (rejected, store.view(), store.count(ADDRESS_TYPE))
         };
         tracing::info!(
             type_url = %response.type_url, nonce = %response.nonce, updated = response.resources.len(),
             removed = response.removed_resources.len(), rejected = rejected.len(), "xDS update"
         );
-        if response.type_url == ADDRESS_TYPE {
-            node.apply_mesh(&pods).await;
-        }
+        node.apply_mesh(view).await;
         let error_detail = (!rejected.is_empty()).then(|| {
             let message = rejected.iter().map(|(name, problem)| format!("{name}: {problem}")).collect::<Vec<_>>().join("; ");
             tracing::warn!(type_url = %response.type_url, error = %message, "rejecting invalid resources (NACK); the rest is applied");

@@ -73,7 +73,7 @@ impl fmt::Display for Location {
 }
 
 /// Identifies a pod across reloads.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct PodKey {
     pub namespace: String,
     pub name: String,
@@ -136,7 +136,8 @@ pub fn load_model(path: &Path) -> Result<translate::Model, ManifestError> {
     Ok(model)
 }
 
-/// The enrolled pods of a model (local mode: each has its netns).
+/// The enrolled pods of a model that have an address and netns (local mode; a pod being created
+/// gets both from the CNI plugin on its node).
 pub fn enrolled(model: &translate::Model) -> Vec<EnrolledPodSpec> {
     model
         .workloads
@@ -146,7 +147,7 @@ pub fn enrolled(model: &translate::Model) -> Vec<EnrolledPodSpec> {
             Some(EnrolledPodSpec {
                 key: w.key.clone(),
                 node: w.node.clone(),
-                ip: w.ip,
+                ip: w.ip?,
                 netns: membership.netns.clone()?,
                 service_account: w.service_account.clone(),
                 mtls_mode: membership.mtls_mode,

@@ -60,7 +60,10 @@ pub struct PortMapping {
 pub struct WorkloadSpec {
     pub key: PodKey,
     pub node: String,
-    pub ip: Ipv4Addr,
+    /// `None` while the pod is being created (scheduled, no address yet). Such a pod is only
+    /// in the model when its namespace is ambient, so its node's CNI plugin can tell whether
+    /// to capture it before its app starts.
+    pub ip: Option<Ipv4Addr>,
     pub service_account: String,
     /// `None`: not in the mesh (its traffic is not captured; peers reach it in plain TCP).
     pub membership: Option<Membership>,
@@ -93,6 +96,8 @@ pub struct ServiceSpec {
 pub struct Model {
     pub workloads: Vec<WorkloadSpec>,
     pub services: Vec<ServiceSpec>,
+    /// Namespaces with `nodemesh.io/dataplane-mode: ambient`, sorted.
+    pub ambient_namespaces: Vec<String>,
     pub problems: Vec<Problem>,
 }
 
@@ -101,6 +106,11 @@ pub fn translate(objects: &ClusterObjects, options: &TranslateOptions) -> Model 
     let mut model = Model::default();
     let namespaces: BTreeMap<String, &Namespace> =
         objects.namespaces.iter().filter_map(|n| Some((n.metadata.name.clone()?, n))).collect();
+    model.ambient_namespaces = namespaces
+        .iter()
+        .filter(|(_, n)| setting(&n.metadata, DATAPLANE_MODE) == Some("ambient"))
+        .map(|(name, _)| name.clone())
+        .collect();
     for pod in &objects.pods {
         match workload(pod, &namespaces, options) {
             Ok(Some(workload)) => model.workloads.push(workload),
@@ -152,7 +162,8 @@ fn mtls_mode(value: &str) -> Result<MtlsMode, String> {
     MtlsMode::parse(value).ok_or_else(|| format!("{MTLS_MODE} must be STRICT or PERMISSIVE, not {value:?}"))
 }
 
-/// Returns the pod as a workload, `None` while it has no node or address or has finished.
+/// Returns the pod as a workload, `None` while it has no node or has finished, or has no address
+/// yet outside an ambient namespace.
 fn workload(
     pod: &Pod,
     namespaces: &BTreeMap<String, &Namespace>,
@@ -162,13 +173,15 @@ fn workload(
     let name = metadata.name.clone().ok_or("metadata.name is required")?;
     let namespace = metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let namespace_object = namespaces.get(&namespace);
+    let namespace_ambient =
+        namespace_object.is_some_and(|n| setting(&n.metadata, DATAPLANE_MODE) == Some("ambient"));
     let opted_in = match setting(metadata, DATAPLANE_MODE) {
         Some("none") => false,
         Some("ambient") => true,
         Some(other) => {
             return Err(format!("{DATAPLANE_MODE} must be \"ambient\" or \"none\", not {other:?}"));
         }
-        None => namespace_object.is_some_and(|n| setting(&n.metadata, DATAPLANE_MODE) == Some("ambient")),
+        None => namespace_ambient,
     };
     let spec = pod.spec.as_ref();
     let Some(node) = spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()) else {
@@ -178,15 +191,18 @@ fn workload(
     if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
         return Ok(None); // finished: its address may already belong to another pod
     }
-    let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) else {
-        return Ok(None); // not running yet: nothing to reach until it has an address
-    };
-    let ip = match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => ip,
-        Ok(IpAddr::V6(_)) => {
-            return Err(format!("status.podIP {ip}: IPv6 pod addresses are not supported yet"));
-        }
-        Err(_) => return Err(format!("status.podIP {ip:?} is not an IP address")),
+    let ip = match status.and_then(|s| s.pod_ip.as_deref()) {
+        Some(ip) => match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => Some(ip),
+            Ok(IpAddr::V6(_)) => {
+                return Err(format!("status.podIP {ip}: IPv6 pod addresses are not supported yet"));
+            }
+            Err(_) => return Err(format!("status.podIP {ip:?} is not an IP address")),
+        },
+        // Being created: its node's CNI plugin needs to know about it (capture it, or not)
+        // when it is in or around the mesh; otherwise there is nothing to reach yet.
+        None if opted_in || namespace_ambient => None,
+        None => return Ok(None),
     };
     let membership = if opted_in {
         let netns = match metadata.annotations.as_ref().and_then(|a| a.get(NETNS_ANNOTATION)) {
@@ -194,7 +210,8 @@ fn workload(
             Some(path) => {
                 return Err(format!("annotation {NETNS_ANNOTATION} must be an absolute path, not {path:?}"));
             }
-            None if options.require_netns => {
+            // A pod being created gets its netns (and address) from the CNI plugin.
+            None if options.require_netns && ip.is_some() => {
                 return Err(format!(
                     "annotation {NETNS_ANNOTATION} (path of the pod's network namespace) is required in local mode"
                 ));
@@ -340,6 +357,9 @@ fn attach_endpoints(
     let key = format!("{}/{}", spec.namespace, spec.hostname);
     for &i in candidates {
         let Some(workload) = workloads.get_mut(i) else { continue };
+        if workload.ip.is_none() {
+            continue;
+        }
         let Some(pod) = index.pods.get(&(workload.key.namespace.as_str(), workload.key.name.as_str())) else {
             continue;
         };

@@ -76,7 +76,10 @@ impl Snapshot {
         });
         let addresses =
             workloads.chain(services).map(|(name, address)| (name, Versioned::encode(&address))).collect();
-        let mesh = MeshConfig { trust_domain: trust_domain.to_owned() };
+        let mesh = MeshConfig {
+            trust_domain: trust_domain.to_owned(),
+            ambient_namespaces: model.ambient_namespaces.clone(),
+        };
         let config = BTreeMap::from([(MESH_CONFIG_NAME.to_owned(), Versioned::encode(&mesh))]);
         let types = BTreeMap::from([(ADDRESS_TYPE, addresses), (MESH_CONFIG_TYPE, config)]);
         let all: String =
@@ -149,7 +152,7 @@ fn workload_of(w: &WorkloadSpec, trust_domain: &str) -> Workload {
         uid: workload_uid(&w.key.namespace, &w.key.name),
         name: w.key.name.clone(),
         namespace: w.key.namespace.clone(),
-        addresses: vec![w.ip.octets().to_vec()],
+        addresses: w.ip.iter().map(|ip| ip.octets().to_vec()).collect(),
         node: w.node.clone(),
         service_account: w.service_account.clone(),
         trust_domain: trust_domain.to_owned(),
@@ -211,7 +214,7 @@ mod tests {
         WorkloadSpec {
             key: PodKey { namespace: "demo".into(), name: name.into() },
             node: node.into(),
-            ip: Ipv4Addr::from(ip),
+            ip: Some(Ipv4Addr::from(ip)),
             service_account: name.into(),
             membership: Some(Membership {
                 netns: Some(PathBuf::from(format!("/run/netns/{name}"))),
@@ -261,8 +264,10 @@ mod tests {
                 app_protocol: "http".into(),
             }],
         };
-        let snapshot =
-            Snapshot::build(&Model { workloads: vec![web], services: vec![service], problems: vec![] }, "td");
+        let snapshot = Snapshot::build(
+            &Model { workloads: vec![web], services: vec![service], ..Default::default() },
+            "td",
+        );
         let delta = snapshot.delta(ADDRESS_TYPE, &HashMap::new());
         let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["Kubernetes//Pod/demo/web", "demo/web.demo.svc.cluster.local"]);

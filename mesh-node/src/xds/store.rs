@@ -2,7 +2,7 @@
 //! update so a restart resumes from it (and tells mesh-control what it already has).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     path::PathBuf,
 };
@@ -13,10 +13,13 @@ use mesh_api::{
     },
     xds::v1::{DeltaDiscoveryResponse, Resource},
 };
-use mesh_manifests::{EnrolledPodSpec, MtlsMode, PodKey};
+use mesh_manifests::{MtlsMode, PodKey};
 use prost::Message as _;
 
-use crate::state_dir::StateDir;
+use crate::{
+    desired::{MeshView, MeshWorkload},
+    state_dir::StateDir,
+};
 
 /// The resource types a node subscribes to.
 pub const TYPES: [&str; 2] = [ADDRESS_TYPE, MESH_CONFIG_TYPE];
@@ -25,9 +28,29 @@ pub const TYPES: [&str; 2] = [ADDRESS_TYPE, MESH_CONFIG_TYPE];
 #[derive(Debug, Clone)]
 struct Accepted {
     resource: Resource,
-    /// The enrolled pod a workload describes; `None` for anything that enrols nothing (a
-    /// service, a workload outside the mesh, the mesh config).
-    pod: Option<EnrolledPodSpec>,
+    meaning: Meaning,
+}
+
+#[derive(Debug, Clone)]
+enum Meaning {
+    /// A meshed workload (its address and netns may come from the CNI plugin).
+    Meshed(MeshWorkload),
+    /// A pod outside the mesh.
+    Outside(PodKey),
+    MeshConfig {
+        ambient_namespaces: BTreeSet<String>,
+    },
+    /// A service: nothing to enrol.
+    Service,
+}
+
+impl Meaning {
+    fn meshed(&self) -> Option<&MeshWorkload> {
+        match self {
+            Meaning::Meshed(workload) => Some(workload),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -160,16 +183,27 @@ impl ConfigStore {
         }
     }
 
-    /// Every enrolled pod of the mesh, sorted.
-    pub fn pods(&self) -> Vec<EnrolledPodSpec> {
-        let mut pods: Vec<EnrolledPodSpec> = self
-            .types
-            .get(ADDRESS_TYPE)
-            .into_iter()
-            .flat_map(|held| held.values().filter_map(|a| a.pod.clone()))
-            .collect();
-        pods.sort_by(|a, b| a.key.cmp(&b.key));
-        pods
+    /// The mesh as the held config describes it.
+    pub fn view(&self) -> MeshView {
+        let addresses = self.types.get(ADDRESS_TYPE).into_iter().flat_map(BTreeMap::values);
+        let mut view = MeshView::default();
+        for accepted in addresses {
+            match &accepted.meaning {
+                Meaning::Meshed(workload) => view.workloads.push(workload.clone()),
+                Meaning::Outside(key) => {
+                    view.outside.insert(key.clone());
+                }
+                Meaning::MeshConfig { .. } | Meaning::Service => {}
+            }
+        }
+        view.workloads.sort_by(|a, b| a.key.cmp(&b.key));
+        view.ambient_namespaces = self.types.get(MESH_CONFIG_TYPE).and_then(|held| {
+            held.values().find_map(|a| match &a.meaning {
+                Meaning::MeshConfig { ambient_namespaces } => Some(ambient_namespaces.clone()),
+                _ => None,
+            })
+        });
+        view
     }
 }
 
@@ -180,43 +214,40 @@ fn accept(
     resource: &Resource,
     held: &BTreeMap<String, Accepted>,
 ) -> Result<Accepted, String> {
-    let pod = interpret(type_url, resource)?;
-    if let Some(pod) = &pod
+    let meaning = interpret(type_url, resource)?;
+    if let Some(ip) = meaning.meshed().and_then(|w| w.ip)
         && let Some((other, _)) = held
             .iter()
-            .find(|(name, a)| **name != resource.name && a.pod.as_ref().is_some_and(|p| p.ip == pod.ip))
+            .find(|(name, a)| **name != resource.name && a.meaning.meshed().is_some_and(|w| w.ip == Some(ip)))
     {
-        return Err(format!("address {} already belongs to {other}", pod.ip));
+        return Err(format!("address {ip} already belongs to {other}"));
     }
-    Ok(Accepted { resource: resource.clone(), pod })
+    Ok(Accepted { resource: resource.clone(), meaning })
 }
 
 /// Checks a resource and says what it means to this node.
-fn interpret(type_url: &str, resource: &Resource) -> Result<Option<EnrolledPodSpec>, String> {
+fn interpret(type_url: &str, resource: &Resource) -> Result<Meaning, String> {
     match type_url {
         ADDRESS_TYPE => {
             let address =
                 Address::decode(resource.resource.as_slice()).map_err(|e| format!("undecodable: {e}"))?;
             match address.r#type {
-                Some(address::Type::Workload(workload)) => enrolled_pod(&workload),
-                Some(address::Type::Service(_)) => Ok(None),
+                Some(address::Type::Workload(workload)) => workload_meaning(&workload),
+                Some(address::Type::Service(_)) => Ok(Meaning::Service),
                 None => Err("an Address with neither a workload nor a service".into()),
             }
         }
         MESH_CONFIG_TYPE => {
-            mesh_api::workload::v1::MeshConfig::decode(resource.resource.as_slice())
+            let config = mesh_api::workload::v1::MeshConfig::decode(resource.resource.as_slice())
                 .map_err(|e| format!("undecodable: {e}"))?;
-            Ok(None)
+            Ok(Meaning::MeshConfig { ambient_namespaces: config.ambient_namespaces.into_iter().collect() })
         }
         other => Err(format!("unexpected type {other}")),
     }
 }
 
-/// Returns the pod a workload enrols, or `None` when it is outside the mesh.
-fn enrolled_pod(workload: &mesh_api::workload::v1::Workload) -> Result<Option<EnrolledPodSpec>, String> {
-    if workload.tunnel_protocol() != TunnelProtocol::Hbone {
-        return Ok(None);
-    }
+/// Checks a workload: meshed (to enrol, or a peer), or a pod outside the mesh.
+fn workload_meaning(workload: &mesh_api::workload::v1::Workload) -> Result<Meaning, String> {
     for (field, value) in
         [("name", &workload.name), ("namespace", &workload.namespace), ("node", &workload.node)]
     {
@@ -224,17 +255,25 @@ fn enrolled_pod(workload: &mesh_api::workload::v1::Workload) -> Result<Option<En
             return Err(format!("workload {field} is empty"));
         }
     }
+    let key = PodKey { namespace: workload.namespace.clone(), name: workload.name.clone() };
+    if workload.tunnel_protocol() != TunnelProtocol::Hbone {
+        return Ok(Meaning::Outside(key));
+    }
+    // No address yet: a pod being created, whose node learns it from the CNI plugin.
     let ip = match workload.addresses.first().map(Vec::as_slice) {
-        Some(&[a, b, c, d]) => Ipv4Addr::new(a, b, c, d),
+        Some(&[a, b, c, d]) => Some(Ipv4Addr::new(a, b, c, d)),
         Some(bytes) if bytes.len() == 16 => {
             return Err("IPv6 workload addresses are not supported yet".into());
         }
         Some(bytes) => return Err(format!("workload address has {} bytes", bytes.len())),
-        None => return Err("workload has no address".into()),
+        None => None,
     };
-    if !workload.netns.starts_with('/') {
-        return Err(format!("workload netns {:?} is not an absolute path", workload.netns));
-    }
+    // No netns: found on the node (CNI plugin), as in Kubernetes.
+    let netns = match workload.netns.as_str() {
+        "" => None,
+        path if path.starts_with('/') => Some(PathBuf::from(path)),
+        path => return Err(format!("workload netns {path:?} is not an absolute path")),
+    };
     let mtls_mode = match ProtoMtlsMode::try_from(workload.mtls_mode) {
         Ok(ProtoMtlsMode::Strict) => MtlsMode::Strict,
         Ok(ProtoMtlsMode::Permissive) => MtlsMode::Permissive,
@@ -245,11 +284,11 @@ fn enrolled_pod(workload: &mesh_api::workload::v1::Workload) -> Result<Option<En
     } else {
         workload.service_account.clone()
     };
-    Ok(Some(EnrolledPodSpec {
-        key: PodKey { namespace: workload.namespace.clone(), name: workload.name.clone() },
+    Ok(Meaning::Meshed(MeshWorkload {
+        key,
         node: workload.node.clone(),
         ip,
-        netns: PathBuf::from(&workload.netns),
+        netns,
         service_account,
         mtls_mode,
     }))
@@ -317,21 +356,21 @@ mod tests {
         assert!(reasons["Kubernetes//Pod/demo/nodeless"].contains("node is empty"));
         assert!(reasons["Kubernetes//Pod/demo/mode"].contains("unknown mTLS mode"));
         assert!(reasons["garbage"].contains("undecodable"));
-        let pods = store.pods();
+        let pods = store.view().workloads;
         assert_eq!(pods.len(), 1);
-        assert_eq!((pods[0].key.name.as_str(), pods[0].ip), ("good", Ipv4Addr::new(10, 1, 1, 2)));
+        assert_eq!((pods[0].key.name.as_str(), pods[0].ip), ("good", Some(Ipv4Addr::new(10, 1, 1, 2))));
     }
 
     #[test]
     fn a_rejected_update_keeps_the_previous_version_and_removals_apply() {
         let mut store = ConfigStore::default();
         store.apply(&response(vec![workload("a", |_| {}), workload("b", |_| {})], &[]));
-        let rejected =
-            store.apply(&response(vec![workload("a", |w| w.netns.clear())], &["Kubernetes//Pod/demo/b"]));
+        let rejected = store
+            .apply(&response(vec![workload("a", |w| w.netns = "x".into())], &["Kubernetes//Pod/demo/b"]));
         assert_eq!(rejected.len(), 1);
-        let pods = store.pods();
+        let pods = store.view().workloads;
         assert_eq!(pods.len(), 1, "b removed");
-        assert_eq!(pods[0].netns, PathBuf::from("/run/netns/a"), "a keeps its last good version");
+        assert_eq!(pods[0].netns, Some(PathBuf::from("/run/netns/a")), "a keeps its last good version");
         assert_eq!(store.versions(ADDRESS_TYPE)["Kubernetes//Pod/demo/a"], "v-a");
     }
 
@@ -342,12 +381,12 @@ mod tests {
         let rejected = store.apply(&response(vec![workload("impostor", |_| {})], &[]));
         assert_eq!(rejected.len(), 1);
         assert!(rejected[0].1.contains("10.1.1.2 already belongs to Kubernetes//Pod/demo/a"), "{rejected:?}");
-        assert_eq!(store.pods().len(), 1);
+        assert_eq!(store.view().workloads.len(), 1);
         assert_eq!(store.rejected().len(), 1, "remembered for the admin endpoint");
         // The holder is deleted: the earlier reject is accepted without being sent again.
         let rejected = store.apply(&response(vec![], &["Kubernetes//Pod/demo/a"]));
         assert!(rejected.is_empty());
-        let pods = store.pods();
+        let pods = store.view().workloads;
         assert_eq!(pods.len(), 1);
         assert_eq!(pods[0].key.name, "impostor");
         assert!(store.rejected().is_empty());
@@ -364,8 +403,39 @@ mod tests {
             &[],
         ));
         assert!(rejected.is_empty());
-        assert!(store.pods().is_empty());
+        let view = store.view();
+        assert!(view.workloads.is_empty());
+        assert!(view.outside.contains(&PodKey { namespace: "demo".into(), name: "plain".into() }));
         assert_eq!(store.count(ADDRESS_TYPE), 1, "still known (for policy by address later)");
+    }
+
+    #[test]
+    fn a_pod_being_created_is_held_without_address_or_netns_and_the_ambient_namespaces_too() {
+        let mut store = ConfigStore::default();
+        let rejected = store.apply(&response(
+            vec![workload("new", |w| {
+                w.addresses.clear();
+                w.netns.clear();
+            })],
+            &[],
+        ));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let config = mesh_api::workload::v1::MeshConfig {
+            trust_domain: "cluster.local".into(),
+            ambient_namespaces: vec!["demo".into()],
+        };
+        store.apply(&DeltaDiscoveryResponse {
+            type_url: MESH_CONFIG_TYPE.into(),
+            resources: vec![Resource {
+                name: "mesh".into(),
+                version: "1".into(),
+                resource: config.encode_to_vec(),
+            }],
+            ..Default::default()
+        });
+        let view = store.view();
+        assert_eq!((view.workloads[0].ip, view.workloads[0].netns.as_ref()), (None, None));
+        assert_eq!(view.ambient_namespaces, Some(BTreeSet::from(["demo".to_owned()])));
     }
 
     #[test]
@@ -378,7 +448,7 @@ mod tests {
         store.apply(&response(vec![workload("a", |_| {}), workload("b", |_| {})], &[]));
         store.persist();
         let restored = ConfigStore::load(Some(dir));
-        assert_eq!(restored.pods(), store.pods());
+        assert_eq!(restored.view(), store.view());
         assert_eq!(restored.versions(ADDRESS_TYPE), store.versions(ADDRESS_TYPE));
         let _ = std::fs::remove_dir_all(&root);
     }

@@ -87,8 +87,23 @@ fn pods_become_workloads_meshed_by_namespace_or_pod_setting() {
             vec![("a", true)],
         ),
         (
-            "pod without IP is not a workload yet",
+            "pod being created in an ambient namespace: its node's CNI plugin needs it",
             vec![ambient("demo")],
+            vec![pod("a", "10.1.1.2", |p| p["status"] = json!({"phase": "Pending"}))],
+            vec![("a", true)],
+        ),
+        (
+            "pod being created that opts out: its CNI plugin lets it start uncaptured",
+            vec![ambient("demo")],
+            vec![pod("a", "10.1.1.2", |p| {
+                p["status"] = json!({"phase": "Pending"});
+                p["metadata"]["labels"][DATAPLANE_MODE] = json!("none");
+            })],
+            vec![("a", false)],
+        ),
+        (
+            "pod being created outside the mesh is not a workload yet",
+            vec![namespace("demo", json!({}), json!({}))],
             vec![pod("a", "10.1.1.2", |p| p["status"] = json!({"phase": "Pending"}))],
             vec![],
         ),
@@ -125,7 +140,7 @@ fn a_workload_carries_node_address_identity_and_mode() {
     let w = &model.workloads;
     assert_eq!(
         (w[0].node.as_str(), w[0].ip, w[0].service_account.as_str()),
-        ("node-a", Ipv4Addr::new(10, 1, 1, 2), "sa-a")
+        ("node-a", Some(Ipv4Addr::new(10, 1, 1, 2)), "sa-a")
     );
     let modes: Vec<_> = w.iter().map(|w| w.membership.as_ref().map(|m| m.mtls_mode)).collect();
     assert_eq!(modes, [Some(MtlsMode::Permissive), Some(MtlsMode::Strict), Some(MtlsMode::Permissive)]);
@@ -162,6 +177,20 @@ fn bad_objects_are_problems_naming_them_and_the_rest_translates() {
     }
     assert_eq!(problems.len(), expected.len());
     assert_eq!(membership(&model), [("good".to_owned(), true)]);
+}
+
+#[test]
+fn a_pod_being_created_has_no_address_and_needs_no_netns_annotation() {
+    let pending = pod("a", "10.1.1.2", |p| {
+        p["status"] = json!({"phase": "Pending"});
+        p["metadata"]["annotations"] = json!({});
+    });
+    let model = model(&objects(vec![ambient("demo"), ambient("other")], vec![pending], vec![]));
+    assert!(model.problems.is_empty(), "{:?}", model.problems);
+    assert_eq!(model.workloads[0].ip, None);
+    assert_eq!(model.workloads[0].membership, Some(Membership { netns: None, mtls_mode: MtlsMode::Strict }));
+    assert_eq!(model.ambient_namespaces, ["demo", "other"]);
+    assert!(crate::enrolled(&model).is_empty(), "nothing to enrol from the manifests alone");
 }
 
 #[test]
