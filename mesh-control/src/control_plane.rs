@@ -21,6 +21,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use crate::{
     attestation::PodDirectory,
     ca::{CertificateAuthority, RootCa, TrustBundle, TtlPolicy},
+    manifest_watch::ManifestWatch,
     metrics::{Metrics, XdsTypeLabels},
     node_auth::KubernetesNodeAuth,
     node_auth::NodeCredentials,
@@ -237,7 +238,7 @@ impl ControlPlane {
     }
 
     /// Serves the CA over TLS on `listener` until the future is dropped; re-reads the manifests
-    /// every reload interval.
+    /// when their directory reports a change (inotify) and every reload interval.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
         let plane = self.clone();
         if self.config.config_dir.is_none() {
@@ -246,8 +247,22 @@ impl ControlPlane {
         }
         tokio::spawn(async move {
             let mut last_error = None;
+            let dir = plane.config.config_dir.as_deref().unwrap_or(std::path::Path::new("."));
+            let mut watch = ManifestWatch::new(dir)
+                .inspect_err(|err| tracing::warn!(error = %err, "manifests not watched; polling them only"))
+                .ok();
             loop {
-                tokio::time::sleep(plane.config.reload_interval).await;
+                let interval = tokio::time::sleep(plane.config.reload_interval);
+                match &watch {
+                    Some(changes) => tokio::select! {
+                        () = interval => {}
+                        changed = changes.changed() => if let Err(err) = changed {
+                            tracing::warn!(error = %err, "watching the manifests failed; polling them only");
+                            watch = None;
+                        },
+                    },
+                    None => interval.await,
+                }
                 match plane.reload() {
                     Ok(()) => last_error = None,
                     Err(err) => {

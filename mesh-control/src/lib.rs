@@ -6,6 +6,7 @@ pub mod attestation;
 pub mod ca;
 pub mod control_plane;
 pub mod discovery;
+pub mod manifest_watch;
 pub mod metrics;
 pub mod node_auth;
 pub mod service;

@@ -1,6 +1,6 @@
 //! The delta xDS server: each authenticated node subscribes to resource types and receives only
-//! what changed since what it holds (its persisted config counts after a restart), debounced;
-//! it ACKs or NACKs every response by nonce.
+//! what changed since what it holds (its persisted config counts after a restart), debounced on
+//! the leading edge; it ACKs or NACKs every response by nonce.
 
 pub mod snapshot;
 
@@ -18,7 +18,10 @@ use mesh_api::xds::v1::{
 };
 use serde::Serialize;
 use snapshot::Snapshot;
-use tokio::sync::{mpsc, watch};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
@@ -27,8 +30,16 @@ use crate::{
     node_auth::NodeAuth,
 };
 
-/// How long the server lets changes settle before pushing: a burst of edits is one push.
+/// The quiet period of a node's pushes: a change after at least this long without a push goes
+/// out at once; changes following a push within it wait for its end and go out together, so a
+/// burst of edits costs a node at most one push per period.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Returns how long to hold back a push of a change seen at `now`, the last change having been
+/// pushed at `last_push`: nothing after a quiet period, otherwise until the period ends.
+pub fn push_delay(last_push: Option<Instant>, now: Instant) -> Duration {
+    last_push.map_or(Duration::ZERO, |last| (last + DEBOUNCE).saturating_duration_since(now))
+}
 
 /// What the control plane knows about each node's xDS session, for the admin endpoint.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -110,6 +121,7 @@ impl Session {
         self.server.metrics.xds_connected.inc();
         tracing::info!("node connected");
         let mut snapshots = self.server.snapshots.clone();
+        let mut last_push = None;
         let reason = loop {
             tokio::select! {
                 request = requests.message() => match request {
@@ -126,8 +138,13 @@ impl Session {
                     if changed.is_err() {
                         break "the control plane is shutting down".to_owned();
                     }
-                    // Let a burst of changes settle, then push the latest state once.
-                    tokio::time::sleep(DEBOUNCE).await;
+                    // Leading edge: at once after a quiet period; within one, the latest state
+                    // when it ends (what else changed meanwhile goes in the same push).
+                    let delay = push_delay(last_push, Instant::now());
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    last_push = Some(Instant::now());
                     self.snapshot = snapshots.borrow_and_update().clone();
                     let types: Vec<String> = self.subscriptions.keys().cloned().collect();
                     for type_url in types {
@@ -222,5 +239,35 @@ impl Session {
     fn update_status(&self, change: impl FnOnce(&mut NodeSyncStatus)) {
         let mut status = self.server.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         change(status.entry(self.node.clone()).or_default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::{DEBOUNCE, push_delay};
+
+    #[test]
+    fn a_change_after_a_quiet_period_is_pushed_at_once() {
+        let now = Instant::now();
+        assert_eq!(push_delay(None, now), Duration::ZERO, "the first change");
+        assert_eq!(push_delay(Some(now - DEBOUNCE), now), Duration::ZERO, "exactly one period later");
+        assert_eq!(push_delay(Some(now - Duration::from_secs(5)), now), Duration::ZERO);
+    }
+
+    #[test]
+    fn changes_soon_after_a_push_wait_for_the_end_of_its_period() {
+        let pushed = Instant::now();
+        assert_eq!(push_delay(Some(pushed), pushed), DEBOUNCE);
+        let later = pushed + Duration::from_millis(30);
+        assert_eq!(push_delay(Some(pushed), later), DEBOUNCE - Duration::from_millis(30));
+        // Every change in the period is released at the same moment: one push for the burst.
+        for ms in [1, 40, 99] {
+            let seen = pushed + Duration::from_millis(ms);
+            assert_eq!(seen + push_delay(Some(pushed), seen), pushed + DEBOUNCE);
+        }
     }
 }
