@@ -99,7 +99,8 @@ pub struct ScaleMeta {
     pub machine: Machine,
     pub nodes: u32,
     pub changes: u32,
-    /// mesh-control's `--reload-interval-ms` (how often it looks at the files).
+    /// mesh-control's `--reload-interval-ms` (how often it polls the files; inotify wakes it
+    /// at once on a change).
     pub reload_interval_ms: u64,
     /// Things the reader should know.
     pub notes: Vec<String>,
@@ -299,8 +300,8 @@ pub fn tables(meta: &ScaleMeta, summary: &[SizeSummary]) -> Vec<Table> {
             rows: convergence,
             note: Some(format!(
                 "Changes in turn: add a pod, change a service's port, delete the pod. \"noticed\": rename → mesh-control \
-                 logged the new configuration (it looks at the files every {} ms, then reads, translates and builds the \
-                 snapshot); \"pushed\": that log line → the last node received it. Goal: p99 ≤ {GOAL_P99_MS:.0} ms at \
+                 logged the new configuration (woken by inotify, or its poll every {} ms, it reads every file, translates \
+                 and builds the snapshot); \"pushed\": that log line → the last node received it. Goal: p99 ≤ {GOAL_P99_MS:.0} ms at \
                  10,000 workloads.",
                 meta.reload_interval_ms
             )),
