@@ -41,7 +41,8 @@ enum Stage {
     /// Stops the run: the end-to-end tests cannot run without root.
     NeedRoot,
     EndToEnd,
-    /// `cargo xtask bench --smoke`: the bench harness works and every byte arrives (no timing).
+    /// `cargo xtask bench --smoke`: the bench harness works and every byte arrives; then
+    /// `cargo xtask bench --scale --smoke`: every simulated node gets every change (no timing).
     BenchSmoke,
 }
 
@@ -156,7 +157,10 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
                 &mut e2e_command(&debug, &object),
                 &mut totals,
             )?,
-            Stage::BenchSmoke => bench::run_with(&object, true, None)?,
+            Stage::BenchSmoke => {
+                bench::run_with(&object, true, None)?;
+                bench::run_scale(true)?;
+            }
         }
     }
     eprintln!("\nall passed in {}: {totals}", minutes(started.elapsed()));
