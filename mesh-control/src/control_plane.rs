@@ -52,6 +52,9 @@ pub struct Config {
     /// Extra DNS names or IPs for the serving certificate.
     pub server_names: Vec<String>,
     pub reload_interval: Duration,
+    /// Local mode on nodes that run the CNI plugin: a pod's netns comes from its node, so the
+    /// `nodemesh.io/netns` annotation is optional.
+    pub netns_from_cni: bool,
 }
 
 /// What the last reload of the manifests found, for the admin endpoint.
@@ -149,7 +152,9 @@ impl ControlPlane {
             }
             *last = fingerprint;
         }
-        match mesh_manifests::load_model(dir) {
+        let options =
+            TranslateOptions { require_netns: !self.config.netns_from_cni, ..TranslateOptions::default() };
+        match mesh_manifests::load_model_with(dir, &options) {
             Ok(model) => self.publish(&model),
             Err(err) => {
                 self.service.metrics.config_errors.inc();

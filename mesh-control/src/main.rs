@@ -22,6 +22,10 @@ struct Cli {
     /// Kubernetes mode: watch the API server (in-cluster config, or KUBECONFIG / ~/.kube/config).
     #[arg(long)]
     kubernetes: bool,
+    /// Local mode on nodes that run the CNI plugin (`mesh-node run --cni-socket`): pods' netns
+    /// come from their node, so the `nodemesh.io/netns` annotation is optional.
+    #[arg(long, requires = "config_dir")]
+    pod_netns_from_cni: bool,
     /// Kubernetes mode: the node agent's service account (`namespace/name`); nodes authenticate
     /// with its projected tokens, bound to their pod.
     #[arg(long, default_value = "nodemesh-system/mesh-node")]
@@ -107,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         extra_roots: cli.extra_roots,
         server_names: cli.server_names,
         reload_interval: Duration::from_millis(cli.reload_interval_ms.max(50)),
+        netns_from_cni: cli.pod_netns_from_cni,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

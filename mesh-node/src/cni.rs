@@ -34,6 +34,10 @@ pub enum Request {
         container_id: String,
         netns: PathBuf,
         ip: Ipv4Addr,
+        /// How long the plugin waits for the answer (its `timeoutSeconds`); the agent answers
+        /// within it, and within its own limit.
+        #[serde(default)]
+        wait_secs: u64,
     },
     Del {
         pod: PodKey,

@@ -117,6 +117,9 @@ pub struct Topology {
     meshed: std::sync::atomic::AtomicBool,
     /// Extra pod annotations written into the manifests (pod name → (key, value)s).
     annotations: BTreeMap<String, Vec<(String, String)>>,
+    /// Pods left out of the manifests: the test describes them itself (e.g. a pod being
+    /// created, which the CNI plugin enrols).
+    unlisted: std::collections::BTreeSet<String>,
     /// Extra arguments for every mesh-node started from now on (see [`Topology::set_node_args`]).
     node_args: Mutex<Vec<String>>,
 }
@@ -201,6 +204,7 @@ impl Topology {
             control_plane: Mutex::new(None),
             meshed: std::sync::atomic::AtomicBool::new(false),
             annotations: BTreeMap::new(),
+            unlisted: std::collections::BTreeSet::new(),
             node_args: Mutex::new(Vec::new()),
         };
         // An interrupted earlier run of the same test may have left all of this behind; its logs
@@ -348,7 +352,7 @@ impl Topology {
         let paths: Vec<(&PodSpec, PathBuf)> = self
             .pods
             .iter()
-            .filter(|p| p.node == node)
+            .filter(|p| p.node == node && !self.unlisted.contains(&p.name))
             .map(|p| (p, netns::path(&self.netns_name(&p.name))))
             .collect();
         let yaml = manifest::render(
@@ -389,6 +393,18 @@ impl Topology {
         let annotations = self.annotations.entry(pod.to_owned()).or_default();
         annotations.retain(|(k, _)| *k != key);
         annotations.push((key, value));
+        self.write_manifests(node)
+    }
+
+    /// Lists a pod in its node's manifests (the default) or leaves it out, for a test that
+    /// writes its own manifest for it into [`Topology::state_dir`].
+    pub fn set_listed(&mut self, pod: &str, listed: bool) -> anyhow::Result<()> {
+        let node = self.pods.iter().find(|p| p.name == pod).with_context(|| format!("no pod {pod}"))?.node;
+        if listed {
+            self.unlisted.remove(pod);
+        } else {
+            self.unlisted.insert(pod.to_owned());
+        }
         self.write_manifests(node)
     }
 
@@ -480,7 +496,11 @@ impl Topology {
         self.start_control_plane_with(control_args)?;
         for node in NodeId::ALL {
             self.start_node(node)?;
-            let enrolled = self.pods.iter().filter(|p| p.node == node && p.enrolled).count();
+            let enrolled = self
+                .pods
+                .iter()
+                .filter(|p| p.node == node && p.enrolled && !self.unlisted.contains(&p.name))
+                .count();
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let body = self.node_admin(node, "/certs")?;
@@ -521,7 +541,7 @@ impl Topology {
     }
 
     /// Sets extra arguments for every mesh-node started from now on (e.g. the benchmarks'
-    /// `--hbone-tunnel-reuse=false`).
+    /// `--hbone-tunnel-reuse=false`); `{node}` in an argument becomes the node's name.
     pub fn set_node_args(&self, args: &[&str]) {
         *self.node_args.lock().unwrap_or_else(|e| e.into_inner()) =
             args.iter().map(|a| (*a).to_owned()).collect();
@@ -555,7 +575,13 @@ impl Topology {
             // Standalone: the whole cluster's manifests; the node enrols its own pods.
             cmd.arg("--pods").arg(&self.state_dir);
         }
-        cmd.args(self.node_args.lock().unwrap_or_else(|e| e.into_inner()).iter());
+        cmd.args(
+            self.node_args
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|a| a.replace("{node}", node.name())),
+        );
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

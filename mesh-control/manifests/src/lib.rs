@@ -121,8 +121,16 @@ pub fn load_all(path: &Path) -> Result<Vec<EnrolledPodSpec>, ManifestError> {
 /// Reads and translates a local-mode directory; any object that does not translate is an
 /// error naming its file and line, so a bad file changes nothing.
 pub fn load_model(path: &Path) -> Result<translate::Model, ManifestError> {
+    load_model_with(path, &translate::TranslateOptions::default())
+}
+
+/// Like [`load_model`], translated with `options`.
+pub fn load_model_with(
+    path: &Path,
+    options: &translate::TranslateOptions,
+) -> Result<translate::Model, ManifestError> {
     let local = local::read(path)?;
-    let model = translate::translate(&local.objects, &translate::TranslateOptions::default());
+    let model = translate::translate(&local.objects, options);
     if let Some(problem) = model.problems.first() {
         let origin = local.origin(problem.kind, &problem.object);
         return Err(ManifestError::Invalid {

@@ -84,8 +84,10 @@ fn refused(message: String) -> Response {
 async fn handle(request: Request, node: &Node, enrol_timeout: Duration) -> Response {
     let name = command(&request);
     let (response, outcome) = match request {
-        Request::Add { pod, container_id, netns, ip } => {
+        Request::Add { pod, container_id, netns, ip, wait_secs } => {
             let binding = CniBinding { container_id, netns, ip };
+            let enrol_timeout =
+                if wait_secs > 0 { enrol_timeout.min(Duration::from_secs(wait_secs)) } else { enrol_timeout };
             let started = std::time::Instant::now();
             match node.cni_add(pod.clone(), binding, enrol_timeout).await {
                 Ok(true) => {

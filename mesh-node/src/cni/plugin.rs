@@ -227,7 +227,8 @@ fn add(env: &HashMap<String, String>, config: &PluginConfig) -> Result<Option<St
             "nodemesh captures IPv4 pods only",
         ));
     };
-    let request = Request::Add { pod: pod.clone(), container_id, netns: PathBuf::from(netns), ip };
+    let wait_secs = config.timeout.as_secs();
+    let request = Request::Add { pod: pod.clone(), container_id, netns: PathBuf::from(netns), ip, wait_secs };
     let response = ask(config, &request)?;
     if response.ok {
         pass_on(config)
