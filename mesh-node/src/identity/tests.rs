@@ -60,6 +60,7 @@ async fn start_ca(name: &str) -> Ca {
         extra_roots: vec![],
         server_names: vec![],
         reload_interval: Duration::from_secs(60),
+        netns_from_cni: false,
     };
     let plane = Arc::new(ControlPlane::open(config).expect("control plane"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
