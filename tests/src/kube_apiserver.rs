@@ -196,6 +196,8 @@ impl KubeApiServer {
             .arg(format!("--service-account-signing-key-file={}", certs.service_account_key.display()))
             .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
             .arg("--disable-admission-plugins=ServiceAccount")
+            // As every real cluster (kubeadm, kind) runs it: mesh-node's DaemonSet is privileged.
+            .arg("--allow-privileged=true")
             .arg("--profiling=false")
             .arg("--logtostderr=true")
             .arg("--v=1");

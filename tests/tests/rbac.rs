@@ -450,12 +450,12 @@ impl MeshControl {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until mesh-control has published the cluster: web-1, and the services `web` and
-    /// `kubernetes`.
+    /// Waits until mesh-control has published the cluster: web-1, and the services `web`,
+    /// `kubernetes` and deploy/base's `mesh-control`.
     async fn wait_for_discovery(&self) {
         eventually("mesh-control discovers the cluster", async || {
             let config = admin_get(self.admin, "/debug/config").await?;
-            (config["workloads"] == 1 && config["services"] == 2).then_some(())
+            (config["workloads"] == 1 && config["services"] == 3).then_some(())
         })
         .await;
     }

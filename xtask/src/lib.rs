@@ -6,6 +6,10 @@
 //!   tests, and the end-to-end tests (as root).
 //! - `kube-apiserver` ([`kube_apiserver`]): builds, once, the real kube-apiserver the Kubernetes
 //!   discovery tests run against, from Debian's source package; `test` does it too.
+//! - `manifest-tools` ([`manifest_tools`]): installs the checkers the deploy tests run on
+//!   `deploy/` (kubernetes-validate, yamllint, hadolint; kubectl if missing); `test` does it too.
+//! - `kind-up` ([`kind`]): on a machine with Docker and kind, a kind cluster running nodemesh,
+//!   a demo namespace enrolled, and a connectivity check.
 //! - `gen-crds` ([`crds`]): writes the CRD manifests in `deploy/crds/` from the Rust types.
 //! - `demo` ([`demo`]): a two-node mesh in network namespaces with real traffic, and a report of
 //!   what it captured.
@@ -21,7 +25,9 @@ pub mod cargo_log;
 pub mod crds;
 pub mod demo;
 pub mod ebpf;
+pub mod kind;
 pub mod kube_apiserver;
+pub mod manifest_tools;
 pub mod progress;
 pub mod test;
 pub mod toolchain;

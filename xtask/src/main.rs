@@ -1,7 +1,7 @@
 //! `cargo xtask`: nodemesh's developer commands (see the `xtask` library for what each does).
 
 use clap::{Parser, Subcommand};
-use xtask::{bench, crds, demo, ebpf, kube_apiserver, test};
+use xtask::{bench, crds, demo, ebpf, kind, kube_apiserver, manifest_tools, test};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask", about = "nodemesh developer commands")]
@@ -25,6 +25,12 @@ enum Cmd {
     },
     /// Build (once, 4-6 minutes) the kube-apiserver the Kubernetes tests run against, and install etcd.
     KubeApiserver,
+    /// Install the checkers the deploy tests use (kubernetes-validate, yamllint, hadolint; kubectl
+    /// if missing) into target/tools/manifest-tools.
+    ManifestTools,
+    /// With Docker and kind: create a kind cluster, build and load the images, apply deploy/,
+    /// enrol a demo namespace with two apps and check they connect through the mesh.
+    KindUp,
     /// Write deploy/crds/ from the CRD types in mesh-control/manifests (a test fails when stale).
     GenCrds,
     /// Run the two-node demo (as root) and show what the mesh captured.
@@ -54,6 +60,8 @@ fn main() -> std::process::ExitCode {
             _ => test::Selection::All,
         }),
         Cmd::KubeApiserver => kube_apiserver::ensure().map(|_| ()),
+        Cmd::ManifestTools => manifest_tools::ensure().map(|_| ()),
+        Cmd::KindUp => kind::up(),
         Cmd::GenCrds => crds::run(),
         Cmd::Demo => demo::run(),
         Cmd::Bench { smoke, scale: true, .. } => bench::run_scale(smoke),

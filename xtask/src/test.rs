@@ -11,7 +11,7 @@ use anyhow::bail;
 use crate::{
     bench,
     cargo_log::{self, TestCounts},
-    ebpf, kube_apiserver,
+    ebpf, kube_apiserver, manifest_tools,
     progress::Step,
     toolchain,
 };
@@ -86,6 +86,13 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
             Stage::BuildEbpf => object = ebpf::build()?,
             Stage::TestTools => {
                 toolchain::ensure_test_tools()?;
+                eprintln!("manifest checkers (deploy tests):");
+                match manifest_tools::ensure() {
+                    Ok(_) => {}
+                    // Only the root-run tests use them: elsewhere, say why they are missing.
+                    Err(err) if !crate::is_root() => eprintln!("  ✗ not installed: {err:#}"),
+                    Err(err) => return Err(err),
+                }
                 // Built once (4 to 6 minutes) and cached; only the root-run tests use it.
                 if crate::is_root() {
                     kube_apiserver::ensure()?;
@@ -174,7 +181,8 @@ fn e2e_command(debug: &Path, object: &Path) -> Command {
         .env("MESH_NODE_BIN", debug.join("mesh-node"))
         .env("MESH_CONTROL_BIN", debug.join("mesh-control"))
         .env("NODEMESH_BPF_OBJECT", object)
-        .env(kube_apiserver::ENV_VAR, kube_apiserver::binary_path());
+        .env(kube_apiserver::ENV_VAR, kube_apiserver::binary_path())
+        .env(manifest_tools::ENV_VAR, manifest_tools::bin_dir());
     cmd
 }
 
