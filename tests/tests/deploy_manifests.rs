@@ -475,6 +475,24 @@ fn mesh_node_accepts_the_daemonset_args_and_they_agree_with_the_pod() {
     assert_binary_accepts(&binary, &["run"], &args, "deploy/base/mesh-node.yaml");
     assert_eq!(flag(&args, "node-name"), Some("kind-worker"), "the node name comes from spec.nodeName");
 
+    // Exactly the node access the DaemonSet's comment justifies, and no more.
+    assert_eq!(spec.host_network, Some(true));
+    assert_eq!(spec.host_pid, None, "the netns paths come from the CNI plugin, not /proc");
+    assert_eq!(spec.host_ipc, None);
+    let host_paths: Vec<&str> =
+        spec.volumes.iter().flatten().filter_map(|v| v.host_path.as_ref().map(|h| h.path.as_str())).collect();
+    assert_eq!(
+        host_paths,
+        [
+            "/sys/fs/bpf",
+            "/sys/fs/cgroup",
+            "/var/run/netns",
+            "/opt/cni/bin",
+            "/etc/cni/net.d",
+            "/run/nodemesh"
+        ]
+    );
+
     // Every path an argument names is inside a volume mounted for it.
     let mounts: Vec<&str> = node.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
     for name in
