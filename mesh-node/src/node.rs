@@ -177,13 +177,7 @@ impl Node {
         self.reconcile().await;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let decision = {
-                let pods = self.pods.lock().await;
-                let enrolled = pods.get(&key).is_some_and(|p| p.spec.netns == netns);
-                let failure = lock(&self.failures).get(&key).cloned();
-                cni_decision(lock(&self.view).as_deref(), &key, &self.name, enrolled, failure.as_deref())
-            };
-            match decision {
+            match self.cni_decision(&key, Some(&netns)).await {
                 CniDecision::Enrolled => return Ok(true),
                 CniDecision::Outside => return Ok(false),
                 CniDecision::Failed(why) => return Err(why),
@@ -214,19 +208,20 @@ impl Node {
 
     /// The CNI plugin's CHECK: whether a meshed pod is still captured.
     pub async fn cni_check(&self, key: &PodKey) -> Result<bool, String> {
-        let pods = self.pods.lock().await;
-        let failure = lock(&self.failures).get(key).cloned();
-        match cni_decision(
-            lock(&self.view).as_deref(),
-            key,
-            &self.name,
-            pods.contains_key(key),
-            failure.as_deref(),
-        ) {
+        match self.cni_decision(key, None).await {
             CniDecision::Enrolled => Ok(true),
             CniDecision::Outside => Ok(false),
             CniDecision::Failed(why) | CniDecision::Waiting(why) => Err(why),
         }
+    }
+
+    /// Decides for the CNI plugin; with `netns`, enrolled means enrolled in that netns (not
+    /// an earlier sandbox's).
+    async fn cni_decision(&self, key: &PodKey, netns: Option<&std::path::Path>) -> CniDecision {
+        let pods = self.pods.lock().await;
+        let enrolled = pods.get(key).is_some_and(|p| netns.is_none_or(|n| p.spec.netns == n));
+        let failure = lock(&self.failures).get(key).cloned();
+        cni_decision(lock(&self.view).as_deref(), key, &self.name, enrolled, failure.as_deref())
     }
 
     fn persist_cni_bindings(&self) {

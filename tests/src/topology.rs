@@ -602,6 +602,11 @@ impl Topology {
         self.state_dir.join(format!("{}.log", node.name()))
     }
 
+    /// Counts the node's log lines that contain every one of `needles`.
+    pub fn node_log_count(&self, node: NodeId, needles: &[&str]) -> usize {
+        self.node_log_text(node).lines().filter(|l| needles.iter().all(|n| l.contains(n))).count()
+    }
+
     /// Returns a node's whole log.
     pub fn node_log_text(&self, node: NodeId) -> String {
         std::fs::read_to_string(self.node_log(node)).unwrap_or_default()

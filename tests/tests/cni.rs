@@ -103,11 +103,7 @@ fn enrolled(topology: &Topology) -> bool {
 
 fn streams_from_new_pod(topology: &Topology) -> usize {
     let identity = format!("src.identity=spiffe://cluster.local/ns/demo/sa/{NEW_POD}");
-    topology
-        .node_log_text(NodeId::B)
-        .lines()
-        .filter(|l| l.contains("HBONE stream accepted") && l.contains(&identity))
-        .count()
+    topology.node_log_count(NodeId::B, &["HBONE stream accepted", &identity])
 }
 
 #[test]

@@ -53,11 +53,7 @@ fn within(limit: Duration, what: &str, mut done: impl FnMut() -> bool) -> Durati
 
 fn hbone_streams_to(topology: &Topology, pod: &str) -> usize {
     let identity = format!("dst.identity=spiffe://cluster.local/ns/demo/sa/{pod}");
-    topology
-        .node_log_text(NodeId::B)
-        .lines()
-        .filter(|l| l.contains("HBONE stream accepted") && l.contains(&identity))
-        .count()
+    topology.node_log_count(NodeId::B, &["HBONE stream accepted", &identity])
 }
 
 #[test]

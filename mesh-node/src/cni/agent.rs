@@ -55,13 +55,16 @@ async fn answer(stream: UnixStream, node: &Node, enrol_timeout: Duration) -> std
     tokio::time::timeout(Duration::from_secs(5), reader.read_until(b'\n', &mut line))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 5 s"))??;
-    let response = match serde_json::from_slice::<Request>(&line) {
-        Ok(_) if line.len() > MAX_MESSAGE => refused(format!("request longer than {MAX_MESSAGE} bytes")),
-        Ok(request) => {
-            let span = tracing::info_span!("cni", command = command(&request));
-            handle(request, node, enrol_timeout).instrument(span).await
+    let response = if line.len() > MAX_MESSAGE {
+        refused(format!("request longer than {MAX_MESSAGE} bytes"))
+    } else {
+        match serde_json::from_slice::<Request>(&line) {
+            Ok(request) => {
+                let span = tracing::info_span!("cni", command = command(&request));
+                handle(request, node, enrol_timeout).instrument(span).await
+            }
+            Err(err) => refused(format!("malformed request: {err}")),
         }
-        Err(err) => refused(format!("malformed request: {err}")),
     };
     let mut json = serde_json::to_vec(&response).unwrap_or_default();
     json.push(b'\n');

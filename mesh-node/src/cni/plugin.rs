@@ -182,6 +182,12 @@ fn pod_of(env: &HashMap<String, String>) -> Option<PodKey> {
     Some(PodKey { namespace: arg("K8S_POD_NAMESPACE")?, name: arg("K8S_POD_NAME")? })
 }
 
+/// The Kubernetes pod the agent must be asked about: none for a sandbox that is not a
+/// Kubernetes pod, or one of an exempt namespace.
+fn pod_to_ask_about(env: &HashMap<String, String>, config: &PluginConfig) -> Option<PodKey> {
+    pod_of(env).filter(|pod| !config.exempt_namespaces.contains(&pod.namespace))
+}
+
 fn required<'e>(env: &'e HashMap<String, String>, key: &str) -> Result<&'e str, CniError> {
     env.get(key)
         .map(String::as_str)
@@ -214,12 +220,7 @@ fn add(env: &HashMap<String, String>, config: &PluginConfig) -> Result<Option<St
             "list it after the cluster's network plugin in the .conflist",
         ));
     };
-    let Some(pod) = pod_of(env) else {
-        return pass_on(config); // not a Kubernetes pod: nothing to enrol
-    };
-    if config.exempt_namespaces.contains(&pod.namespace) {
-        return pass_on(config);
-    }
+    let Some(pod) = pod_to_ask_about(env, config) else { return pass_on(config) };
     let Some(ip) = first_ipv4(prev_result) else {
         return Err(CniError::new(
             NOT_CAPTURED,
@@ -240,10 +241,9 @@ fn add(env: &HashMap<String, String>, config: &PluginConfig) -> Result<Option<St
 /// DEL never fails a pod's teardown: an unreachable agent forgets the pod when it sees the
 /// netns gone.
 fn del(env: &HashMap<String, String>, config: &PluginConfig) -> Result<(), CniError> {
-    let (Some(pod), Some(container_id)) = (pod_of(env), env.get("CNI_CONTAINERID")) else { return Ok(()) };
-    if config.exempt_namespaces.contains(&pod.namespace) {
+    let (Some(pod), Some(container_id)) = (pod_to_ask_about(env, config), env.get("CNI_CONTAINERID")) else {
         return Ok(());
-    }
+    };
     if let Err(err) = ask(config, &Request::Del { pod, container_id: container_id.clone() }) {
         eprintln!(
             "nodemesh-cni: DEL not delivered ({}: {}); the agent cleans up later",
@@ -254,10 +254,7 @@ fn del(env: &HashMap<String, String>, config: &PluginConfig) -> Result<(), CniEr
 }
 
 fn check(env: &HashMap<String, String>, config: &PluginConfig) -> Result<(), CniError> {
-    let Some(pod) = pod_of(env) else { return Ok(()) };
-    if config.exempt_namespaces.contains(&pod.namespace) {
-        return Ok(());
-    }
+    let Some(pod) = pod_to_ask_about(env, config) else { return Ok(()) };
     let response = ask(config, &Request::Check { pod: pod.clone() })?;
     if response.ok {
         Ok(())
