@@ -21,6 +21,10 @@ pub mod workload {
 
         /// Type URL of [`Address`] resources.
         pub const ADDRESS_TYPE: &str = "type.googleapis.com/nodemesh.workload.v1.Address";
+        /// Type URL of [`Authorization`] resources.
+        pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/nodemesh.workload.v1.Authorization";
+        /// Type URL of [`HttpRoute`] resources.
+        pub const HTTP_ROUTE_TYPE: &str = "type.googleapis.com/nodemesh.workload.v1.HttpRoute";
         /// Type URL of the [`MeshConfig`] resource.
         pub const MESH_CONFIG_TYPE: &str = "type.googleapis.com/nodemesh.workload.v1.MeshConfig";
     }
