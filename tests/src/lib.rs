@@ -6,23 +6,33 @@
 //! and a private bpffs; it starts mesh-node and pod-app processes inside them and tears all of
 //! it down on drop, also sweeping what an interrupted earlier run of the same name left.
 //!
+//! For L7, pods run pod-app's HTTP server and client ([`http_app`]), `curl` or raw TCP
+//! ([`Topology::http_client`], [`Topology::curl`], [`Topology::raw_tcp`]), and tests add
+//! Services, policies and routes with [`Topology::write_config`].
+//!
 //! [`KubeApiServer`] runs a real kube-apiserver and etcd on loopback for the tests of the
 //! Kubernetes discovery (built once by `cargo xtask kube-apiserver`); [`deploy`] applies the
 //! manifests in `deploy/` to it as they are written.
 
+pub mod curl;
 pub mod deploy;
+pub mod http_app;
 pub mod kube_apiserver;
 pub mod manifest;
 pub mod netns;
 pub mod payload;
 pub mod process;
+pub mod prometheus;
 pub mod report;
 pub mod rogue;
 pub mod sniff;
 pub mod topology;
 
+pub use curl::CurlResponse;
 pub use kube_apiserver::{KubeApiServer, TokenUser};
-pub use report::{ClientReport, PodReport, PodsReport, SendReport, Traffic};
+pub use report::{
+    ClientReport, HttpReport, PodReport, PodsReport, RawReport, SendReport, ServerStats, Traffic,
+};
 pub use topology::{NodeId, PodSpec, ServerHandle, Topology};
 
 /// Fails with one clear line when not running as root.

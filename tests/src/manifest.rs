@@ -21,6 +21,8 @@ pub struct PodEntry<'a> {
     pub enrolled: bool,
     /// Extra annotations (`key`, `value`).
     pub annotations: &'a [(String, String)],
+    /// Labels (`key`, `value`), which Services and policies select pods by.
+    pub labels: &'a [(String, String)],
 }
 
 /// Returns the YAML for one node: the ambient `demo` Namespace, then a Pod document per pod.
@@ -31,10 +33,17 @@ pub fn render<'a>(node: &str, pods: impl IntoIterator<Item = PodEntry<'a>>) -> S
     for pod in pods {
         let _ = write!(
             yaml,
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  annotations:\n    nodemesh.io/netns: {netns}\n",
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n",
             name = pod.name,
-            netns = pod.netns.display(),
         );
+        if !pod.labels.is_empty() {
+            yaml.push_str("  labels:\n");
+            for (key, value) in pod.labels {
+                // Quoted: label values are strings even when they look like numbers (`"1"`).
+                let _ = writeln!(yaml, "    {key}: {}", serde_json::Value::from(value.as_str()));
+            }
+        }
+        let _ = writeln!(yaml, "  annotations:\n    nodemesh.io/netns: {}", pod.netns.display());
         if !pod.enrolled {
             yaml.push_str("    nodemesh.io/dataplane-mode: none\n");
         }
@@ -58,10 +67,11 @@ mod tests {
     use super::{PodEntry, render};
 
     /// The rendered file means to mesh-node what the test bed intends: enrolled pods in, opted-out
-    /// pods out, addresses, netns paths, service accounts and annotations as written.
+    /// pods out, addresses, netns paths, service accounts, annotations and labels as written.
     #[test]
     fn rendered_manifests_enrol_exactly_the_enrolled_pods() {
         let mtls = vec![("nodemesh.io/mtls-mode".to_owned(), "PERMISSIVE".to_owned())];
+        let labels = vec![("app".to_owned(), "web".to_owned()), ("canary".to_owned(), "1".to_owned())];
         let yaml = render(
             "node-a",
             [
@@ -71,6 +81,7 @@ mod tests {
                     netns: Path::new("/run/netns/nmt-x-a1"),
                     enrolled: true,
                     annotations: &mtls,
+                    labels: &labels,
                 },
                 PodEntry {
                     name: "a3",
@@ -78,6 +89,7 @@ mod tests {
                     netns: Path::new("/run/netns/nmt-x-a3"),
                     enrolled: false,
                     annotations: &[],
+                    labels: &[],
                 },
             ],
         );
@@ -87,6 +99,13 @@ mod tests {
         std::fs::write(&file, &yaml).unwrap();
         let loaded = mesh_manifests::load(&file, "node-a");
         let elsewhere = mesh_manifests::load(&file, "node-b");
+        // The labels are what a Service selects by (a numeric-looking value stays a string).
+        std::fs::write(
+            dir.join("web.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: demo\nspec:\n  selector:\n    app: web\n    canary: \"1\"\n  ports:\n  - port: 80\n",
+        )
+        .unwrap();
+        let model = mesh_manifests::load_model(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
 
         let pods = loaded.unwrap_or_else(|e| panic!("{e}\n{yaml}"));
@@ -98,5 +117,13 @@ mod tests {
         assert_eq!(a1.service_account, "a1");
         assert_eq!(a1.mtls_mode, mesh_manifests::MtlsMode::Permissive);
         assert!(elsewhere.unwrap().is_empty(), "pods of node-a are not node-b's");
+        let model = model.unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let selected: Vec<&str> = model
+            .workloads
+            .iter()
+            .filter(|w| w.services.contains_key("demo/web.demo.svc.cluster.local"))
+            .map(|w| w.key.name.as_str())
+            .collect();
+        assert_eq!(selected, ["a1"], "the Service selects a1 by its labels");
     }
 }

@@ -18,6 +18,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod http;
+
 use crate::{
     manifest::{self, PodEntry},
     netns,
@@ -117,6 +119,8 @@ pub struct Topology {
     meshed: std::sync::atomic::AtomicBool,
     /// Extra pod annotations written into the manifests (pod name → (key, value)s).
     annotations: BTreeMap<String, Vec<(String, String)>>,
+    /// Pod labels written into the manifests (pod name → (key, value)s).
+    labels: BTreeMap<String, Vec<(String, String)>>,
     /// Pods left out of the manifests: the test describes them itself (e.g. a pod being
     /// created, which the CNI plugin enrols).
     unlisted: std::collections::BTreeSet<String>,
@@ -204,6 +208,7 @@ impl Topology {
             control_plane: Mutex::new(None),
             meshed: std::sync::atomic::AtomicBool::new(false),
             annotations: BTreeMap::new(),
+            labels: BTreeMap::new(),
             unlisted: std::collections::BTreeSet::new(),
             node_args: Mutex::new(Vec::new()),
         };
@@ -363,6 +368,7 @@ impl Topology {
                 netns,
                 enrolled: pod.enrolled,
                 annotations: self.annotations.get(&pod.name).map_or(&[], Vec::as_slice),
+                labels: self.labels.get(&pod.name).map_or(&[], Vec::as_slice),
             }),
         );
         self.write_raw_manifests(node, &yaml)
@@ -385,14 +391,23 @@ impl Topology {
     /// Sets an annotation (`key: value`) on a pod and rewrites its node's manifests.
     pub fn annotate(&mut self, pod: &str, annotation: &str) -> anyhow::Result<()> {
         let node = self.pods.iter().find(|p| p.name == pod).with_context(|| format!("no pod {pod}"))?.node;
-        let (key, value) = annotation
-            .split_once(':')
-            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-            .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+        let (key, value) = key_value(annotation)
             .with_context(|| format!("annotation {annotation:?} is not `key: value`"))?;
         let annotations = self.annotations.entry(pod.to_owned()).or_default();
         annotations.retain(|(k, _)| *k != key);
         annotations.push((key, value));
+        self.write_manifests(node)
+    }
+
+    /// Sets a label (`key: value`) on a pod, as Services and policies select it, and rewrites
+    /// its node's manifests.
+    pub fn label(&mut self, pod: &str, label: &str) -> anyhow::Result<()> {
+        let node = self.pods.iter().find(|p| p.name == pod).with_context(|| format!("no pod {pod}"))?.node;
+        let (key, value) =
+            key_value(label).with_context(|| format!("label {label:?} is not `key: value`"))?;
+        let labels = self.labels.entry(pod.to_owned()).or_default();
+        labels.retain(|(k, _)| *k != key);
+        labels.push((key, value));
         self.write_manifests(node)
     }
 
@@ -730,30 +745,44 @@ impl Topology {
     /// Returns a pod-app command that starts in `place` (a pod or `ext`): its netns and cgroup,
     /// both joined before exec, so the app never has a socket outside them.
     fn app_command(&self, place_name: &str) -> anyhow::Result<Command> {
+        self.command_in(place_name, find_binary("pod-app")?)
+    }
+
+    /// Returns a command for `program` that starts in `place` (a pod or `ext`) as a pod's app
+    /// would: in its netns and its cgroup (so the node's capture programs see its connects).
+    fn command_in(&self, place_name: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
         anyhow::ensure!(
             place_name == "ext" || self.pods.iter().any(|p| p.name == place_name),
             "no pod {place_name} in the topology (nor `ext`)"
         );
-        let binary = find_binary("pod-app")?;
-        let mut cmd = Command::new(binary);
+        let mut cmd = Command::new(program);
         place(&mut cmd, &netns::path(&self.netns_name(place_name)), Some(&self.app_cgroup(place_name)))?;
         Ok(cmd)
     }
 
     /// Starts an echo server in a pod (or `ext`) and waits until it listens.
     pub fn serve(&self, pod_or_ext: &str, port: u16) -> anyhow::Result<ServerHandle> {
-        self.start_server(pod_or_ext, "serve", port)
+        self.start_server(pod_or_ext, "serve", port, &[])
     }
 
     /// Starts a sink (`pod-app sink`: verifies the one-way streams of [`Topology::send`]) in a
     /// pod (or `ext`) and waits until it listens.
     pub fn sink(&self, pod_or_ext: &str, port: u16) -> anyhow::Result<ServerHandle> {
-        self.start_server(pod_or_ext, "sink", port)
+        self.start_server(pod_or_ext, "sink", port, &[])
     }
 
-    fn start_server(&self, pod_or_ext: &str, mode: &str, port: u16) -> anyhow::Result<ServerHandle> {
+    fn start_server(
+        &self,
+        pod_or_ext: &str,
+        mode: &str,
+        port: u16,
+        extra_args: &[&str],
+    ) -> anyhow::Result<ServerHandle> {
         let mut cmd = self.app_command(pod_or_ext)?;
-        cmd.args([mode, "--port", &port.to_string()]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args([mode, "--port", &port.to_string()])
+            .args(extra_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("starting pod-app {mode}"))?;
         let stdout = child.stdout.take().context("pod-app stdout")?;
         let stderr = child.stderr.take().context("pod-app stderr")?;
@@ -899,6 +928,13 @@ impl Topology {
         }
         left
     }
+}
+
+/// Splits `key: value` (both trimmed, neither empty).
+fn key_value(text: &str) -> Option<(String, String)> {
+    text.split_once(':')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
 }
 
 /// Rejects pod lists the topology cannot build: names must fit in an interface name (`v-<pod>`),

@@ -8,6 +8,11 @@
 //! For throughput (`cargo xtask bench`), `sink` receives one-way streams of a seeded pattern and
 //! verifies every byte, and `send` streams that pattern on one or more connections for a while
 //! and reports how many bytes the sink verified, and how long it took, as JSON.
+//!
+//! For L7 (`nodemesh_testbed::http_app`): `http-serve` answers HTTP/1.1 and h2c with JSON
+//! naming itself and what it saw, `http-client` sends keep-alive or multiplexed requests and
+//! prints one JSON report, and `raw` writes stdin as-is on one TCP connection and reports the
+//! responses (for malformed requests).
 
 use std::{
     net::SocketAddr,
@@ -16,6 +21,11 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use nodemesh_testbed::{
+    http_app::{
+        client::ClientConfig,
+        raw,
+        server::{Framing, ServerConfig},
+    },
     payload::{Pattern, Stream},
     report::{ClientReport, SendReport},
 };
@@ -76,6 +86,63 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         connect_timeout_ms: u64,
     },
+    /// HTTP/1.1 and h2c server answering JSON (who answered, what it saw); `x-server: NAME`.
+    HttpServe {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "pod-app")]
+        name: String,
+        /// Answer 503 to the first N requests (counted per `x-fail-key` request header).
+        #[arg(long, default_value_t = 0)]
+        fail_first: u64,
+        /// Delay every answer (a request's `x-delay-ms` header overrides it).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Answer with this status (changed at run time by `/admin/status?code=S`).
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+        /// `standard` (hyper), or a lenient HTTP/1.1 parser fooled by ambiguous framing, for
+        /// smuggling tests: `first-content-length` or `chunked-keep-alive`.
+        #[arg(long, default_value = "standard")]
+        framing: Framing,
+    },
+    /// HTTP client: N requests over C workers (keep-alive, or one h2c connection); JSON report.
+    HttpClient {
+        /// `http://IP[:PORT]/path?query`.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        requests: u32,
+        #[arg(long, default_value_t = 1)]
+        concurrency: u32,
+        /// Prior-knowledge HTTP/2 (h2c), every request multiplexed over one connection.
+        #[arg(long)]
+        http2: bool,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// A request header `name:value` (repeatable).
+        #[arg(long = "header", value_name = "NAME:VALUE")]
+        headers: Vec<String>,
+        /// Send a body of this many bytes with every request.
+        #[arg(long, default_value_t = 0)]
+        body_bytes: usize,
+        /// Per request, including connecting and reading the body.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// Report every request.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Writes stdin as-is to one TCP connection and reports the HTTP/1.x responses (JSON).
+    Raw {
+        #[arg(long)]
+        to: SocketAddr,
+        /// Stop reading after this long without data.
+        #[arg(long, default_value_t = 1000)]
+        idle_ms: u64,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
 }
 
 fn raise_fd_limit() {
@@ -117,6 +184,45 @@ fn main() -> std::process::ExitCode {
                 let (duration, connect) =
                     (Duration::from_millis(duration_ms), Duration::from_millis(connect_timeout_ms));
                 let report = send(to, conns, duration, seed, connect).await;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::HttpServe { port, name, fail_first, delay_ms, status, framing } => {
+                let listener =
+                    listen(port).map_err(|err| anyhow::anyhow!("cannot listen on 0.0.0.0:{port}: {err}"))?;
+                println!("LISTENING {}", listener.local_addr()?.port());
+                let delay = Duration::from_millis(delay_ms);
+                let config = ServerConfig { name, fail_first, delay, status, framing };
+                Ok(nodemesh_testbed::http_app::server::serve(listener, config).await?)
+            }
+            Command::HttpClient {
+                url,
+                requests,
+                concurrency,
+                http2,
+                method,
+                headers,
+                body_bytes,
+                timeout_ms,
+                verbose,
+            } => {
+                let mut config = ClientConfig::for_url(&url).map_err(anyhow::Error::msg)?;
+                config.method = method.parse().map_err(|_| anyhow::anyhow!("bad method {method:?}"))?;
+                for header in &headers {
+                    config.add_header(header).map_err(anyhow::Error::msg)?;
+                }
+                (config.requests, config.concurrency, config.http2) = (requests, concurrency, http2);
+                (config.body_bytes, config.verbose) = (body_bytes, verbose);
+                config.timeout = Duration::from_millis(timeout_ms);
+                let report = nodemesh_testbed::http_app::client::run(config).await;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Raw { to, idle_ms, timeout_ms } => {
+                let mut request = Vec::new();
+                tokio::io::stdin().read_to_end(&mut request).await?;
+                let (idle, overall) = (Duration::from_millis(idle_ms), Duration::from_millis(timeout_ms));
+                let report = raw::exchange(to, &request, idle, overall).await;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
