@@ -4,7 +4,9 @@
 //! - [`crd`]: nodemesh's `AuthorizationPolicy` and Gateway API's `HTTPRoute` as Rust types.
 //! - [`local`]: local mode's source, a directory of Kubernetes YAML (the same files work with
 //!   `kubectl apply`).
-//! - [`translate`]: objects → workloads (in the mesh or not) and services, pure.
+//! - [`translate`]: objects → workloads (in the mesh or not), services, authorization policies
+//!   and HTTP routes, pure. Policies and routes come out as the API's messages (what nodes
+//!   receive), with whether each was accepted as written.
 //!
 //! A pod is enrolled when its namespace (or the pod itself) says
 //! `nodemesh.io/dataplane-mode: ambient` and the pod does not opt out with `none`. In local mode
@@ -129,19 +131,32 @@ pub fn load_model_with(
     path: &Path,
     options: &translate::TranslateOptions,
 ) -> Result<translate::Model, ManifestError> {
+    match translate_dir(path, options)? {
+        (_, Some(err)) => Err(err),
+        (model, None) => Ok(model),
+    }
+}
+
+/// Reads and translates a local-mode directory, and returns the model with the error its first
+/// problem makes (naming the object's file and line), if it has one: such a model is for
+/// showing what was wrong (which policies were rejected, and why), never for serving.
+pub fn translate_dir(
+    path: &Path,
+    options: &translate::TranslateOptions,
+) -> Result<(translate::Model, Option<ManifestError>), ManifestError> {
     let local = local::read(path)?;
     let model = translate::translate(&local.objects, options);
-    if let Some(problem) = model.problems.first() {
+    let error = model.problems.first().map(|problem| {
         let origin = local.origin(problem.kind, &problem.object);
-        return Err(ManifestError::Invalid {
+        ManifestError::Invalid {
             path: origin.map_or_else(|| path.to_owned(), |o| o.file.clone()),
             location: Location(origin.map(|o| (o.line, 1))),
             kind: problem.kind,
             object: problem.object.clone(),
             problem: problem.message.clone(),
-        });
-    }
-    Ok(model)
+        }
+    });
+    Ok((model, error))
 }
 
 /// The enrolled pods of a model that have an address and netns (local mode; a pod being created

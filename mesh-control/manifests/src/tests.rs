@@ -252,3 +252,41 @@ fn wrong_versions_bad_fields_and_duplicates_name_file_line_and_field() {
         assert!(err.contains(expected), "expected {expected:?} in {err:?}");
     }
 }
+
+#[test]
+fn a_rejected_policy_or_route_is_a_load_error_naming_file_line_and_rule() {
+    let db = format!(
+        "{NAMESPACE}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: demo}}\n\
+         spec: {{clusterIP: 10.96.0.11, selector: {{app: db}}, ports: [{{port: 5432, appProtocol: tcp}}]}}\n",
+        pod("db", "node-a", "10.1.1.3", "").replace("  annotations:", "  labels: {app: db}\n  annotations:")
+    );
+    let cases = [
+        (
+            "---\napiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: db-admin, namespace: demo}\n\
+             spec: {selector: {matchLabels: {app: db}}, action: DENY, rules: [{to: [{operation: {ports: [\"5432\"], paths: [/admin]}}]}]}\n",
+            "mesh.yaml:27:1: AuthorizationPolicy demo/db-admin: rules[0]: HTTP conditions (paths) can never apply: port 5432 is declared \"tcp\"",
+        ),
+        (
+            "---\napiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: bad-port, namespace: demo}\n\
+             spec: {rules: [{to: [{operation: {ports: [postgres]}}]}]}\n",
+            "mesh.yaml:27:1: AuthorizationPolicy demo/bad-port: rules[0].to[0].operation.ports[0]: \"postgres\" is not a port number",
+        ),
+        (
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: demo}\n\
+             spec: {parentRefs: [{kind: Service, name: db}], rules: [{filters: [{type: URLRewrite}]}]}\n",
+            "mesh.yaml:27:1: HTTPRoute demo/r: rules[0].filters[0]: unsupported filter type URLRewrite",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let err = model_str(&format!("{db}{extra}")).expect_err(expected).to_string();
+        assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+    }
+    // The same policy on an HTTP port is fine, and its translation is in the model.
+    let fine = format!(
+        "{db}---\napiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: demo}}\n\
+         spec: {{selector: {{matchLabels: {{app: db}}}}, rules: [{{to: [{{operation: {{ports: [\"8080\"], paths: [/admin]}}}}]}}]}}\n"
+    );
+    let model = model_str(&fine).expect("valid");
+    assert_eq!(model.authorizations[0].authorization.rules[0].to[0].ports, [8080]);
+    assert_eq!(model.workloads[0].authorization_policies, ["demo/p"]);
+}

@@ -1,7 +1,10 @@
 //! From Kubernetes objects (either source) to the mesh model: which pods are workloads, which are
-//! in the mesh and how, and which services they serve on which ports. Pure: no I/O, no clock.
-//! An object that cannot be translated becomes a [`Problem`] naming it; the rest still
-//! translates (the local source turns problems into errors, so a bad file changes nothing).
+//! in the mesh and how, which services they serve on which ports and how their traffic is
+//! balanced ([`traffic`]), which authorization policies apply to them ([`authorization`]) and
+//! how HTTP to services is routed ([`routes`]). Pure: no I/O, no clock.
+//! An object that cannot be translated (as written) becomes a [`Problem`] naming it; the rest
+//! still translates (the local source turns problems into errors, so a bad file changes
+//! nothing; the Kubernetes source reports them in the objects' status).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,6 +19,18 @@ use k8s_openapi::{
 
 use crate::{ClusterObjects, DATAPLANE_MODE, MTLS_MODE, MtlsMode, NETNS_ANNOTATION, PodKey};
 
+pub mod authorization;
+pub mod duration;
+pub mod routes;
+pub mod traffic;
+
+pub use authorization::AuthorizationSpec;
+pub use routes::{ParentStatus, RouteSpec};
+pub use traffic::TrafficPolicy;
+
+/// Istio's default root namespace, nodemesh's own.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "nodemesh-system";
+
 /// Options that differ between the sources.
 #[derive(Clone, Debug)]
 pub struct TranslateOptions {
@@ -24,11 +39,44 @@ pub struct TranslateOptions {
     pub require_netns: bool,
     /// `cluster.local` unless the cluster says otherwise.
     pub cluster_domain: String,
+    /// Authorization policies here without a selector apply to every workload of the mesh,
+    /// and their selectors pick workloads in every namespace (Istio's root namespace).
+    pub root_namespace: String,
 }
 
 impl Default for TranslateOptions {
     fn default() -> Self {
-        TranslateOptions { require_netns: true, cluster_domain: "cluster.local".into() }
+        TranslateOptions {
+            require_netns: true,
+            cluster_domain: "cluster.local".into(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
+        }
+    }
+}
+
+/// Whether a policy or route was taken as written, as a status condition says it: `True` or
+/// `False`, a CamelCase reason and a message for people.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Acceptance {
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Acceptance {
+    /// Returns a condition's outcome.
+    pub fn condition(status: bool, reason: &str, message: impl Into<String>) -> Self {
+        Acceptance { status, reason: reason.to_owned(), message: message.into() }
+    }
+
+    /// Returns the outcome of a policy taken as written.
+    pub fn accepted() -> Self {
+        Self::condition(true, "Accepted", "enforced as written")
+    }
+
+    /// Returns the outcome of a policy not taken as written, and why.
+    pub fn rejected(reason: &str, message: impl Into<String>) -> Self {
+        Self::condition(false, reason, message)
     }
 }
 
@@ -69,6 +117,8 @@ pub struct WorkloadSpec {
     pub membership: Option<Membership>,
     /// Service (`namespace/hostname`) → the ports this pod serves for it.
     pub services: BTreeMap<String, Vec<PortMapping>>,
+    /// Authorization policies (`namespace/name`) whose selector picks this pod, sorted.
+    pub authorization_policies: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,20 +140,29 @@ pub struct ServiceSpec {
     /// Cluster IPs; none for headless services.
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePortSpec>,
+    /// From the `nodemesh.io/*` traffic annotations.
+    pub traffic: TrafficPolicy,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Model {
     pub workloads: Vec<WorkloadSpec>,
     pub services: Vec<ServiceSpec>,
+    /// Every AuthorizationPolicy, accepted or not (nodes enforce each, failing closed where it
+    /// was not taken as written), sorted by namespace and name.
+    pub authorizations: Vec<AuthorizationSpec>,
+    /// Every HTTPRoute attached to a Service, sorted by namespace and name.
+    pub routes: Vec<RouteSpec>,
     /// Namespaces with `nodemesh.io/dataplane-mode: ambient`, sorted.
     pub ambient_namespaces: Vec<String>,
+    /// [`TranslateOptions::root_namespace`], for the nodes' mesh config.
+    pub root_namespace: String,
     pub problems: Vec<Problem>,
 }
 
 /// Translates everything discovery found.
 pub fn translate(objects: &ClusterObjects, options: &TranslateOptions) -> Model {
-    let mut model = Model::default();
+    let mut model = Model { root_namespace: options.root_namespace.clone(), ..Model::default() };
     let namespaces: BTreeMap<String, &Namespace> =
         objects.namespaces.iter().filter_map(|n| Some((n.metadata.name.clone()?, n))).collect();
     model.ambient_namespaces = namespaces
@@ -122,19 +181,105 @@ pub fn translate(objects: &ClusterObjects, options: &TranslateOptions) -> Model 
     }
     let index = EndpointIndex::new(&objects.pods, &model.workloads);
     for service in &objects.services {
-        match service_spec(service, options) {
+        // A bad traffic annotation is a problem; the service still counts, without it.
+        let (traffic, traffic_problems) = traffic::traffic_policy(service.metadata.annotations.as_ref());
+        let problems = match service_spec(service, options) {
             Ok(spec) => {
                 attach_endpoints(service, &spec, &index, &mut model.workloads);
-                model.services.push(spec);
+                model.services.push(ServiceSpec { traffic, ..spec });
+                traffic_problems
             }
-            Err(message) => {
-                model.problems.push(Problem { kind: "Service", object: key_of(&service.metadata), message });
-            }
+            Err(message) => vec![message],
+        };
+        if !problems.is_empty() {
+            let message = problems.join("; ");
+            model.problems.push(Problem { kind: "Service", object: key_of(&service.metadata), message });
         }
     }
+    translate_policies(objects, options, &index, &mut model);
+    translate_routes(objects, options, &mut model);
     model.workloads.sort_by(|a, b| a.key.cmp(&b.key));
     model.services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     model
+}
+
+/// Adds every AuthorizationPolicy to the model and lists the selector policies on the
+/// workloads they pick. Runs before the workloads are sorted (the index points into them).
+fn translate_policies(
+    objects: &ClusterObjects,
+    options: &TranslateOptions,
+    index: &EndpointIndex<'_>,
+    model: &mut Model,
+) {
+    let services: HashMap<String, &ServiceSpec> =
+        model.services.iter().map(|s| (format!("{}/{}", s.namespace, s.hostname), s)).collect();
+    let context = authorization::Context {
+        root_namespace: &options.root_namespace,
+        workloads: &model.workloads,
+        index,
+        services: &services,
+    };
+    let mut listings = Vec::new();
+    let mut authorizations = Vec::new();
+    for policy in &objects.authorization_policies {
+        let object = key_of(&policy.metadata);
+        match authorization::translate(policy, &context) {
+            Ok(translated) => {
+                if !translated.findings.is_empty() {
+                    let message = translated.findings.join("; ");
+                    model.problems.push(Problem {
+                        kind: "AuthorizationPolicy",
+                        object: object.clone(),
+                        message,
+                    });
+                }
+                let authorization = &translated.spec.authorization;
+                let name = format!("{}/{}", authorization.namespace, authorization.name);
+                listings.extend(translated.listed_by.into_iter().map(|w| (w, name.clone())));
+                authorizations.push(translated.spec);
+            }
+            Err(message) => model.problems.push(Problem { kind: "AuthorizationPolicy", object, message }),
+        }
+    }
+    for (w, name) in listings {
+        model.workloads[w].authorization_policies.push(name);
+    }
+    for workload in &mut model.workloads {
+        workload.authorization_policies.sort();
+    }
+    authorizations.sort_by(|a, b| {
+        let key = |s: &AuthorizationSpec| (s.authorization.namespace.clone(), s.authorization.name.clone());
+        key(a).cmp(&key(b))
+    });
+    model.authorizations = authorizations;
+}
+
+/// Adds every HTTPRoute attached to a Service to the model.
+fn translate_routes(objects: &ClusterObjects, options: &TranslateOptions, model: &mut Model) {
+    let services: HashMap<(String, String), &ServiceSpec> =
+        model.services.iter().map(|s| ((s.namespace.clone(), s.name.clone()), s)).collect();
+    let mut routes = Vec::new();
+    for route in &objects.http_routes {
+        match routes::translate(route, &services, &options.cluster_domain) {
+            Ok(None) => {} // attached to Gateways only: another implementation's
+            Ok(Some((spec, problems))) => {
+                if !problems.is_empty() {
+                    let message = problems.join("; ");
+                    model.problems.push(Problem {
+                        kind: "HTTPRoute",
+                        object: key_of(&route.metadata),
+                        message,
+                    });
+                }
+                routes.push(spec);
+            }
+            Err(message) => {
+                model.problems.push(Problem { kind: "HTTPRoute", object: key_of(&route.metadata), message })
+            }
+        }
+    }
+    routes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    model.routes = routes;
 }
 
 fn key_of(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -240,6 +385,7 @@ fn workload(
         service_account,
         membership,
         services: BTreeMap::new(),
+        authorization_policies: Vec::new(),
     }))
 }
 
@@ -291,6 +437,7 @@ fn service_spec(service: &Service, options: &TranslateOptions) -> Result<Service
         name,
         vips,
         ports,
+        traffic: TrafficPolicy::default(), // set by the caller, which reports bad annotations
     })
 }
 
@@ -310,11 +457,14 @@ struct EndpointIndex<'a> {
     pods: HashMap<(&'a str, &'a str), &'a Pod>,
     /// (namespace, label key, label value) → indexes into the workloads.
     by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    /// Namespace → indexes into the workloads (for namespace-wide policies).
+    by_namespace: HashMap<String, Vec<usize>>,
 }
 
 impl<'a> EndpointIndex<'a> {
     fn new(pods: &'a [Pod], workloads: &[WorkloadSpec]) -> Self {
-        let mut index = EndpointIndex { pods: HashMap::new(), by_label: HashMap::new() };
+        let mut index =
+            EndpointIndex { pods: HashMap::new(), by_label: HashMap::new(), by_namespace: HashMap::new() };
         for pod in pods {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
             if let Some(name) = pod.metadata.name.as_deref() {
@@ -322,6 +472,7 @@ impl<'a> EndpointIndex<'a> {
             }
         }
         for (i, workload) in workloads.iter().enumerate() {
+            index.by_namespace.entry(workload.key.namespace.clone()).or_default().push(i);
             let Some(pod) = index.pods.get(&(workload.key.namespace.as_str(), workload.key.name.as_str()))
             else {
                 continue;

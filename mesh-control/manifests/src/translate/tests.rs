@@ -4,17 +4,17 @@ use serde_json::json;
 
 use super::*;
 
-fn namespace(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Namespace {
+pub(super) fn namespace(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Namespace {
     serde_json::from_value(json!({"metadata": {"name": name, "labels": labels, "annotations": annotations}}))
         .expect("namespace")
 }
 
-fn ambient(name: &str) -> Namespace {
+pub(super) fn ambient(name: &str) -> Namespace {
     namespace(name, json!({DATAPLANE_MODE: "ambient"}), json!({}))
 }
 
 /// A running pod on node-a in `demo` with a netns annotation; `change` edits its JSON first.
-fn pod(name: &str, ip: &str, change: impl FnOnce(&mut serde_json::Value)) -> Pod {
+pub(super) fn pod(name: &str, ip: &str, change: impl FnOnce(&mut serde_json::Value)) -> Pod {
     let mut value = json!({
         "metadata": {"name": name, "namespace": "demo", "labels": {"app": name},
                      "annotations": {NETNS_ANNOTATION: format!("/run/netns/{name}")}},
@@ -26,7 +26,7 @@ fn pod(name: &str, ip: &str, change: impl FnOnce(&mut serde_json::Value)) -> Pod
     serde_json::from_value(value).expect("pod")
 }
 
-fn service(name: &str, change: impl FnOnce(&mut serde_json::Value)) -> Service {
+pub(super) fn service(name: &str, change: impl FnOnce(&mut serde_json::Value)) -> Service {
     let mut value = json!({
         "metadata": {"name": name, "namespace": "demo"},
         "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
@@ -36,11 +36,11 @@ fn service(name: &str, change: impl FnOnce(&mut serde_json::Value)) -> Service {
     serde_json::from_value(value).expect("service")
 }
 
-fn objects(namespaces: Vec<Namespace>, pods: Vec<Pod>, services: Vec<Service>) -> ClusterObjects {
+pub(super) fn objects(namespaces: Vec<Namespace>, pods: Vec<Pod>, services: Vec<Service>) -> ClusterObjects {
     ClusterObjects { namespaces, pods, services, ..Default::default() }
 }
 
-fn model(objects: &ClusterObjects) -> Model {
+pub(super) fn model(objects: &ClusterObjects) -> Model {
     translate(objects, &TranslateOptions::default())
 }
 
@@ -300,4 +300,44 @@ fn a_selector_picks_pods_with_all_its_labels_in_its_own_namespace_only() {
         .map(|w| w.key.name.as_str())
         .collect();
     assert_eq!(selected, ["both"]);
+}
+
+#[test]
+fn traffic_annotations_reach_the_service_and_a_bad_one_is_a_problem_that_keeps_it() {
+    let services = vec![
+        service("web", |s| {
+            s["metadata"]["annotations"] = json!({
+                traffic::LOAD_BALANCER: "round-robin",
+                traffic::MAX_CONNECTIONS: "100",
+                traffic::OUTLIER_BASE_EJECTION: "30s",
+            });
+        }),
+        service("db", |s| {
+            s["metadata"]["annotations"] =
+                json!({traffic::LOAD_BALANCER: "random", traffic::MAX_CONNECTIONS: "10"});
+        }),
+    ];
+    let model = model(&objects(vec![ambient("demo")], vec![], services));
+    let web = model.services.iter().find(|s| s.name == "web").expect("web");
+    assert_eq!(
+        web.traffic.load_balancing.map(|l| l.mode()),
+        Some(mesh_api::workload::v1::LoadBalancerMode::RoundRobin)
+    );
+    assert_eq!(web.traffic.circuit_breaker.map(|c| c.max_connections), Some(100));
+    assert_eq!(web.traffic.outlier_detection.map(|o| o.base_ejection_ms), Some(30_000));
+    let db = model.services.iter().find(|s| s.name == "db").expect("db is still a service");
+    assert_eq!(
+        (db.traffic.load_balancing, db.traffic.circuit_breaker.map(|c| c.max_connections)),
+        (None, Some(10))
+    );
+    assert_eq!(
+        model.problems,
+        [Problem {
+            kind: "Service",
+            object: "demo/db".into(),
+            message:
+                "annotation nodemesh.io/load-balancer: must be least-request or round-robin, not \"random\""
+                    .into()
+        }]
+    );
 }
