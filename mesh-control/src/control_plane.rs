@@ -8,7 +8,9 @@ use std::{
 
 use hyper::StatusCode;
 use mesh_api::{
-    ca::v1::certificate_service_server::CertificateServiceServer, http, workload::v1::ADDRESS_TYPE,
+    ca::v1::certificate_service_server::CertificateServiceServer,
+    http,
+    workload::v1::{ADDRESS_TYPE, AUTHORIZATION_TYPE, HTTP_ROUTE_TYPE},
     xds::v1::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
 };
 use mesh_manifests::{
@@ -26,8 +28,15 @@ use crate::{
     node_auth::KubernetesNodeAuth,
     node_auth::NodeCredentials,
     service::{CaService, MAX_REQUEST_BYTES},
+    status::{
+        Reports,
+        kubernetes::{self as status_writer, StatusInput},
+    },
     tls,
-    xds::{XdsServer, snapshot::Snapshot},
+    xds::{
+        XdsServer,
+        snapshot::{self, Snapshot},
+    },
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -57,13 +66,32 @@ pub struct Config {
     pub netns_from_cni: bool,
 }
 
+/// Mesh-wide settings of the translation (kept apart from [`Config`] so that adding one does
+/// not change every place a `Config` is written out).
+#[derive(Clone, Debug)]
+pub struct MeshSettings {
+    /// Authorization policies here without a selector apply to every workload, and their
+    /// selectors pick workloads in every namespace (Istio's root namespace).
+    pub root_namespace: String,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings { root_namespace: translate::DEFAULT_ROOT_NAMESPACE.to_owned() }
+    }
+}
+
 /// What the last reload of the manifests found, for the admin endpoint.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct ConfigStatus {
     pub snapshot_version: String,
     pub workloads: usize,
     pub services: usize,
-    /// Objects that could not be translated (Kubernetes mode skips them).
+    pub authorization_policies: usize,
+    pub http_routes: usize,
+    /// Objects that could not be translated as written (Kubernetes mode skips pods and
+    /// services, distributes policies failing closed, and holds back routes; see `/policies`
+    /// and `/routes`).
     pub problems: Vec<String>,
     /// Why the manifests are being ignored (the last good state is served), if they are.
     pub error: Option<String>,
@@ -73,10 +101,13 @@ pub struct ConfigStatus {
 #[derive(Debug)]
 pub struct ControlPlane {
     pub config: Config,
+    pub settings: MeshSettings,
     pub service: CaService,
     pub xds: XdsServer,
     snapshots: watch::Sender<Arc<Snapshot>>,
     pub config_status: Mutex<ConfigStatus>,
+    /// How the last translation took each policy and route (`/policies`, `/routes`).
+    pub reports: Mutex<Reports>,
     /// The manifests' files as last read (local mode).
     source_fingerprint: Mutex<Option<mesh_manifests::local::Fingerprint>>,
     server_identity: (String, String),
@@ -91,6 +122,15 @@ impl ControlPlane {
     /// Like [`ControlPlane::open`]; with `kubernetes_auth`, nodes authenticate with
     /// service-account tokens reviewed by the Kubernetes API instead of node tokens.
     pub fn open_with(config: Config, kubernetes_auth: Option<KubernetesNodeAuth>) -> anyhow::Result<Self> {
+        Self::open_in_mesh(config, kubernetes_auth, MeshSettings::default())
+    }
+
+    /// Like [`ControlPlane::open_with`], with mesh-wide `settings`.
+    pub fn open_in_mesh(
+        config: Config,
+        kubernetes_auth: Option<KubernetesNodeAuth>,
+        settings: MeshSettings,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let root_dir = config.root_dir.clone().unwrap_or_else(|| config.state_dir.join("ca"));
         let (root, created) = RootCa::load_or_generate(&root_dir, &config.trust_domain)?;
@@ -125,10 +165,12 @@ impl ControlPlane {
             XdsServer { nodes: service.node_auth(), snapshots: receiver, status: Arc::default(), metrics };
         let plane = ControlPlane {
             config,
+            settings,
             service,
             xds,
             snapshots,
             config_status: Mutex::new(ConfigStatus::default()),
+            reports: Mutex::new(Reports::default()),
             source_fingerprint: Mutex::new(None),
             server_identity,
         };
@@ -152,11 +194,19 @@ impl ControlPlane {
             }
             *last = fingerprint;
         }
-        let options =
-            TranslateOptions { require_netns: !self.config.netns_from_cni, ..TranslateOptions::default() };
-        match mesh_manifests::load_model_with(dir, &options) {
-            Ok(model) => self.publish(&model),
-            Err(err) => {
+        let options = TranslateOptions {
+            require_netns: !self.config.netns_from_cni,
+            root_namespace: self.settings.root_namespace.clone(),
+            ..TranslateOptions::default()
+        };
+        let translated = mesh_manifests::translate_dir(dir, &options);
+        if let Ok((model, error)) = &translated {
+            // Shown even when refused: which policy or route was rejected, and why.
+            *lock(&self.reports) = Reports::of(model, error.is_none());
+        }
+        match translated {
+            Ok((model, None)) => self.publish(&model),
+            Ok((_, Some(err))) | Err(err) => {
                 self.service.metrics.config_errors.inc();
                 lock(&self.config_status).error = Some(err.to_string());
                 Err(err.into())
@@ -171,6 +221,8 @@ impl ControlPlane {
             snapshot_version: snapshot.version().to_owned(),
             workloads: model.workloads.len(),
             services: model.services.len(),
+            authorization_policies: snapshot.count(AUTHORIZATION_TYPE),
+            http_routes: snapshot.count(HTTP_ROUTE_TYPE),
             problems: model
                 .problems
                 .iter()
@@ -178,16 +230,24 @@ impl ControlPlane {
                 .collect(),
             error: None,
         };
-        self.service
-            .metrics
-            .config_resources
-            .get_or_create(&XdsTypeLabels { type_url: ADDRESS_TYPE.to_owned() })
-            .set(snapshot.count(ADDRESS_TYPE) as i64);
+        for type_url in snapshot::TYPES {
+            self.service
+                .metrics
+                .config_resources
+                .get_or_create(&XdsTypeLabels { type_url: type_url.to_owned() })
+                .set(snapshot.count(type_url) as i64);
+        }
         self.snapshots.send_if_modified(|current| {
             if **current == snapshot {
                 return false;
             }
-            tracing::info!(version = %snapshot.version(), addresses = snapshot.count(ADDRESS_TYPE), "configuration changed");
+            tracing::info!(
+                version = %snapshot.version(),
+                addresses = snapshot.count(ADDRESS_TYPE),
+                authorizations = snapshot.count(AUTHORIZATION_TYPE),
+                routes = snapshot.count(HTTP_ROUTE_TYPE),
+                "configuration changed"
+            );
             *current = Arc::new(snapshot);
             true
         });
@@ -203,21 +263,36 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Translates what the Kubernetes source found (objects that do not translate are
-    /// skipped, logged and shown on `/debug/config`) and publishes it.
-    pub fn publish_kubernetes(&self, objects: &ClusterObjects) {
-        let options = TranslateOptions { require_netns: false, ..TranslateOptions::default() };
+    /// Translates what the Kubernetes source found and publishes it; returns the model.
+    /// Pods and services that do not translate are skipped; policies that were not taken as
+    /// written are still enforced (failing closed) and routes with values nodemesh cannot
+    /// implement are held back; all are logged, shown on `/debug/config` and, for policies
+    /// and routes, written into their status.
+    pub fn publish_kubernetes(&self, objects: &ClusterObjects) -> Model {
+        let options = TranslateOptions {
+            require_netns: false,
+            root_namespace: self.settings.root_namespace.clone(),
+            ..TranslateOptions::default()
+        };
         let model = translate::translate(objects, &options);
         for problem in &model.problems {
-            tracing::warn!(kind = problem.kind, object = %problem.object, error = %problem.message, "object skipped");
+            let outcome = match problem.kind {
+                "AuthorizationPolicy" => "policy not accepted; enforced failing closed",
+                "HTTPRoute" => "route not accepted; not applied",
+                _ => "object skipped",
+            };
+            tracing::warn!(kind = problem.kind, object = %problem.object, error = %problem.message, "{outcome}");
         }
+        *lock(&self.reports) = Reports::of(&model, true);
         if let Err(err) = self.publish(&model) {
             tracing::error!(error = %format!("{err:#}"), "cannot publish the configuration");
         }
+        model
     }
 
-    /// Serves `/metrics`, `/debug/nodes` (each node's xDS sync), `/debug/config` and
-    /// `/healthz/ready` on `listener`.
+    /// Serves `/metrics`, `/debug/nodes` (each node's xDS sync), `/debug/config`, `/policies`
+    /// and `/routes` (each with whether it was accepted, and why not) and `/healthz/ready` on
+    /// `listener`.
     pub async fn serve_admin(self: Arc<Self>, listener: TcpListener) {
         mesh_api::http::serve(listener, "admin", move |path| {
             let plane = self.clone();
@@ -228,6 +303,16 @@ impl ControlPlane {
                     }
                     "/debug/nodes" => http::json(&*lock(&plane.xds.status)),
                     "/debug/config" => http::json(&*lock(&plane.config_status)),
+                    "/policies" => {
+                        let reports = lock(&plane.reports);
+                        http::json(
+                            &serde_json::json!({"served": reports.served, "policies": reports.policies}),
+                        )
+                    }
+                    "/routes" => {
+                        let reports = lock(&plane.reports);
+                        http::json(&serde_json::json!({"served": reports.served, "routes": reports.routes}))
+                    }
                     "/healthz/ready" => http::respond(StatusCode::OK, "text/plain", "ready\n"),
                     _ => http::not_found(),
                 }
@@ -283,10 +368,23 @@ impl ControlPlane {
         self.serve_grpc(listener).await
     }
 
-    /// Watches the Kubernetes API with `client` and publishes every change, until dropped.
+    /// Watches the Kubernetes API with `client` and publishes every change, and writes each
+    /// policy's and route's status, until dropped.
     pub async fn watch_kubernetes(self: Arc<Self>, client: kube::Client) {
         let plane = self.clone();
-        crate::discovery::kubernetes(client, move |objects| plane.publish_kubernetes(&objects)).await;
+        let (inputs, receiver) = watch::channel(Arc::new(StatusInput::default()));
+        // Ends when `inputs` is dropped with this future.
+        tokio::spawn(status_writer::run(client.clone(), receiver));
+        crate::discovery::kubernetes(client, move |objects| {
+            let model = plane.publish_kubernetes(&objects);
+            inputs.send_replace(Arc::new(StatusInput {
+                policies: objects.authorization_policies,
+                routes: objects.http_routes,
+                authorizations: model.authorizations,
+                route_specs: model.routes,
+            }));
+        })
+        .await;
     }
 
     async fn serve_grpc(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {

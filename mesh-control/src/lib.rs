@@ -10,5 +10,6 @@ pub mod manifest_watch;
 pub mod metrics;
 pub mod node_auth;
 pub mod service;
+pub mod status;
 pub mod tls;
 pub mod xds;

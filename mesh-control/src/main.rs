@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use mesh_control::{
     ca::{RootCa, TtlPolicy},
-    control_plane::{Config, ControlPlane},
+    control_plane::{Config, ControlPlane, MeshSettings},
     node_auth::KubernetesNodeAuth,
 };
 
@@ -40,11 +40,15 @@ struct Cli {
     /// The TLS listener nodes use: CA and xDS.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
-    /// Admin endpoint: /metrics, /debug/nodes, /debug/config, /healthz/ready.
+    /// Admin endpoint: /metrics, /debug/nodes, /debug/config, /policies, /routes, /healthz/ready.
     #[arg(long, default_value = "127.0.0.1:15014")]
     admin_listen: SocketAddr,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
+    /// Authorization policies in this namespace without a selector apply to every workload,
+    /// and their selectors pick workloads in every namespace (Istio's root namespace).
+    #[arg(long, default_value = mesh_manifests::translate::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
     /// Default certificate lifetime, seconds.
     #[arg(long, default_value_t = 24 * 3600)]
     cert_ttl_secs: u64,
@@ -113,6 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         reload_interval: Duration::from_millis(cli.reload_interval_ms.max(50)),
         netns_from_cni: cli.pod_netns_from_cni,
     };
+    let settings = MeshSettings { root_namespace: cli.root_namespace };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let client = match cli.kubernetes {
@@ -128,7 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .map(|client| KubernetesNodeAuth::new(client, &cli.node_service_account))
             .transpose()
             .map_err(anyhow::Error::msg)?;
-        let plane = Arc::new(ControlPlane::open_with(config, node_auth)?);
+        let plane = Arc::new(ControlPlane::open_in_mesh(config, node_auth, settings)?);
         let listener = tokio::net::TcpListener::bind(cli.listen).await?;
         let admin = tokio::net::TcpListener::bind(cli.admin_listen)
             .await

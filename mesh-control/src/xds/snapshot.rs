@@ -1,5 +1,7 @@
 //! One consistent version of everything the control plane distributes, per resource type, with
-//! a content version per resource so a push carries only what changed.
+//! a content version per resource so a push carries only what changed. Every node receives
+//! every resource: workloads and services (`Address`), authorization policies and HTTP routes
+//! (small, and a node needs its peers' to route and to enforce), and the mesh config.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -9,8 +11,9 @@ use std::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_api::{
     workload::v1::{
-        ADDRESS_TYPE, Address, MESH_CONFIG_TYPE, MeshConfig, MtlsMode as ProtoMtlsMode, NetworkAddress, Port,
-        PortList, Service, TunnelProtocol, Workload, WorkloadStatus, address,
+        ADDRESS_TYPE, AUTHORIZATION_TYPE, Address, HTTP_ROUTE_TYPE, MESH_CONFIG_TYPE, MeshConfig,
+        MtlsMode as ProtoMtlsMode, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload,
+        WorkloadStatus, address,
     },
     xds::v1::Resource,
 };
@@ -21,6 +24,8 @@ use mesh_manifests::{
 
 /// Name of the one mesh config resource.
 pub const MESH_CONFIG_NAME: &str = "mesh";
+/// The resource types this control plane serves.
+pub const TYPES: [&str; 4] = [ADDRESS_TYPE, AUTHORIZATION_TYPE, HTTP_ROUTE_TYPE, MESH_CONFIG_TYPE];
 
 /// An encoded resource and its content version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,7 +66,9 @@ impl Delta {
 }
 
 impl Snapshot {
-    /// Builds the snapshot of a translated model: every workload and service of the mesh.
+    /// Builds the snapshot of a translated model: every workload and service, every
+    /// authorization policy (accepted or not: nodes fail closed on what was not taken as
+    /// written), every route that was accepted, and the mesh config.
     pub fn build(model: &Model, trust_domain: &str) -> Self {
         let workloads = model.workloads.iter().map(|w| {
             let workload = workload_of(w, trust_domain);
@@ -76,14 +83,36 @@ impl Snapshot {
         });
         let addresses =
             workloads.chain(services).map(|(name, address)| (name, Versioned::encode(&address))).collect();
+        let authorizations = model
+            .authorizations
+            .iter()
+            .map(|a| &a.authorization)
+            .map(|a| (format!("{}/{}", a.namespace, a.name), Versioned::encode(a)))
+            .collect();
+        let routes = model
+            .routes
+            .iter()
+            .filter_map(|r| r.route.as_ref())
+            .map(|r| (format!("{}/{}", r.namespace, r.name), Versioned::encode(r)))
+            .collect();
         let mesh = MeshConfig {
             trust_domain: trust_domain.to_owned(),
             ambient_namespaces: model.ambient_namespaces.clone(),
+            root_namespace: model.root_namespace.clone(),
         };
         let config = BTreeMap::from([(MESH_CONFIG_NAME.to_owned(), Versioned::encode(&mesh))]);
-        let types = BTreeMap::from([(ADDRESS_TYPE, addresses), (MESH_CONFIG_TYPE, config)]);
-        let all: String =
-            types.values().flat_map(|r| r.iter()).map(|(name, v)| format!("{name}={};", v.version)).collect();
+        let types = BTreeMap::from([
+            (ADDRESS_TYPE, addresses),
+            (AUTHORIZATION_TYPE, authorizations),
+            (HTTP_ROUTE_TYPE, routes),
+            (MESH_CONFIG_TYPE, config),
+        ]);
+        let all: String = types
+            .iter()
+            .flat_map(|(type_url, r)| {
+                r.iter().map(move |(name, v)| format!("{type_url}:{name}={};", v.version))
+            })
+            .collect();
         let version = mesh_api::fingerprint(all.as_bytes())[..16].to_owned();
         Snapshot { types, version }
     }
@@ -94,7 +123,7 @@ impl Snapshot {
 
     /// Whether `type_url` is a type this control plane serves.
     pub fn serves(type_url: &str) -> bool {
-        [ADDRESS_TYPE, MESH_CONFIG_TYPE].contains(&type_url)
+        TYPES.contains(&type_url)
     }
 
     /// Number of resources of a type.
@@ -159,6 +188,7 @@ fn workload_of(w: &WorkloadSpec, trust_domain: &str) -> Workload {
         tunnel_protocol: if meshed.is_some() { TunnelProtocol::Hbone } else { TunnelProtocol::None }.into(),
         status: WorkloadStatus::Healthy.into(),
         services: w.services.iter().map(|(name, mappings)| (name.clone(), ports(mappings))).collect(),
+        authorization_policies: w.authorization_policies.clone(),
         netns: meshed.and_then(|m| m.netns.as_ref()).map(|p| p.display().to_string()).unwrap_or_default(),
         mtls_mode: match meshed.map(|m| m.mtls_mode) {
             Some(MtlsMode::Permissive) => ProtoMtlsMode::Permissive,
@@ -195,6 +225,9 @@ fn service_of(s: &ServiceSpec) -> Service {
                 app_protocol: p.app_protocol.clone(),
             })
             .collect(),
+        load_balancing: s.traffic.load_balancing,
+        circuit_breaker: s.traffic.circuit_breaker,
+        outlier_detection: s.traffic.outlier_detection,
     }
 }
 
@@ -202,9 +235,12 @@ fn service_of(s: &ServiceSpec) -> Service {
 mod tests {
     use std::{net::Ipv4Addr, path::PathBuf};
 
+    use mesh_api::workload::v1::{
+        Authorization, AuthorizationAction, HttpRoute, LoadBalancerMode, LoadBalancing, RouteParent,
+    };
     use mesh_manifests::{
         PodKey,
-        translate::{Membership, ServicePortSpec},
+        translate::{Acceptance, AuthorizationSpec, Membership, RouteSpec, ServicePortSpec, TrafficPolicy},
     };
     use prost::Message as _;
 
@@ -221,6 +257,7 @@ mod tests {
                 mtls_mode: MtlsMode::Strict,
             }),
             services: BTreeMap::new(),
+            authorization_policies: Vec::new(),
         }
     }
 
@@ -263,6 +300,7 @@ mod tests {
                 target_port: IntOrString::Int(8080),
                 app_protocol: "http".into(),
             }],
+            traffic: Default::default(),
         };
         let snapshot = Snapshot::build(
             &Model { workloads: vec![web], services: vec![service], ..Default::default() },
@@ -315,5 +353,125 @@ mod tests {
         let config = MeshConfig::decode(delta.resources[0].resource.as_slice()).unwrap();
         assert_eq!(config.trust_domain, "cluster.local");
         assert!(Snapshot::serves(MESH_CONFIG_TYPE) && !Snapshot::serves("type.googleapis.com/Other"));
+    }
+
+    fn policy(name: &str, action: AuthorizationAction) -> AuthorizationSpec {
+        AuthorizationSpec {
+            authorization: Authorization {
+                name: name.into(),
+                namespace: "demo".into(),
+                action: action.into(),
+                ..Default::default()
+            },
+            generation: Some(1),
+            acceptance: Acceptance::accepted(),
+        }
+    }
+
+    fn route(name: &str, accepted: bool) -> RouteSpec {
+        let route = HttpRoute {
+            name: name.into(),
+            namespace: "demo".into(),
+            parents: vec![RouteParent { service: "demo/web.demo.svc.cluster.local".into(), port: 80 }],
+            ..Default::default()
+        };
+        RouteSpec {
+            namespace: "demo".into(),
+            name: name.into(),
+            route: accepted.then_some(route),
+            generation: Some(1),
+            parents: vec![],
+        }
+    }
+
+    #[test]
+    fn policies_and_accepted_routes_are_resources_named_by_namespace_and_name() {
+        let mut a1 = pod("a1", "node-a", [10, 1, 1, 2]);
+        a1.authorization_policies = vec!["demo/deny".into()];
+        let mut rejected = policy("deny", AuthorizationAction::Deny);
+        rejected.acceptance = Acceptance::rejected("UnenforceableHTTPRule", "rules[0]: …");
+        let model = Model {
+            workloads: vec![a1],
+            authorizations: vec![policy("allow", AuthorizationAction::Allow), rejected],
+            routes: vec![route("canary", true), route("redirect", false)],
+            root_namespace: "mesh-root".into(),
+            ..Default::default()
+        };
+        let snapshot = Snapshot::build(&model, "td");
+        let names = |type_url| -> Vec<String> {
+            snapshot.delta(type_url, &HashMap::new()).resources.into_iter().map(|r| r.name).collect()
+        };
+        assert_eq!(
+            names(AUTHORIZATION_TYPE),
+            ["demo/allow", "demo/deny"],
+            "a rejected policy is enforced too"
+        );
+        assert_eq!(names(HTTP_ROUTE_TYPE), ["demo/canary"], "a route not accepted is not applied");
+        let delta = snapshot.delta(AUTHORIZATION_TYPE, &HashMap::new());
+        let deny = Authorization::decode(delta.resources[1].resource.as_slice()).unwrap();
+        assert_eq!(deny.action(), AuthorizationAction::Deny);
+        let delta = snapshot.delta(HTTP_ROUTE_TYPE, &HashMap::new());
+        let canary = HttpRoute::decode(delta.resources[0].resource.as_slice()).unwrap();
+        assert_eq!(canary.parents[0].port, 80);
+        let address::Type::Workload(w) = decode(&snapshot.delta(ADDRESS_TYPE, &HashMap::new()).resources[0])
+        else {
+            panic!("not a workload")
+        };
+        assert_eq!(w.authorization_policies, ["demo/deny"]);
+        let config = MeshConfig::decode(
+            snapshot.delta(MESH_CONFIG_TYPE, &HashMap::new()).resources[0].resource.as_slice(),
+        )
+        .unwrap();
+        assert_eq!(config.root_namespace, "mesh-root");
+        assert!(TYPES.iter().all(|t| Snapshot::serves(t)));
+    }
+
+    #[test]
+    fn a_changed_policy_is_one_changed_resource() {
+        let before = Snapshot::build(
+            &Model {
+                authorizations: vec![
+                    policy("a", AuthorizationAction::Allow),
+                    policy("b", AuthorizationAction::Allow),
+                ],
+                ..Default::default()
+            },
+            "td",
+        );
+        let have = before.versions(AUTHORIZATION_TYPE);
+        let after = Snapshot::build(
+            &Model { authorizations: vec![policy("a", AuthorizationAction::Deny)], ..Default::default() },
+            "td",
+        );
+        let delta = after.delta(AUTHORIZATION_TYPE, &have);
+        assert_eq!(delta.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["demo/a"]);
+        assert_eq!(delta.removed, ["demo/b"]);
+        assert_ne!(before.version(), after.version());
+        assert!(
+            after.delta(ADDRESS_TYPE, &before.versions(ADDRESS_TYPE)).is_empty(),
+            "other types untouched"
+        );
+    }
+
+    #[test]
+    fn a_service_carries_its_traffic_policy() {
+        let service = ServiceSpec {
+            namespace: "demo".into(),
+            name: "web".into(),
+            hostname: "web.demo.svc.cluster.local".into(),
+            vips: vec![],
+            ports: vec![],
+            traffic: TrafficPolicy {
+                load_balancing: Some(LoadBalancing { mode: LoadBalancerMode::RoundRobin.into() }),
+                ..Default::default()
+            },
+        };
+        let snapshot = Snapshot::build(&Model { services: vec![service], ..Default::default() }, "td");
+        let address::Type::Service(s) = decode(&snapshot.delta(ADDRESS_TYPE, &HashMap::new()).resources[0])
+        else {
+            panic!("not a service")
+        };
+        assert_eq!(s.load_balancing.map(|l| l.mode()), Some(LoadBalancerMode::RoundRobin));
+        assert_eq!((s.circuit_breaker, s.outlier_detection), (None, None));
     }
 }
