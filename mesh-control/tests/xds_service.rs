@@ -7,7 +7,10 @@ use std::{collections::HashMap, time::Duration};
 
 use common::{Harness, MANIFESTS, start, token};
 use mesh_api::{
-    workload::v1::{ADDRESS_TYPE, Address, MESH_CONFIG_TYPE, address},
+    workload::v1::{
+        ADDRESS_TYPE, AUTHORIZATION_TYPE, Address, Authorization, AuthorizationAction, HTTP_ROUTE_TYPE,
+        HttpRoute, MESH_CONFIG_TYPE, address,
+    },
     xds::v1::{
         DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status as XdsStatus,
         aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
@@ -87,10 +90,14 @@ fn versions(response: &DeltaDiscoveryResponse) -> HashMap<String, String> {
 /// Waits until the control plane has recorded `node`'s ACK of `nonce` (an ACK that crosses a
 /// newer push is stale and ignored, so tests wait before changing things).
 async fn acked(h: &Harness, node: &str, nonce: &str) {
+    acked_type(h, node, ADDRESS_TYPE, nonce).await;
+}
+
+async fn acked_type(h: &Harness, node: &str, type_url: &str, nonce: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let status = h.plane.xds.status.lock().expect("status").get(node).cloned().unwrap_or_default();
-        if status.acked.get(ADDRESS_TYPE).map(String::as_str) == Some(nonce) {
+        if status.acked.get(type_url).map(String::as_str) == Some(nonce) {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "ACK of {nonce} never recorded: {status:?}");
@@ -217,4 +224,117 @@ async fn strangers_wrong_names_and_unknown_types_are_refused() {
     let err = confused.responses.message().await.expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("unknown resource type"), "{err}");
+}
+
+/// A Service for a1, an AuthorizationPolicy selecting it and an HTTPRoute attached to the
+/// Service; `action` and `backend` vary what changes.
+fn policy_and_route(action: &str, backend: &str) -> String {
+    format!(
+        "{}---\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
+         spec: {{clusterIP: 10.96.0.10, selector: {{app: web}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n\
+         ---\napiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: web-policy, namespace: demo}}\n\
+         spec: {{selector: {{matchLabels: {{app: web}}}}, action: {action}, rules: [{{to: [{{operation: {{ports: [\"8080\"], methods: [POST]}}}}]}}]}}\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web-route, namespace: demo}}\n\
+         spec: {{parentRefs: [{{kind: Service, name: web, port: 80}}], rules: [{{backendRefs: [{{name: {backend}, port: 80}}]}}]}}\n",
+        MANIFESTS.replace(
+            "metadata: {name: a1, namespace: demo,",
+            "metadata: {name: a1, namespace: demo, labels: {app: web},"
+        )
+    )
+}
+
+#[tokio::test]
+async fn policies_and_routes_are_added_changed_and_removed_like_any_resource() {
+    let h = start("xds-policies").await;
+    let mut node = open(&h, "node-b", &token(&h, "node-b")).await.expect("stream");
+    for type_url in [AUTHORIZATION_TYPE, HTTP_ROUTE_TYPE] {
+        node.send(subscribe("node-b", type_url, HashMap::new())).await;
+        let empty = node.next().await;
+        assert_eq!(empty.type_url, type_url);
+        assert!(empty.resources.is_empty(), "nothing yet, but an answer: {:?}", names(&empty));
+        node.send(reply(type_url, &empty.nonce, None)).await;
+        acked_type(&h, "node-b", type_url, &empty.nonce).await;
+    }
+
+    // Added: node-b receives a1's policy too (every node gets every one).
+    std::fs::write(h.dir.join("config/pods.yaml"), policy_and_route("DENY", "web")).expect("write");
+    h.plane.reload().expect("reload");
+    let mut pushed = HashMap::new();
+    for _ in 0..2 {
+        let response = node.next().await;
+        node.send(reply(&response.type_url, &response.nonce, None)).await;
+        acked_type(&h, "node-b", &response.type_url, &response.nonce).await;
+        pushed.insert(response.type_url.clone(), response);
+    }
+    let policies = &pushed[AUTHORIZATION_TYPE];
+    assert_eq!(names(policies), ["demo/web-policy"]);
+    let policy = Authorization::decode(policies.resources[0].resource.as_slice()).expect("decodes");
+    assert_eq!(
+        (policy.action(), policy.rules[0].to[0].ports.as_slice()),
+        (AuthorizationAction::Deny, &[8080][..])
+    );
+    let routes = &pushed[HTTP_ROUTE_TYPE];
+    assert_eq!(names(routes), ["demo/web-route"]);
+    let route = HttpRoute::decode(routes.resources[0].resource.as_slice()).expect("decodes");
+    assert_eq!(route.rules[0].backends[0].service, "demo/web.demo.svc.cluster.local");
+
+    // The policy changes, the route does not: one push, of the policy alone.
+    std::fs::write(h.dir.join("config/pods.yaml"), policy_and_route("ALLOW", "web")).expect("write");
+    h.plane.reload().expect("reload");
+    let changed = node.next().await;
+    assert_eq!((changed.type_url.as_str(), names(&changed)), (AUTHORIZATION_TYPE, vec!["demo/web-policy"]));
+    assert_ne!(changed.resources[0].version, policies.resources[0].version);
+    node.send(reply(AUTHORIZATION_TYPE, &changed.nonce, None)).await;
+    acked_type(&h, "node-b", AUTHORIZATION_TYPE, &changed.nonce).await;
+
+    // The route's backend changes: the route alone.
+    std::fs::write(h.dir.join("config/pods.yaml"), policy_and_route("ALLOW", "web-v2")).expect("write");
+    h.plane.reload().expect("reload");
+    let changed = node.next().await;
+    assert_eq!((changed.type_url.as_str(), names(&changed)), (HTTP_ROUTE_TYPE, vec!["demo/web-route"]));
+    node.send(reply(HTTP_ROUTE_TYPE, &changed.nonce, None)).await;
+    acked_type(&h, "node-b", HTTP_ROUTE_TYPE, &changed.nonce).await;
+
+    // Both removed: removals, and a NACK of one type is recorded against it.
+    std::fs::write(h.dir.join("config/pods.yaml"), MANIFESTS).expect("write");
+    h.plane.reload().expect("reload");
+    let mut removed = HashMap::new();
+    for _ in 0..2 {
+        let response = node.next().await;
+        assert!(response.resources.is_empty(), "{:?}", names(&response));
+        removed.insert(response.type_url.clone(), (response.removed_resources.clone(), response.nonce));
+    }
+    assert_eq!(removed[AUTHORIZATION_TYPE].0, ["demo/web-policy"]);
+    assert_eq!(removed[HTTP_ROUTE_TYPE].0, ["demo/web-route"]);
+    node.send(reply(HTTP_ROUTE_TYPE, &removed[HTTP_ROUTE_TYPE].1, Some("demo/web-route: no such backend")))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = h.plane.xds.status.lock().expect("status").get("node-b").cloned().unwrap_or_default();
+        if let Some(nack) = status.last_nack {
+            assert!(nack.starts_with(HTTP_ROUTE_TYPE) && nack.contains("no such backend"), "{nack}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "NACK never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_node_resuming_with_a_policy_it_holds_is_sent_only_what_changed() {
+    let h = start("xds-policies-resume").await;
+    std::fs::write(h.dir.join("config/pods.yaml"), policy_and_route("DENY", "web")).expect("write");
+    h.plane.reload().expect("reload");
+    let mut node = open(&h, "node-a", &token(&h, "node-a")).await.expect("stream");
+    node.send(subscribe("node-a", AUTHORIZATION_TYPE, HashMap::new())).await;
+    let held = versions(&node.next().await);
+    drop(node);
+
+    let mut have = held.clone();
+    have.insert("demo/deleted-meanwhile".into(), "v".into());
+    let mut resumed = open(&h, "node-a", &token(&h, "node-a")).await.expect("stream");
+    resumed.send(subscribe("node-a", AUTHORIZATION_TYPE, have)).await;
+    let delta = resumed.next().await;
+    assert!(delta.resources.is_empty(), "the policy held is current: {:?}", names(&delta));
+    assert_eq!(delta.removed_resources, ["demo/deleted-meanwhile"]);
 }

@@ -1,6 +1,6 @@
 //! mesh-control in Kubernetes mode against a real kube-apiserver (v1.20, with etcd, on
 //! loopback): objects created, patched and deleted through the API reach a connected node as
-//! delta xDS resources.
+//! delta xDS resources; AuthorizationPolicies and HTTPRoutes get their status written back.
 
 use std::{
     collections::HashMap,
@@ -13,13 +13,14 @@ use std::{
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_api::{
-    workload::v1::{ADDRESS_TYPE, Address, address},
+    workload::v1::{ADDRESS_TYPE, AUTHORIZATION_TYPE, Address, Authorization, HTTP_ROUTE_TYPE, address},
     xds::v1::{
         DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node,
         aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
     },
 };
-use nodemesh_testbed::{kube_apiserver::KubeApiServer, process::find_binary};
+use mesh_manifests::crd::{AuthorizationPolicy, HttpRoute};
+use nodemesh_testbed::{deploy, kube_apiserver::KubeApiServer, process::find_binary};
 use prost::Message as _;
 use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -84,14 +85,26 @@ async fn admin_get(control: &MeshControl, path: &str) -> Option<serde_json::Valu
     serde_json::from_str(response.split_once("\r\n\r\n")?.1).ok()
 }
 
-/// The workloads and services a node holds, by name.
+/// The workloads and services a node holds, by name, and the encoded resources of the other
+/// types, by type and name.
 #[derive(Default)]
 struct NodeView {
     addresses: HashMap<String, address::Type>,
+    others: HashMap<String, HashMap<String, Vec<u8>>>,
 }
 
 impl NodeView {
     fn apply(&mut self, response: &DeltaDiscoveryResponse) {
+        if response.type_url != ADDRESS_TYPE {
+            let held = self.others.entry(response.type_url.clone()).or_default();
+            for resource in &response.resources {
+                held.insert(resource.name.clone(), resource.resource.clone());
+            }
+            for name in &response.removed_resources {
+                held.remove(name);
+            }
+            return;
+        }
         for resource in &response.resources {
             let decoded = Address::decode(resource.resource.as_slice()).expect("decodes");
             self.addresses.insert(resource.name.clone(), decoded.r#type.expect("typed"));
@@ -99,6 +112,11 @@ impl NodeView {
         for name in &response.removed_resources {
             self.addresses.remove(name);
         }
+    }
+
+    fn authorization(&self, name: &str) -> Option<Authorization> {
+        let bytes = self.others.get(AUTHORIZATION_TYPE)?.get(name)?;
+        Some(Authorization::decode(bytes.as_slice()).expect("decodes"))
     }
 }
 
@@ -118,12 +136,34 @@ impl NodeStream {
             .expect("stream open");
         self.view.apply(&response);
         let ack = DeltaDiscoveryRequest {
-            type_url: ADDRESS_TYPE.into(),
+            type_url: response.type_url.clone(),
             response_nonce: response.nonce.clone(),
             ..Default::default()
         };
         self.tx.send(ack).await.expect("stream open");
         response
+    }
+}
+
+impl NodeStream {
+    /// Subscribes to another type too.
+    async fn subscribe(&self, node: &str, type_url: &str) {
+        let subscribe = DeltaDiscoveryRequest {
+            node: Some(Node { id: node.into() }),
+            type_url: type_url.into(),
+            resource_names_subscribe: vec!["*".into()],
+            ..Default::default()
+        };
+        self.tx.send(subscribe).await.expect("stream open");
+    }
+
+    /// Applies responses until `check` holds for what the node holds.
+    async fn until(&mut self, what: &str, check: impl Fn(&NodeView) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check(&self.view) {
+            assert!(Instant::now() < deadline, "{what}: not within 20 s");
+            self.next().await;
+        }
     }
 }
 
@@ -298,4 +338,134 @@ async fn nodes_authenticate_with_service_account_tokens_bound_to_their_own_pod()
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
         assert!(refused.message().contains(reason), "expected {reason:?} in {:?}", refused.message());
     }
+}
+
+/// The condition of `type_` in `conditions`, as (status, reason, message, observedGeneration).
+fn condition(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<(String, String, String, Option<i64>)> {
+    let c = conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone(), c.observed_generation))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_and_routes_reach_nodes_and_get_their_status_written_back() {
+    let api = KubeApiServer::start("policy-status").expect("kube-apiserver");
+    let client = api.client().expect("client");
+    deploy::apply_dir(&client, "crds").await.expect("deploy/crds/ applies");
+    deploy::wait_established(
+        &client,
+        &["authorizationpolicies.nodemesh.io", "httproutes.gateway.networking.k8s.io"],
+        Duration::from_secs(20),
+    )
+    .await
+    .expect("CRDs served");
+    let control = start_mesh_control(&api);
+
+    // db-1 serves Postgres (declared tcp) and HTTP; a policy puts HTTP paths on the Postgres
+    // port; a route attaches to a Service that does not exist yet.
+    let create = PostParams::default();
+    let namespace =
+        json!({"metadata": {"name": "demo", "labels": {"nodemesh.io/dataplane-mode": "ambient"}}});
+    Api::<Namespace>::all(client.clone())
+        .create(&create, &serde_json::from_value(namespace).expect("valid"))
+        .await
+        .expect("namespace");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "demo");
+    let pod = json!({
+        "metadata": {"name": "db-1", "labels": {"app": "db"}},
+        "spec": {"nodeName": "node-a", "containers": [{"name": "db", "image": "example/db"}]}
+    });
+    pods.create(&create, &serde_json::from_value(pod).expect("valid")).await.expect("pod");
+    let status = json!({"status": {"phase": "Running", "podIP": "10.1.1.3", "podIPs": [{"ip": "10.1.1.3"}]}});
+    pods.patch_status("db-1", &PatchParams::default(), &Patch::Merge(&status)).await.expect("status");
+    let services: Api<Service> = Api::namespaced(client.clone(), "demo");
+    let service = |name: &str| {
+        serde_json::from_value::<Service>(json!({
+            "metadata": {"name": name},
+            "spec": {"selector": {"app": "db"}, "ports": [
+                {"name": "postgres", "port": 5432, "appProtocol": "tcp"}, {"name": "http", "port": 8080}]}
+        }))
+        .expect("valid")
+    };
+    services.create(&create, &service("db")).await.expect("service");
+    let policies: Api<AuthorizationPolicy> = Api::namespaced(client.clone(), "demo");
+    let policy = json!({
+        "apiVersion": "nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "db-admin"},
+        "spec": {"selector": {"matchLabels": {"app": "db"}}, "action": "DENY",
+                 "rules": [{"to": [{"operation": {"ports": ["5432"], "paths": ["/admin*"]}}]}]}
+    });
+    policies.create(&create, &serde_json::from_value(policy).expect("valid")).await.expect("policy");
+    let routes: Api<HttpRoute> = Api::namespaced(client.clone(), "demo");
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "db-route"},
+        "spec": {"parentRefs": [{"kind": "Service", "name": "db-v2", "port": 8080}],
+                 "rules": [{"backendRefs": [{"name": "db", "port": 8080}]}]}
+    });
+    routes.create(&create, &serde_json::from_value(route).expect("valid")).await.expect("route");
+
+    // The policy is not accepted, and says why; it is still distributed (the node fails closed).
+    let unenforceable = "rules[0]: HTTP conditions (paths) can never apply: port 5432 is declared \"tcp\"";
+    eventually("the policy's Accepted=False is written", async || {
+        let conditions = policies.get("db-admin").await.ok()?.status?.conditions;
+        (condition(&conditions, "Accepted")?
+            == ("False".into(), "UnenforceableHTTPRule".into(), unenforceable.into(), Some(1)))
+            .then_some(())
+    })
+    .await;
+    let parent_accepted = async |expected: (&str, &str)| {
+        eventually(&format!("the route's parent is {expected:?}"), async || {
+            let parents = routes.get("db-route").await.ok()?.status?.parents;
+            let [parent] = parents.as_slice() else { return None };
+            let (status, reason, ..) = condition(&parent.conditions, "Accepted")?;
+            (parent.controller_name == "nodemesh.io/mesh-control"
+                && (status.as_str(), reason.as_str()) == expected
+                && condition(&parent.conditions, "ResolvedRefs")?.0 == "True")
+                .then_some(())
+        })
+        .await
+    };
+    parent_accepted(("False", "NoMatchingParent")).await;
+    let config = admin_get(&control, "/policies").await.expect("/policies");
+    assert_eq!(config["policies"][0]["accepted"]["reason"], "UnenforceableHTTPRule", "{config}");
+
+    let token = node_agent_token(&api, "node-a").await;
+    let mut node = connect(&control, "node-a", &token).await.expect("xDS stream");
+    node.subscribe("node-a", AUTHORIZATION_TYPE).await;
+    node.subscribe("node-a", HTTP_ROUTE_TYPE).await;
+    node.until("the node holds the policy, the route and db-1 listing the policy", |view| {
+        let listed = match view.addresses.get("Kubernetes//Pod/demo/db-1") {
+            Some(address::Type::Workload(w)) => w.authorization_policies == ["demo/db-admin"],
+            _ => false,
+        };
+        let route = view.others.get(HTTP_ROUTE_TYPE).is_some_and(|r| r.contains_key("demo/db-route"));
+        listed && route && view.authorization("demo/db-admin").is_some()
+    })
+    .await;
+    let held = node.view.authorization("demo/db-admin").expect("policy");
+    assert_eq!(held.rules[0].to[0].paths, ["/admin*"], "as written: the node fails closed on it");
+
+    // Fixed (HTTP paths on the HTTP port): accepted, for the new generation; the node gets it.
+    let fix =
+        json!({"spec": {"rules": [{"to": [{"operation": {"ports": ["8080"], "paths": ["/admin*"]}}]}]}});
+    policies.patch("db-admin", &PatchParams::default(), &Patch::Merge(&fix)).await.expect("fix");
+    eventually("the policy's Accepted=True is written", async || {
+        let conditions = policies.get("db-admin").await.ok()?.status?.conditions;
+        let (status, reason, _, generation) = condition(&conditions, "Accepted")?;
+        (status == "True" && reason == "Accepted" && generation == Some(2)).then_some(())
+    })
+    .await;
+    node.until("the node holds the fixed policy", |view| {
+        view.authorization("demo/db-admin").is_some_and(|p| p.rules[0].to[0].ports == [8080])
+    })
+    .await;
+
+    // The missing parent appears: the route's parent is accepted.
+    services.create(&create, &service("db-v2")).await.expect("service");
+    parent_accepted(("True", "Accepted")).await;
+    let log = std::fs::read_to_string(api.dir().join("mesh-control.log")).unwrap_or_default();
+    assert!(!log.contains("status write failed"), "{log}");
 }

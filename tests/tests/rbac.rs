@@ -2,8 +2,9 @@
 //! running with a token of the `mesh-control` service account those objects bind, discovers the
 //! cluster and authenticates a node. Then each permission is taken away in turn, and what needs it
 //! fails visibly: mesh-control logs the 403 for that kind, or refuses the node with the API's
-//! reason. So every permission granted is used, and the list in this file is exactly what is
-//! granted.
+//! reason, or cannot write a policy's or route's status. So every permission granted is used,
+//! and the list in this file is exactly what is granted. With every permission, mesh-control
+//! writes the AuthorizationPolicy's and the HTTPRoute's status.
 
 use std::{
     collections::BTreeSet,
@@ -54,7 +55,7 @@ const fn cluster(group: &'static str, resource: &'static str, verb: &'static str
 }
 
 /// Exactly what deploy/base grants mesh-control, and what each is for (the YAML says the same).
-const GRANTED: [(Permission, Needed); 12] = [
+const GRANTED: [(Permission, Needed); 14] = [
     (cluster("", "namespaces", "list"), Needed::Discovery("Namespace")),
     (cluster("", "namespaces", "watch"), Needed::Discovery("Namespace")),
     (cluster("", "pods", "list"), Needed::Discovery("Pod")),
@@ -66,6 +67,8 @@ const GRANTED: [(Permission, Needed); 12] = [
     (cluster("gateway.networking.k8s.io", "httproutes", "list"), Needed::Discovery("HTTPRoute")),
     (cluster("gateway.networking.k8s.io", "httproutes", "watch"), Needed::Discovery("HTTPRoute")),
     (cluster("authentication.k8s.io", "tokenreviews", "create"), Needed::NodeAuth),
+    (cluster("nodemesh.io", "authorizationpolicies/status", "patch"), Needed::Status("AuthorizationPolicy")),
+    (cluster("gateway.networking.k8s.io", "httproutes/status", "patch"), Needed::Status("HTTPRoute")),
     (
         Permission { namespace: Some(SYSTEM_NAMESPACE), group: "", resource: "pods", verb: "get" },
         Needed::NodeAuth,
@@ -79,6 +82,8 @@ enum Needed {
     Discovery(&'static str),
     /// `node_auth/kubernetes.rs`: nodes are refused with the API's 403.
     NodeAuth,
+    /// `status/kubernetes.rs`: writing this kind's status fails with 403, logged.
+    Status(&'static str),
 }
 
 /// A permission as read from YAML.
@@ -89,9 +94,10 @@ impl Permission {
         (self.namespace.map(Into::into), self.group.into(), self.resource.into(), self.verb.into())
     }
 
-    /// Returns the start of the API server's 403 message for this permission missing.
-    fn forbidden(&self) -> String {
-        let scope = match self.namespace {
+    /// Returns the start of the API server's 403 message for this permission missing, for a
+    /// request in `namespace` (a namespaced object's, under a cluster-wide grant), if any.
+    fn forbidden(&self, namespace: Option<&str>) -> String {
+        let scope = match self.namespace.or(namespace) {
             Some(namespace) => format!("in the namespace \"{namespace}\""),
             None => "at the cluster scope".to_owned(),
         };
@@ -154,10 +160,12 @@ async fn mesh_control_needs_exactly_the_rbac_in_deploy_base() {
     let node_token = create_cluster_objects(&api).await;
     wait_for_rules(&admin, None).await;
 
-    // With everything granted: discovery, and a node authenticating, with not one 403.
+    // With everything granted: discovery, a node authenticating and the status written, with
+    // not one 403.
     let control = MeshControl::start(&api, &kubeconfig, "all");
     control.wait_for_discovery().await;
     control.authenticate("node-a", &node_token).await.expect("node-a authenticates with its bound token");
+    wait_for_status(&admin).await;
     let log = control.log();
     assert!(!log.contains("forbidden") && !log.contains("watch failed"), "with every permission:\n{log}");
     drop(control);
@@ -168,9 +176,16 @@ async fn mesh_control_needs_exactly_the_rbac_in_deploy_base() {
         let run = Instant::now();
         set_rules(&admin, &cluster_role, &role, Some(removed)).await;
         wait_for_rules(&admin, Some(removed)).await;
-        let control =
-            MeshControl::start(&api, &kubeconfig, &format!("no-{}-{}", removed.verb, removed.resource));
-        let expected = removed.forbidden();
+        if let Needed::Status(kind) = needed {
+            // Written already: cleared, so mesh-control has something to write.
+            clear_status(&admin, kind).await;
+        }
+        let control = MeshControl::start(
+            &api,
+            &kubeconfig,
+            &format!("no-{}-{}", removed.verb, removed.resource.replace('/', "-")),
+        );
+        let expected = removed.forbidden(matches!(needed, Needed::Status(_)).then_some("demo"));
         match needed {
             Needed::Discovery(kind) => {
                 let failed = format!("watch failed; retrying with backoff kind=\"{kind}\"");
@@ -197,6 +212,23 @@ async fn mesh_control_needs_exactly_the_rbac_in_deploy_base() {
                 let log = control.log();
                 assert!(!log.contains("watch failed"), "discovery is unaffected:\n{log}");
                 println!("  node refused: {}", refused.message());
+            }
+            Needed::Status(kind) => {
+                let failed = format!("status write failed; retrying kind=\"{kind}\"");
+                let seen =
+                    eventually(&format!("mesh-control logs {failed:?} with {expected:?}"), async || {
+                        let log = control.log().replace('\\', "");
+                        log.lines().any(|l| l.contains(&failed) && l.contains(&expected)).then_some(log)
+                    })
+                    .await;
+                let other: Vec<&str> = seen
+                    .lines()
+                    .filter(|l| {
+                        (l.contains("forbidden") && !l.contains(&expected)) || l.contains("watch failed")
+                    })
+                    .collect();
+                assert!(other.is_empty(), "without {removed:?}, other failures too:\n{}", other.join("\n"));
+                control.authenticate("node-a", &node_token).await.expect("node authentication is unaffected");
             }
         }
         println!(
@@ -305,6 +337,10 @@ async fn wait_for_rules(admin: &kube::Client, removed: Option<Permission>) {
 }
 
 async fn wait_until_allowed(admin: &kube::Client, permission: Permission, allowed: bool) {
+    let (resource, subresource) = match permission.resource.split_once('/') {
+        Some((resource, subresource)) => (resource, Some(subresource.to_owned())),
+        None => (permission.resource, None),
+    };
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(MESH_CONTROL_USER.into()),
@@ -312,7 +348,8 @@ async fn wait_until_allowed(admin: &kube::Client, permission: Permission, allowe
             resource_attributes: Some(ResourceAttributes {
                 namespace: permission.namespace.map(Into::into),
                 group: Some(permission.group.into()),
-                resource: Some(permission.resource.into()),
+                resource: Some(resource.into()),
+                subresource,
                 verb: Some(permission.verb.into()),
                 ..Default::default()
             }),
@@ -326,6 +363,47 @@ async fn wait_until_allowed(admin: &kube::Client, permission: Permission, allowe
         (answer.status?.allowed == allowed).then_some(())
     })
     .await;
+}
+
+/// Waits until mesh-control has written the AuthorizationPolicy's `Accepted` condition and the
+/// HTTPRoute's parent entry (`Accepted` and `ResolvedRefs`, as nodemesh's controller).
+async fn wait_for_status(admin: &kube::Client) {
+    let policies: Api<AuthorizationPolicy> = Api::namespaced(admin.clone(), "demo");
+    let routes: Api<HttpRoute> = Api::namespaced(admin.clone(), "demo");
+    eventually("mesh-control writes the policy's and the route's status", async || {
+        let policy = policies.get("allow-web").await.ok()?;
+        let conditions = policy.status?.conditions;
+        let accepted = conditions.iter().find(|c| c.type_ == "Accepted")?;
+        let route = routes.get("web").await.ok()?;
+        let parent =
+            route.status?.parents.into_iter().find(|p| p.controller_name == "nodemesh.io/mesh-control")?;
+        let types: Vec<(String, String)> =
+            parent.conditions.iter().map(|c| (c.type_.clone(), c.status.clone())).collect();
+        (accepted.status == "True"
+            && types
+                == [
+                    ("Accepted".to_owned(), "True".to_owned()),
+                    ("ResolvedRefs".to_owned(), "True".to_owned()),
+                ])
+        .then_some(())
+    })
+    .await;
+}
+
+/// Removes the status of the demo object of `kind` (as an admin), so mesh-control must write it.
+async fn clear_status(admin: &kube::Client, kind: &str) {
+    let clear = Patch::Merge(json!({"status": null}));
+    match kind {
+        "AuthorizationPolicy" => Api::<AuthorizationPolicy>::namespaced(admin.clone(), "demo")
+            .patch_status("allow-web", &PatchParams::default(), &clear)
+            .await
+            .map(drop),
+        _ => Api::<HttpRoute>::namespaced(admin.clone(), "demo")
+            .patch_status("web", &PatchParams::default(), &clear)
+            .await
+            .map(drop),
+    }
+    .expect("status cleared");
 }
 
 /// Writes a kubeconfig holding a token of the `mesh-control` service account, which deploy/base

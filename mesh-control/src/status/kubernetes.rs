@@ -199,19 +199,23 @@ impl Writer {
         });
         match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => {
-                tracing::info!(kind = %kind, object = %format!("{namespace}/{name}"), "status written");
+                tracing::info!(kind = kind.as_str(), object = %format!("{namespace}/{name}"), "status written");
                 self.written.insert(identity);
                 true
             }
             // Changed since it was read: its new version is on its way through the watch.
             Err(kube::Error::Api(status)) if status.code == 409 => {
-                tracing::debug!(kind = %kind, object = %format!("{namespace}/{name}"), "status write conflicted; will retry from the newer object");
+                tracing::debug!(kind = kind.as_str(), object = %format!("{namespace}/{name}"), "status write conflicted; will retry from the newer object");
                 true
             }
             // Deleted meanwhile: nothing to write.
             Err(kube::Error::Api(status)) if status.code == 404 => true,
             Err(err) => {
-                tracing::warn!(kind = %kind, object = %format!("{namespace}/{name}"), error = %err, "status write failed; retrying");
+                let error = match &err {
+                    kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
+                    other => other.to_string(),
+                };
+                tracing::warn!(kind = kind.as_str(), object = %format!("{namespace}/{name}"), error = %error, "status write failed; retrying");
                 false
             }
         }
