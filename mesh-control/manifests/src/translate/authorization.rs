@@ -174,8 +174,8 @@ impl Values<'_> {
         AuthorizationOperation {
             ports: self.ports(&format!("{path}.ports"), &operation.ports),
             not_ports: self.ports(&format!("{path}.notPorts"), &operation.not_ports),
-            methods: self.patterns(&format!("{path}.methods"), &operation.methods),
-            not_methods: self.patterns(&format!("{path}.notMethods"), &operation.not_methods),
+            methods: self.methods(&format!("{path}.methods"), &operation.methods),
+            not_methods: self.methods(&format!("{path}.notMethods"), &operation.not_methods),
             paths: self.patterns(&format!("{path}.paths"), &operation.paths),
             not_paths: self.patterns(&format!("{path}.notPaths"), &operation.not_paths),
             hosts: self.patterns(&format!("{path}.hosts"), &operation.hosts),
@@ -226,6 +226,20 @@ impl Values<'_> {
         parsed.into_iter().collect::<Option<Vec<u32>>>().unwrap_or_default()
     }
 
+    /// Methods match exactly and are case-sensitive: uppercase tokens, no wildcards.
+    fn methods(&mut self, path: &str, values: &[String]) -> Vec<String> {
+        let mut all_valid = true;
+        for (k, value) in values.iter().enumerate() {
+            if !is_method(value) {
+                self.invalid.push(format!(
+                    "{path}[{k}]: {value:?} is not an HTTP method (uppercase, matched exactly)"
+                ));
+                all_valid = false;
+            }
+        }
+        if all_valid { values.to_vec() } else { Vec::new() }
+    }
+
     fn cidrs(&mut self, path: &str, values: &[String]) -> Vec<String> {
         let mut all_valid = true;
         for (k, value) in values.iter().enumerate() {
@@ -262,6 +276,14 @@ impl Values<'_> {
 /// The header name of a `request.headers[<name>]` key.
 fn header_name(key: &str) -> Option<&str> {
     key.strip_prefix("request.headers[")?.strip_suffix(']')
+}
+
+/// Whether `value` is an HTTP method token (RFC 9110) without lowercase letters or `*`.
+pub(super) fn is_method(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'+-.^_`|~".contains(&b))
 }
 
 /// A port number, 1–65535.

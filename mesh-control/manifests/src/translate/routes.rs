@@ -86,6 +86,11 @@ pub(super) fn translate(
     };
 
     let mut problems = Vec::new();
+    for (k, hostname) in route.spec.hostnames.iter().enumerate() {
+        if !is_hostname(hostname) {
+            problems.push(format!("hostnames[{k}]: {hostname:?} is not a hostname or a \"*.\" wildcard"));
+        }
+    }
     let mut missing_backends = Vec::new();
     let mut rules = Vec::new();
     for (i, rule) in route.spec.rules.iter().enumerate() {
@@ -224,13 +229,17 @@ fn route_match(path: &str, m: &crd::HttpRouteMatch, problems: &mut Vec<String>) 
             (kind, p.value.clone())
         }
     };
-    let mut values = |field: &str, matches: &[crd::HttpValueMatch]| -> Vec<ValueMatch> {
+    let mut values = |field: &str, matches: &[crd::HttpValueMatch], header: bool| -> Vec<ValueMatch> {
         matches
             .iter()
             .enumerate()
             .map(|(k, v)| {
                 if v.name.is_empty() {
                     problems.push(format!("{path}.{field}[{k}].name: must not be empty"));
+                } else if header && !is_header_name(&v.name) {
+                    problems.push(format!("{path}.{field}[{k}].name: {:?} is not a header name", v.name));
+                } else if matches[..k].iter().any(|o| o.name.eq_ignore_ascii_case(&v.name)) {
+                    problems.push(format!("{path}.{field}[{k}].name: {:?} is matched twice", v.name));
                 }
                 ValueMatch {
                     name: v.name.clone(),
@@ -240,8 +249,8 @@ fn route_match(path: &str, m: &crd::HttpRouteMatch, problems: &mut Vec<String>) 
             })
             .collect()
     };
-    let headers = values("headers", &m.headers);
-    let query_params = values("queryParams", &m.query_params);
+    let headers = values("headers", &m.headers, true);
+    let query_params = values("queryParams", &m.query_params, false);
     let method = m.method.clone().unwrap_or_default();
     if !method.is_empty() && !METHODS.contains(&method.as_str()) {
         problems.push(format!("{path}.method: {method:?} is not one of {}", METHODS.join(", ")));
@@ -278,12 +287,41 @@ fn filters(
         let headers = |list: &[crd::HttpHeader]| -> Vec<Header> {
             list.iter().map(|h| Header { name: h.name.clone(), value: h.value.clone() }).collect()
         };
+        let names = modifier
+            .set
+            .iter()
+            .chain(&modifier.add)
+            .map(|h| h.name.as_str())
+            .chain(modifier.remove.iter().map(String::as_str));
+        for name in names.filter(|n| !is_header_name(n)) {
+            problems.push(format!("{path}.filters[{k}].{field}: {name:?} is not a header name"));
+        }
         let merged = target.get_or_insert_with(HeaderModifier::default);
         merged.set.extend(headers(&modifier.set));
         merged.add.extend(headers(&modifier.add));
         merged.remove.extend(modifier.remove.iter().cloned());
     }
     (request, response)
+}
+
+/// Whether `name` is an HTTP header name (an RFC 9110 token).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Whether `name` is a lowercase DNS name, optionally under a leading `*.` wildcard (Gateway
+/// API's Hostname).
+fn is_hostname(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 #[cfg(test)]

@@ -338,6 +338,23 @@ fn invalid_values_are_problems_naming_the_field_and_fail_closed() {
             vec![valid_rule.clone()],
         ),
         (
+            "ALLOW: a lowercase method never matches",
+            "ALLOW",
+            json!({"to": [{"operation": {"methods": ["get"]}}]}),
+            "rules[0].to[0].operation.methods[0]: \"get\" is not an HTTP method (uppercase, matched exactly)",
+            vec![valid_rule.clone()],
+        ),
+        (
+            "DENY: a wildcard method leaves the methods open",
+            "DENY",
+            json!({"to": [{"operation": {"notMethods": ["GET", "P*"]}}]}),
+            "rules[0].to[0].operation.notMethods[1]: \"P*\" is not an HTTP method",
+            vec![
+                AuthorizationRule { to: vec![AuthorizationOperation::default()], ..Default::default() },
+                valid_rule.clone(),
+            ],
+        ),
+        (
             "ALLOW: an empty value",
             "ALLOW",
             json!({"to": [{"operation": {"hosts": [""]}}]}),

@@ -322,6 +322,18 @@ fn values_nodemesh_cannot_implement_are_problems_and_the_route_is_not_distribute
             json!({"matches": [{"headers": [{"name": "", "value": "x"}]}]}),
             "rules[0].matches[0].headers[0].name: must not be empty",
         ),
+        (
+            json!({"matches": [{"headers": [{"name": "x user", "value": "x"}]}]}),
+            "rules[0].matches[0].headers[0].name: \"x user\" is not a header name",
+        ),
+        (
+            json!({"matches": [{"queryParams": [{"name": "v", "value": "1"}, {"name": "V", "value": "2"}]}]}),
+            "rules[0].matches[0].queryParams[1].name: \"V\" is matched twice",
+        ),
+        (
+            json!({"filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {"remove": ["a:b"]}}]}),
+            "rules[0].filters[0].responseHeaderModifier: \"a:b\" is not a header name",
+        ),
     ];
     for (rule, expected) in cases {
         let model = translate_routes(vec![route(json!({
@@ -357,4 +369,20 @@ fn routes_are_sorted_and_filters_of_one_kind_merge() {
     let set =
         &model.routes[0].route.as_ref().expect("route").rules[0].request_headers.as_ref().expect("set").set;
     assert_eq!(set.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+}
+
+#[test]
+fn hostnames_must_be_dns_names_or_wildcards() {
+    let with = |hostnames: Value| {
+        translate_routes(vec![route(
+            json!({"parentRefs": [{"kind": "Service", "name": "reviews"}], "hostnames": hostnames}),
+        )])
+    };
+    assert!(with(json!(["reviews", "reviews.demo.svc.cluster.local", "*.example.com"])).problems.is_empty());
+    for bad in ["Reviews", "*", "a..b", "-a", "10.0.0.1:80", "*.*.a"] {
+        let model = with(json!([bad]));
+        let message = model.problems.first().map(|p| p.message.clone()).unwrap_or_default();
+        assert_eq!(message, format!("hostnames[0]: {bad:?} is not a hostname or a \"*.\" wildcard"));
+        assert!(only(&model).route.is_none());
+    }
 }
