@@ -286,9 +286,12 @@ pub(super) fn is_method(value: &str) -> bool {
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'+-.^_`|~".contains(&b))
 }
 
-/// A port number, 1–65535.
+/// A port number, 1–65535, in decimal digits only (no sign or spaces: what the node reads).
 pub(super) fn port(value: &str) -> Option<u16> {
-    value.trim().parse::<u16>().ok().filter(|p| *p != 0)
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse::<u16>().ok().filter(|p| *p != 0)
 }
 
 fn is_cidr(value: &str) -> bool {

@@ -248,7 +248,7 @@ fn invalid_values_are_problems_naming_the_field_and_fail_closed() {
         (
             "DENY: port 0 in notPorts excludes nothing",
             "DENY",
-            json!({"to": [{"operation": {"notPorts": ["0"]}}]}),
+            json!({"to": [{"operation": {"notPorts": ["0", "+80", " 81"]}}]}),
             "rules[0].to[0].operation.notPorts[0]: \"0\" is not a port number",
             vec![
                 AuthorizationRule { to: vec![AuthorizationOperation::default()], ..Default::default() },
