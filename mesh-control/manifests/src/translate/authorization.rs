@@ -356,90 +356,51 @@ impl Context<'_> {
     /// Returns why rule `i`'s HTTP conditions can never apply to the meshed workloads in
     /// scope, if they cannot.
     fn unenforceable(&self, i: usize, rule: &crd::Rule, in_scope: &[usize]) -> Option<String> {
+        let (limited, anywhere) = http_parts(rule);
+        if limited.is_empty() && anywhere.is_empty() {
+            return None;
+        }
         let meshed: Vec<&WorkloadSpec> =
             in_scope.iter().map(|&w| &self.workloads[w]).filter(|w| w.membership.is_some()).collect();
         let declared: Vec<BTreeMap<u16, BTreeSet<&str>>> =
             meshed.iter().map(|w| self.declared_protocols(w)).collect();
-        // A port is declared non-HTTP when some workload in scope serves it and every
-        // declaration of it, on every such workload, is something other than HTTP.
-        let non_http = |port: u16| -> Option<Vec<&str>> {
-            let protocols: BTreeSet<&str> =
-                declared.iter().filter_map(|d| d.get(&port)).flatten().copied().collect();
-            (!protocols.is_empty() && protocols.iter().all(|p| !speaks_http(p)))
-                .then(|| protocols.into_iter().collect())
-        };
-        let ports_declared = |ports: &[u16]| -> Option<String> {
-            let described: Vec<String> = ports
-                .iter()
-                .map(|&p| non_http(p).map(|protocols| format!("port {p} is declared {}", quoted(&protocols))))
-                .collect::<Option<_>>()?;
-            Some(described.join(", "))
-        };
-        let l7_of = |operation: &crd::Operation| -> Vec<&'static str> {
-            [
-                ("methods", &operation.methods),
-                ("notMethods", &operation.not_methods),
-                ("paths", &operation.paths),
-                ("notPaths", &operation.not_paths),
-                ("hosts", &operation.hosts),
-                ("notHosts", &operation.not_hosts),
-            ]
-            .into_iter()
-            .filter(|(_, values)| !values.is_empty())
-            .map(|(name, _)| name)
-            .collect()
-        };
-        let headers: Vec<&str> =
-            rule.when.iter().map(|c| c.key.as_str()).filter(|k| header_name(k).is_some()).collect();
-        // HTTP parts limited to ports: each operation's own; the rule's headers, by its
-        // destination.port condition or else its operations' ports (when each lists some).
-        let mut limited: Vec<(Vec<&str>, Vec<u16>)> = Vec::new();
-        let mut anywhere: Vec<&str> = Vec::new();
-        for operation in rule.to.iter().map(|t| &t.operation) {
-            let l7 = l7_of(operation);
-            if l7.is_empty() {
-                continue;
-            }
-            let ports: Vec<u16> = operation.ports.iter().filter_map(|p| port(p)).collect();
-            if ports.is_empty() { anywhere.extend(l7) } else { limited.push((l7, ports)) }
-        }
-        if !headers.is_empty() {
-            let destination: Vec<u16> = rule
-                .when
-                .iter()
-                .filter(|c| c.key == "destination.port")
-                .flat_map(|c| c.values.iter().filter_map(|p| port(p)))
-                .collect();
-            let every_operation_has_ports =
-                !rule.to.is_empty() && rule.to.iter().all(|t| !t.operation.ports.is_empty());
-            let ports: Vec<u16> = if !destination.is_empty() {
-                destination
-            } else if every_operation_has_ports {
-                rule.to.iter().flat_map(|t| t.operation.ports.iter().filter_map(|p| port(p))).collect()
-            } else {
-                Vec::new()
-            };
-            if ports.is_empty() { anywhere.extend(&headers) } else { limited.push((headers.clone(), ports)) }
-        }
         let mut findings = Vec::new();
-        for (l7, ports) in &limited {
-            if let Some(declared) = ports_declared(ports) {
-                findings.push(format!("HTTP conditions ({}) can never apply: {declared}", l7.join(", ")));
+        if !limited.is_empty() {
+            // A port is declared non-HTTP when some workload in scope serves it and every
+            // declaration of it, on every such workload, is something other than HTTP.
+            let mut all: BTreeMap<u16, BTreeSet<&str>> = BTreeMap::new();
+            for (port, protocols) in declared.iter().flatten() {
+                all.entry(*port).or_default().extend(protocols);
+            }
+            for (parts, ports) in &limited {
+                let described: Option<Vec<String>> = ports
+                    .iter()
+                    .map(|p| {
+                        let protocols = all.get(p).filter(|d| d.iter().all(|d| !speaks_http(d)))?;
+                        Some(format!("port {p} is declared {}", quoted(protocols)))
+                    })
+                    .collect();
+                if let Some(described) = described {
+                    findings.push(format!(
+                        "HTTP conditions ({}) can never apply: {}",
+                        parts.join(", "),
+                        described.join(", ")
+                    ));
+                }
             }
         }
         if !anywhere.is_empty() {
-            // Unlimited: a workload whose every served port is non-HTTP never sees them.
+            // Not limited to ports: a workload whose every served port is non-HTTP never sees
+            // them.
             let tcp_only: Vec<String> = meshed
                 .iter()
                 .zip(&declared)
-                .filter(|(_, ports)| !ports.is_empty() && ports.keys().all(|&p| non_http(p).is_some()))
+                .filter(|(_, ports)| {
+                    !ports.is_empty() && ports.values().flatten().all(|protocol| !speaks_http(protocol))
+                })
                 .map(|(w, ports)| {
-                    let served: Vec<String> = ports
-                        .iter()
-                        .map(|(p, protocols)| {
-                            format!("{p} {}", quoted(&protocols.iter().copied().collect::<Vec<_>>()))
-                        })
-                        .collect();
+                    let served: Vec<String> =
+                        ports.iter().map(|(p, protocols)| format!("{p} {}", quoted(protocols))).collect();
                     format!("{} (serves only {})", w.key, served.join(", "))
                 })
                 .collect();
@@ -450,7 +411,7 @@ impl Context<'_> {
                 };
                 findings.push(format!(
                     "HTTP conditions ({}) can never apply to {first}{more}: list its HTTP ports in to.operation.ports",
-                    dedup(&anywhere).join(", ")
+                    anywhere.join(", ")
                 ));
             }
         }
@@ -458,18 +419,62 @@ impl Context<'_> {
     }
 }
 
-fn quoted(protocols: &[&str]) -> String {
-    protocols.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(" and ")
+/// A rule's HTTP parts (field names as written) limited to ports, and those that apply on any
+/// port: an operation's methods, paths and hosts go with its ports; the rule's
+/// `request.headers[…]` conditions go with its `destination.port` condition, or else with its
+/// operations' ports when each lists some.
+fn http_parts(rule: &crd::Rule) -> (Vec<(Vec<&str>, Vec<u16>)>, Vec<&str>) {
+    let (mut limited, mut anywhere) = (Vec::new(), Vec::new());
+    for operation in rule.to.iter().map(|t| &t.operation) {
+        let parts: Vec<&str> = [
+            ("methods", &operation.methods),
+            ("notMethods", &operation.not_methods),
+            ("paths", &operation.paths),
+            ("notPaths", &operation.not_paths),
+            ("hosts", &operation.hosts),
+            ("notHosts", &operation.not_hosts),
+        ]
+        .into_iter()
+        .filter(|(_, values)| !values.is_empty())
+        .map(|(name, _)| name)
+        .collect();
+        if parts.is_empty() {
+            continue;
+        }
+        let ports: Vec<u16> = operation.ports.iter().filter_map(|p| port(p)).collect();
+        if ports.is_empty() { anywhere.extend(parts) } else { limited.push((parts, ports)) }
+    }
+    let headers: Vec<&str> =
+        rule.when.iter().map(|c| c.key.as_str()).filter(|k| header_name(k).is_some()).collect();
+    if !headers.is_empty() {
+        let destination: Vec<u16> = rule
+            .when
+            .iter()
+            .filter(|c| c.key == "destination.port")
+            .flat_map(|c| c.values.iter().filter_map(|p| port(p)))
+            .collect();
+        let every_operation_has_ports =
+            !rule.to.is_empty() && rule.to.iter().all(|t| !t.operation.ports.is_empty());
+        let ports: Vec<u16> = if !destination.is_empty() {
+            destination
+        } else if every_operation_has_ports {
+            rule.to.iter().flat_map(|t| t.operation.ports.iter().filter_map(|p| port(p))).collect()
+        } else {
+            Vec::new()
+        };
+        if ports.is_empty() { anywhere.extend(headers) } else { limited.push((headers, ports)) }
+    }
+    let mut seen = Vec::new();
+    anywhere.retain(|part| {
+        let first = !seen.contains(part);
+        seen.push(*part);
+        first
+    });
+    (limited, anywhere)
 }
 
-fn dedup<'a>(names: &[&'a str]) -> Vec<&'a str> {
-    let mut seen = Vec::new();
-    for name in names {
-        if !seen.contains(name) {
-            seen.push(*name);
-        }
-    }
-    seen
+fn quoted<'a>(protocols: impl IntoIterator<Item = &'a &'a str>) -> String {
+    protocols.into_iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(" and ")
 }
 
 #[cfg(test)]
