@@ -356,7 +356,7 @@ impl Context<'_> {
     /// Returns why rule `i`'s HTTP conditions can never apply to the meshed workloads in
     /// scope, if they cannot.
     fn unenforceable(&self, i: usize, rule: &crd::Rule, in_scope: &[usize]) -> Option<String> {
-        let (limited, anywhere) = http_parts(rule);
+        let HttpParts { limited, anywhere } = http_parts(rule);
         if limited.is_empty() && anywhere.is_empty() {
             return None;
         }
@@ -419,11 +419,18 @@ impl Context<'_> {
     }
 }
 
-/// A rule's HTTP parts (field names as written) limited to ports, and those that apply on any
-/// port: an operation's methods, paths and hosts go with its ports; the rule's
-/// `request.headers[…]` conditions go with its `destination.port` condition, or else with its
-/// operations' ports when each lists some.
-fn http_parts(rule: &crd::Rule) -> (Vec<(Vec<&str>, Vec<u16>)>, Vec<&str>) {
+/// A rule's HTTP parts, by the field names written.
+struct HttpParts<'a> {
+    /// Parts that apply only on these ports.
+    limited: Vec<(Vec<&'a str>, Vec<u16>)>,
+    /// Parts that apply on any port.
+    anywhere: Vec<&'a str>,
+}
+
+/// Splits a rule's HTTP parts: an operation's methods, paths and hosts go with its ports; the
+/// rule's `request.headers[…]` conditions go with its `destination.port` condition, or else with
+/// its operations' ports when each lists some.
+fn http_parts(rule: &crd::Rule) -> HttpParts<'_> {
     let (mut limited, mut anywhere) = (Vec::new(), Vec::new());
     for operation in rule.to.iter().map(|t| &t.operation) {
         let parts: Vec<&str> = [
@@ -470,7 +477,7 @@ fn http_parts(rule: &crd::Rule) -> (Vec<(Vec<&str>, Vec<u16>)>, Vec<&str>) {
         seen.push(*part);
         first
     });
-    (limited, anywhere)
+    HttpParts { limited, anywhere }
 }
 
 fn quoted<'a>(protocols: impl IntoIterator<Item = &'a &'a str>) -> String {
