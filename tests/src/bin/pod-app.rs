@@ -129,6 +129,9 @@ enum Command {
         /// Per request, including connecting and reading the body.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// For the whole run: requests not started by then are not sent (counted as errors).
+        #[arg(long, default_value_t = 60_000)]
+        deadline_ms: u64,
         /// Report every request.
         #[arg(long)]
         verbose: bool,
@@ -204,6 +207,7 @@ fn main() -> std::process::ExitCode {
                 headers,
                 body_bytes,
                 timeout_ms,
+                deadline_ms,
                 verbose,
             } => {
                 let mut config = ClientConfig::for_url(&url).map_err(anyhow::Error::msg)?;
@@ -213,7 +217,8 @@ fn main() -> std::process::ExitCode {
                 }
                 (config.requests, config.concurrency, config.http2) = (requests, concurrency, http2);
                 (config.body_bytes, config.verbose) = (body_bytes, verbose);
-                config.timeout = Duration::from_millis(timeout_ms);
+                (config.timeout, config.deadline) =
+                    (Duration::from_millis(timeout_ms), Duration::from_millis(deadline_ms));
                 let report = nodemesh_testbed::http_app::client::run(config).await;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())

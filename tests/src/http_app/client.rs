@@ -52,6 +52,9 @@ pub struct ClientConfig {
     pub body_bytes: usize,
     /// Per request, from taking a connection to the end of the response body.
     pub timeout: Duration,
+    /// For the whole run: requests not started by then are not sent (and count as errors), so
+    /// a run against a black hole ends in bounded time.
+    pub deadline: Duration,
     pub connect_timeout: Duration,
     /// Report every request (`records`).
     pub verbose: bool,
@@ -83,6 +86,7 @@ impl ClientConfig {
             headers: Vec::new(),
             body_bytes: 0,
             timeout: Duration::from_secs(10),
+            deadline: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
             verbose: false,
         })
@@ -118,6 +122,7 @@ struct Answer {
 pub async fn run(config: ClientConfig) -> HttpReport {
     let config = Arc::new(config);
     let started = Instant::now();
+    let deadline = started + config.deadline;
     let next = Arc::new(AtomicU32::new(0));
     let opened = Arc::new(AtomicU32::new(0));
     let shared_h2 = Arc::new(Mutex::new(None));
@@ -127,9 +132,9 @@ pub async fn run(config: ClientConfig) -> HttpReport {
             let shared_h2 = shared_h2.clone();
             tokio::spawn(async move {
                 if config.http2 {
-                    h2_worker(&config, &next, &opened, &shared_h2).await
+                    h2_worker(&config, deadline, &next, &opened, &shared_h2).await
                 } else {
-                    h1_worker(&config, &next, &opened).await
+                    h1_worker(&config, deadline, &next, &opened).await
                 }
             })
         })
@@ -162,15 +167,24 @@ async fn connect(config: &ClientConfig, opened: &AtomicU32) -> Result<(u32, Toki
 /// One worker's HTTP/1.1 keep-alive connection.
 type H1 = (u32, http1::SendRequest<Full<Bytes>>);
 
-async fn h1_worker(config: &ClientConfig, next: &AtomicU32, opened: &AtomicU32) -> Vec<Outcome> {
+async fn h1_worker(
+    config: &ClientConfig,
+    deadline: Instant,
+    next: &AtomicU32,
+    opened: &AtomicU32,
+) -> Vec<Outcome> {
     let mut outcomes = Vec::new();
     let mut current: Option<H1> = None;
     loop {
+        let started = Instant::now();
+        if started >= deadline {
+            return outcomes;
+        }
         let index = next.fetch_add(1, Ordering::Relaxed);
         if index >= config.requests {
             return outcomes;
         }
-        let started = Instant::now();
+        let timeout = config.timeout.min(deadline - started);
         let mut connection = u32::MAX;
         let attempt = async {
             if let Some((_, sender)) = current.as_mut()
@@ -186,9 +200,9 @@ async fn h1_worker(config: &ClientConfig, next: &AtomicU32, opened: &AtomicU32) 
             let response = sender.send_request(request(config, false)).await.map_err(|e| describe(&e))?;
             read_answer(response).await
         };
-        let result = match tokio::time::timeout(config.timeout, attempt).await {
+        let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(format!("timed out after {:?}", config.timeout)),
+            Err(_) => Err(format!("timed out after {timeout:?}")),
         };
         if result.is_err() {
             current = None; // a failed or abandoned exchange leaves the connection unusable
@@ -213,17 +227,22 @@ type H2 = (u32, http2::SendRequest<Full<Bytes>>);
 
 async fn h2_worker(
     config: &ClientConfig,
+    deadline: Instant,
     next: &AtomicU32,
     opened: &AtomicU32,
     shared: &Mutex<Option<H2>>,
 ) -> Vec<Outcome> {
     let mut outcomes = Vec::new();
     loop {
+        let started = Instant::now();
+        if started >= deadline {
+            return outcomes;
+        }
         let index = next.fetch_add(1, Ordering::Relaxed);
         if index >= config.requests {
             return outcomes;
         }
-        let started = Instant::now();
+        let timeout = config.timeout.min(deadline - started);
         let mut connection = u32::MAX;
         let attempt = async {
             let (id, mut sender) = {
@@ -238,9 +257,9 @@ async fn h2_worker(
             let response = sender.send_request(request(config, true)).await.map_err(|e| describe(&e))?;
             read_answer(response).await
         };
-        let result = match tokio::time::timeout(config.timeout, attempt).await {
+        let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(format!("timed out after {:?}", config.timeout)),
+            Err(_) => Err(format!("timed out after {timeout:?}")),
         };
         outcomes.push(Outcome { index, connection, latency: started.elapsed(), result });
     }
@@ -314,6 +333,10 @@ fn describe(err: &(dyn std::error::Error + 'static)) -> String {
 
 fn summarize(config: &ClientConfig, outcomes: Vec<Outcome>) -> HttpReport {
     let mut report = HttpReport { total: config.requests, ..HttpReport::default() };
+    let unsent = config.requests.saturating_sub(outcomes.len() as u32);
+    if unsent > 0 {
+        report.errors.insert(format!("not sent: the run's deadline ({:?}) passed", config.deadline), unsent);
+    }
     let mut latencies = Vec::with_capacity(outcomes.len());
     for outcome in outcomes {
         let latency_ms = outcome.latency.as_secs_f64() * 1000.0;

@@ -126,6 +126,17 @@ async fn the_status_is_switched_at_run_time() {
 }
 
 #[tokio::test]
+async fn a_run_ends_at_its_deadline_and_counts_what_it_did_not_send() {
+    let addr = start(ServerConfig { delay: Duration::from_millis(300), ..named("slow") }).await;
+    let started = std::time::Instant::now();
+    let report = run(addr, "/", |c| (c.requests, c.deadline) = (100, Duration::from_millis(700))).await;
+    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    assert_eq!(report.count(200), 2, "{report:?}");
+    assert_eq!(report.error_count(), 98, "one timed out at the deadline, 97 never sent: {report:?}");
+    assert!(report.errors.keys().any(|e| e.starts_with("not sent")), "{report:?}");
+}
+
+#[tokio::test]
 async fn connection_failures_are_errors_not_responses() {
     let unused = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     let report = run(unused, "/", |c| c.requests = 2).await;
