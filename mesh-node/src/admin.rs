@@ -48,10 +48,14 @@ async fn route(node: &Node, endpoint: Endpoint, path: &str) -> Response<Body> {
                 "ambient_namespaces": view.ambient_namespaces,
             }))
         }
+        (Endpoint::Admin, "/traffic") => {
+            let health = node.mesh.balancers.snapshot(std::time::Instant::now());
+            json(&node.mesh.traffic().dump(&health))
+        }
         (Endpoint::Admin, "/") => respond(
             StatusCode::OK,
             "text/plain",
-            "mesh-node admin: /pods /certs /config /ebpf /metrics /healthz/ready\n",
+            "mesh-node admin: /pods /certs /config /traffic /ebpf /metrics /healthz/ready\n",
         ),
         (Endpoint::Admin | Endpoint::Metrics, "/metrics") => {
             respond(StatusCode::OK, OPENMETRICS, node.metrics.render(&node.capture.stats()))

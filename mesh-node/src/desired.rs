@@ -39,7 +39,7 @@ impl From<EnrolledPodSpec> for MeshWorkload {
 }
 
 /// The whole mesh as the source describes it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshView {
     /// Meshed workloads of every node.
     pub workloads: Vec<MeshWorkload>,
@@ -47,6 +47,8 @@ pub struct MeshView {
     pub outside: BTreeSet<PodKey>,
     /// Namespaces in ambient mode; `None` when the source does not say (standalone manifests).
     pub ambient_namespaces: Option<BTreeSet<String>>,
+    /// Services, endpoints, policies and routes (none from standalone manifests).
+    pub traffic: crate::traffic::TrafficSpec,
 }
 
 impl MeshView {
@@ -239,6 +241,7 @@ mod tests {
             ],
             outside: BTreeSet::from([key("opted-out")]),
             ambient_namespaces: Some(BTreeSet::from(["demo".to_owned()])),
+            ..Default::default()
         };
         let decide = |name: &str| cni_decision(Some(&view), &key(name), "node-a", false, None);
         assert_eq!(cni_decision(Some(&view), &key("meshed"), "node-a", true, None), CniDecision::Enrolled);

@@ -20,6 +20,7 @@ mod pod;
 mod proxy;
 mod state_dir;
 mod tls;
+mod traffic;
 mod xds;
 
 use std::{

@@ -70,6 +70,19 @@ pub struct Metrics {
     cni_requests: Family<CniLabels, Counter>,
     /// Meshed pods of this node still waiting for the CNI plugin (address or netns unknown).
     pub pods_awaiting_cni: Gauge,
+    /// Istio's standard request metrics, unprefixed.
+    istio: Registry,
+    pub requests: crate::proxy::http::telemetry::RequestMetrics,
+    /// Endpoints ejected by outlier detection.
+    pub outlier_ejections: Counter,
+    /// Connections and requests refused by authorization policy, by layer.
+    denied: Family<DeniedLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeniedLabels {
+    /// "connection" or "request".
+    layer: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -137,6 +150,20 @@ impl Metrics {
             "Meshed pods of this node whose address or netns the CNI plugin has not reported yet",
             pods_awaiting_cni.clone(),
         );
+        let outlier_ejections = Counter::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected after consecutive failures (outlier detection)",
+            outlier_ejections.clone(),
+        );
+        let denied = Family::<DeniedLabels, Counter>::default();
+        registry.register(
+            "authz_denied",
+            "Connections and requests denied by authorization policy",
+            denied.clone(),
+        );
+        let mut istio = Registry::default();
+        let requests = crate::proxy::http::telemetry::RequestMetrics::register(&mut istio);
         if let Some(family) = cert_expiry {
             registry.register(
                 "workload_cert_expiry_timestamp_seconds",
@@ -155,7 +182,16 @@ impl Metrics {
             xds_updates,
             cni_requests,
             pods_awaiting_cni,
+            istio,
+            requests,
+            outlier_ejections,
+            denied,
         }
+    }
+
+    /// The counter of denials by policy at `layer` ("connection" or "request").
+    pub fn denied(&self, layer: &'static str) -> Counter {
+        self.denied.get_or_create(&DeniedLabels { layer }).clone()
     }
 
     /// Returns the counters of one pod and direction (created on first use).
@@ -213,8 +249,11 @@ impl Metrics {
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
-        let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_owned();
-        let mut out = body;
+        let mut out = out.strip_suffix("# EOF\n").unwrap_or(&out).to_owned();
+        let mut istio = String::new();
+        if encode(&mut istio, &self.istio).is_ok() {
+            out.push_str(istio.strip_suffix("# EOF\n").unwrap_or(&istio));
+        }
         let _ = writeln!(
             out,
             "# HELP nodemesh_ebpf_events Events counted by the capture programs in the kernel."

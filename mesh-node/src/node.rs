@@ -158,6 +158,7 @@ impl Node {
         let Some(view) = lock(&self.view).clone() else { return 0 };
         let resolved = resolve(&view, &lock(&self.cni), &self.name);
         self.mesh.replace(&resolved.mesh, &self.trust_domain);
+        self.mesh.replace_traffic(&view.traffic, &self.trust_domain);
         self.apply(&resolved.mine).await;
         self.metrics.pods_awaiting_cni.set(resolved.awaiting_cni.len() as i64);
         *lock(&self.awaiting_cni) = resolved.awaiting_cni;

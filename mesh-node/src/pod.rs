@@ -50,6 +50,7 @@ pub enum PodError {
 /// What the proxy tasks of one pod share.
 #[derive(Debug)]
 pub struct PodContext {
+    pub key: mesh_manifests::PodKey,
     pub ip: Ipv4Addr,
     pub identity: SpiffeId,
     pub mtls_mode: MtlsMode,
@@ -72,6 +73,15 @@ pub struct PodContext {
     pub tunnels: TunnelPool,
     /// Who this pod is, sent as `baggage` on its HBONE streams.
     pub baggage: String,
+    /// This pod's pooled HTTP connections to endpoints (L7 outbound).
+    pub upstream: proxy::http::upstream::Upstream,
+    /// Istio-standard request metrics (shared by the node).
+    pub requests: proxy::http::telemetry::RequestMetrics,
+    /// Endpoints ejected by this pod's requests (outlier detection).
+    pub outlier_ejections: prometheus_client::metrics::counter::Counter,
+    /// Connections and HTTP requests refused by authorization policy.
+    pub denied_connections: prometheus_client::metrics::counter::Counter,
+    pub denied_requests: prometheus_client::metrics::counter::Counter,
 }
 
 /// What a pod's runtime needs from its node.
@@ -181,7 +191,13 @@ impl PodRuntime {
             return Err(err.into());
         }
 
-        let ctx = Arc::new(PodContext {
+        let ctx = Arc::new_cyclic(|weak| PodContext {
+            key: spec.key.clone(),
+            upstream: proxy::http::upstream::Upstream::new(weak.clone()),
+            requests: metrics.requests.clone(),
+            outlier_ejections: metrics.outlier_ejections.clone(),
+            denied_connections: metrics.denied("connection"),
+            denied_requests: metrics.denied("request"),
             ip: spec.ip,
             identity,
             mtls_mode: spec.mtls_mode,

@@ -1,10 +1,14 @@
 //! The shared node proxy's plaintext paths: outbound (15001) and inbound (15006) per pod.
 
+pub mod authz;
+pub mod balancer;
 pub mod hbone;
 pub mod hbone_inbound;
 pub mod hbone_outbound;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod protocol;
 pub mod relay;
 pub mod trace_context;
 
@@ -31,6 +35,8 @@ pub enum ProxyError {
     NoFreePort,
     #[error("plaintext from {peer} refused: the pod is STRICT (mutual TLS only)")]
     PlaintextRefused { peer: SocketAddr },
+    #[error("denied by authorization policy: {0}")]
+    Denied(String),
     #[error("HBONE: {0}")]
     Tunnel(String),
     #[error("cannot register the delivery with sk_lookup: {0}")]
@@ -39,9 +45,12 @@ pub enum ProxyError {
 
 /// Closes a captured connection with a reset, so the app sees a failure, not an empty reply.
 pub fn reset(stream: tokio::net::TcpStream) {
-    if let Ok(std) = stream.into_std() {
-        let _ = socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO));
-    }
+    set_reset_on_close(&stream);
+}
+
+/// Makes closing the connection send a reset (used where the stream is owned elsewhere).
+pub fn set_reset_on_close(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Connects to `dst` from inside the pod's netns (the destination sees the pod's address), with

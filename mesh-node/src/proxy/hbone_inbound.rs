@@ -12,13 +12,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 
+use mesh_policy::authz::Verdict;
+
 use super::{
+    authz::{self, Caller},
     hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_TUNNEL, STREAM_WINDOW, TunnelBody},
     inbound::deliver,
+    protocol::{Prefixed, detect},
     relay::relay,
     trace_context::TraceContext,
 };
-use crate::{pod::PodContext, tls};
+use crate::{pod::PodContext, tls, traffic::AppProtocol};
 
 /// A TLS handshake must finish within this, or the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -143,15 +147,35 @@ async fn stream(
         return respond(StatusCode::BAD_REQUEST);
     }
     let active = pod.inbound.open();
-    let app = match deliver(&pod, SocketAddr::new(tunnel_peer.ip(), 0), target).await {
-        Ok(app) => app,
-        Err(err) => {
-            pod.inbound.failed.inc();
-            tracing::warn!(src.identity = %client_identity, dst.addr = %target, error = %err, "app unreachable");
-            return respond(StatusCode::SERVICE_UNAVAILABLE);
+    let (trace_id, baggage) = trace_of(&request);
+    let traffic = pod.mesh.traffic();
+    let caller = Caller::new(&traffic, tunnel_peer.ip(), Some(client_identity.clone()));
+    let port = target.port();
+    let declared = traffic.declared_protocol(target.ip(), port);
+    let parse =
+        authz::needs_http(&pod, &traffic) || matches!(declared, AppProtocol::Http1 | AppProtocol::Http2);
+    if !parse {
+        // Plain L4: decided now, and the CONNECT is refused when denied (the source resets its
+        // client's connection).
+        let decision = authz::check_connection(&pod, &traffic, &caller, port, false);
+        authz::log_decision(&decision, &caller, &pod, port, "connection");
+        if decision.verdict == Verdict::Deny {
+            pod.denied_connections.inc();
+            return respond(StatusCode::FORBIDDEN);
+        }
+    }
+    let app = if parse {
+        None // delivered per request by the HTTP server, or after detection
+    } else {
+        match deliver(&pod, SocketAddr::new(tunnel_peer.ip(), 0), target).await {
+            Ok(app) => Some(app),
+            Err(err) => {
+                pod.inbound.failed.inc();
+                tracing::warn!(src.identity = %client_identity, dst.addr = %target, error = %err, "app unreachable");
+                return respond(StatusCode::SERVICE_UNAVAILABLE);
+            }
         }
     };
-    let (trace_id, baggage) = trace_of(&request);
     tracing::info!(
         src.identity = %client_identity, dst.identity = %pod.identity, src.addr = %tunnel_peer.ip(), dst.addr = %target,
         trace_id = %trace_id, baggage = %baggage, "HBONE stream accepted"
@@ -159,14 +183,19 @@ async fn stream(
     let on_upgrade = hyper::upgrade::on(request);
     tokio::spawn(async move {
         let _active = active;
-        let result = tokio::select! {
-            upgraded = on_upgrade => match upgraded {
-                Ok(upgraded) => relay(TokioIo::new(upgraded), app, &pod.inbound.bytes_received, &pod.inbound.bytes_sent).await.map(Some),
-                Err(err) => Err(std::io::Error::other(err)),
-            },
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(err) => {
+                pod.inbound.failed.inc();
+                tracing::debug!(error = %err, "HBONE stream failed before it opened");
+                return;
+            }
+        };
+        let served = tokio::select! {
+            r = serve_stream(&pod, upgraded, app, caller, target, declared) => r,
             () = pod.withdrawn.cancelled() => Ok(None),
         };
-        match result {
+        match served {
             Ok(Some((received, sent))) => {
                 tracing::debug!(bytes.received = received, bytes.sent = sent, "HBONE stream closed")
             }
@@ -178,4 +207,46 @@ async fn stream(
         }
     });
     respond(StatusCode::OK)
+}
+
+/// Carries one opened stream: parsed as HTTP when policies or the port call for it, else
+/// relayed to the app until either side closes or a policy change revokes it. Returns the bytes
+/// relayed each way (`None` for HTTP, which counts per request).
+async fn serve_stream(
+    pod: &Arc<PodContext>,
+    stream: TokioIo<hyper::upgrade::Upgraded>,
+    app: Option<TcpStream>,
+    caller: Caller,
+    target: SocketAddr,
+    declared: AppProtocol,
+) -> std::io::Result<Option<(u64, u64)>> {
+    let port = target.port();
+    let (stream, app) = match app {
+        Some(app) => (Prefixed::new(bytes::Bytes::new(), stream), app),
+        None => {
+            let (protocol, stream) = detect(stream, declared).await?;
+            let traffic = pod.mesh.traffic();
+            let decision = authz::check_connection(pod, &traffic, &caller, port, protocol.is_http());
+            authz::log_decision(&decision, &caller, pod, port, "connection");
+            if decision.verdict == Verdict::Deny {
+                pod.denied_connections.inc();
+                return Err(std::io::Error::other(format!("denied: {}", decision.reason)));
+            }
+            if protocol.is_http() {
+                super::http::inbound::serve(pod.clone(), stream, protocol, caller, target, true).await;
+                return Ok(None);
+            }
+            let app =
+                deliver(pod, SocketAddr::new(caller.ip, 0), target).await.map_err(std::io::Error::other)?;
+            (stream, app)
+        }
+    };
+    tokio::select! {
+        relayed = relay(stream, app, &pod.inbound.bytes_received, &pod.inbound.bytes_sent) => relayed.map(Some),
+        decision = authz::until_revoked(pod, &caller, port) => {
+            pod.denied_connections.inc();
+            tracing::warn!(reason = %decision.reason, "open connection closed: a policy change denies it");
+            Err(std::io::Error::other(format!("revoked: {}", decision.reason)))
+        }
+    }
 }

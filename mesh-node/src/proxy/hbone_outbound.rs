@@ -28,8 +28,9 @@ use super::{
     hbone::{
         CERT_WAIT, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_TUNNEL, STREAM_WINDOW, TunnelBody,
     },
+    protocol::Prefixed,
     relay::relay,
-    reset,
+    set_reset_on_close,
     trace_context::TraceContext,
 };
 use crate::{identity::WorkloadCert, pod::PodContext, tls};
@@ -156,7 +157,7 @@ async fn open_tunnel(
 /// Forwards a captured connection to `dst` through HBONE. Returns the bytes relayed each way.
 pub async fn forward(
     pod: &PodContext,
-    client: TcpStream,
+    client: Prefixed<TcpStream>,
     client_addr: SocketAddr,
     dst: SocketAddr,
     peer: SpiffeId,
@@ -165,7 +166,7 @@ pub async fn forward(
     let (stream, _slot) = match open_stream(pod, client_addr, dst, &peer, &trace).await {
         Ok(opened) => opened,
         Err(err) => {
-            reset(client);
+            set_reset_on_close(client.get_ref());
             return Err(err);
         }
     };
@@ -173,14 +174,14 @@ pub async fn forward(
         src.identity = %pod.identity, dst.identity = %peer, dst.addr = %dst, trace_id = %trace.trace_id_hex(),
         "HBONE stream opened"
     );
-    let _ = client.set_nodelay(true);
+    let _ = client.get_ref().set_nodelay(true);
     let (sent, received) = relay(client, stream, &pod.outbound.bytes_sent, &pod.outbound.bytes_received)
         .await
         .map_err(|source| ProxyError::Connect { dst, source })?;
     Ok(Some((dst, sent, received)))
 }
 
-async fn open_stream(
+pub(crate) async fn open_stream(
     pod: &PodContext,
     client_addr: SocketAddr,
     dst: SocketAddr,

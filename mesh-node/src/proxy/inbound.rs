@@ -9,10 +9,20 @@ use mesh_manifests::MtlsMode;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
-use super::{ProxyError, connect, relay::relay, reset};
+use mesh_policy::authz::Verdict;
+
+use super::{
+    ProxyError,
+    authz::{self, Caller},
+    connect,
+    protocol::{Prefixed, Protocol, detect},
+    relay::relay,
+    reset, set_reset_on_close,
+};
 use crate::{
     capture::ip_addr,
     pod::{PodContext, lock},
+    traffic::AppProtocol,
 };
 
 /// Attempts at a delivery source port that does not collide with a live connection.
@@ -66,7 +76,7 @@ async fn handle(pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
 }
 
 async fn deliver_and_relay(
-    pod: &PodContext,
+    pod: &Arc<PodContext>,
     client: TcpStream,
     peer: SocketAddr,
 ) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
@@ -89,17 +99,39 @@ async fn deliver_and_relay(
         lock(&pod.live_inbound).insert(key);
         LiveInbound { pod, key }
     };
-    let app = match deliver(pod, peer, orig).await {
-        Ok(app) => app,
-        Err(err) => {
-            reset(client);
-            return Err(err);
+    // Plaintext: the caller proves no identity, so only address-based rules can match it.
+    let traffic = pod.mesh.traffic();
+    let caller = Caller::new(&traffic, peer.ip(), None);
+    let declared = traffic.declared_protocol(orig.ip(), orig.port());
+    let parse =
+        authz::needs_http(pod, &traffic) || matches!(declared, AppProtocol::Http1 | AppProtocol::Http2);
+    let _ = client.set_nodelay(true);
+    let (protocol, client) = if parse {
+        detect(client, declared).await.map_err(|source| ProxyError::Connect { dst: orig, source })?
+    } else {
+        (Protocol::Tcp, Prefixed::new(bytes::Bytes::new(), client))
+    };
+    let decision = authz::check_connection(pod, &traffic, &caller, orig.port(), protocol.is_http());
+    authz::log_decision(&decision, &caller, pod, orig.port(), "connection");
+    if decision.verdict == Verdict::Deny {
+        pod.denied_connections.inc();
+        set_reset_on_close(client.get_ref());
+        return Err(ProxyError::Denied(decision.reason));
+    }
+    if protocol.is_http() {
+        super::http::inbound::serve(pod.clone(), client, protocol, caller, orig, false).await;
+        return Ok(None);
+    }
+    let app = deliver(pod, peer, orig).await?;
+    let relayed = tokio::select! {
+        relayed = relay(client, app, &pod.inbound.bytes_received, &pod.inbound.bytes_sent) => relayed,
+        decision = authz::until_revoked(pod, &caller, orig.port()) => {
+            pod.denied_connections.inc();
+            // The relay future (owning the sockets) is dropped here: the client sees a close.
+            return Err(ProxyError::Denied(format!("revoked by a policy change: {}", decision.reason)));
         }
     };
-    let _ = client.set_nodelay(true);
-    let (received, sent) = relay(client, app, &pod.inbound.bytes_received, &pod.inbound.bytes_sent)
-        .await
-        .map_err(|source| ProxyError::Connect { dst: orig, source })?;
+    let (received, sent) = relayed.map_err(|source| ProxyError::Connect { dst: orig, source })?;
     Ok(Some((orig, received, sent)))
 }
 

@@ -1,13 +1,29 @@
 //! Outbound: a pod's connection captured by connect4/6 arrives on the pod's 15001 listener and
 //! is carried to its original destination from inside the pod's netns (source IP preserved).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
-use super::{ProxyError, connect_from_pod, relay::relay, reset};
-use crate::pod::PodContext;
+use bytes::Bytes;
+
+use super::{
+    ProxyError,
+    balancer::{HealthChange, Outcome},
+    connect_from_pod, http,
+    protocol::{Prefixed, Protocol, detect},
+    relay::relay,
+    reset, set_reset_on_close,
+};
+use crate::{
+    pod::PodContext,
+    traffic::{AppProtocol, ServiceEntry, Traffic},
+};
 
 /// The sock_ops program records the original destination when the client's side of the
 /// connection is established, which precedes our accept; a few short retries cover the rare
@@ -52,7 +68,7 @@ async fn handle(pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
 
 /// Returns the original destination and the bytes relayed each way.
 async fn forward(
-    pod: &PodContext,
+    pod: &Arc<PodContext>,
     client: TcpStream,
     peer: SocketAddr,
 ) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
@@ -68,6 +84,11 @@ async fn forward(
         reset(client);
         return Err(ProxyError::NoOriginalDestination);
     };
+    let traffic = pod.mesh.traffic();
+    if let Some(service) = traffic.service_at(dst.ip()) {
+        return to_service(pod, &traffic, client, peer, dst, service.clone()).await;
+    }
+    let client = Prefixed::new(Bytes::new(), client);
     if pod.identities.is_some()
         && let Some(expected) = pod.mesh.identity_of(dst.ip())
     {
@@ -78,13 +99,85 @@ async fn forward(
     let upstream = match connect_from_pod(pod, dst).await {
         Ok(upstream) => upstream,
         Err(err) => {
-            reset(client);
+            set_reset_on_close(client.get_ref());
             return Err(err);
         }
     };
-    let _ = client.set_nodelay(true);
+    let _ = client.get_ref().set_nodelay(true);
     let (sent, received) = relay(client, upstream, &pod.outbound.bytes_sent, &pod.outbound.bytes_received)
         .await
         .map_err(|source| ProxyError::Connect { dst, source })?;
     Ok(Some((dst, sent, received)))
+}
+
+/// A connection to a service's cluster IP: HTTP is served request by request (routes, load
+/// balancing, retries); anything else goes whole to one endpoint the balancer picks.
+async fn to_service(
+    pod: &Arc<PodContext>,
+    traffic: &Traffic,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    service: Arc<ServiceEntry>,
+) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
+    let Some(port) = service.port(dst.port()).cloned() else {
+        reset(client);
+        return Err(ProxyError::Tunnel(format!("service {} has no port {}", service.key, dst.port())));
+    };
+    let routed = traffic.routes().iter().any(|r| r.attaches_to(&service.key, port.port));
+    let (protocol, client) = match port.protocol {
+        AppProtocol::Detect if !routed => (Protocol::Tcp, Prefixed::new(Bytes::new(), client)),
+        declared => detect(client, declared).await.map_err(|source| ProxyError::Connect { dst, source })?,
+    };
+    let _ = client.get_ref().set_nodelay(true);
+    if protocol.is_http() {
+        tracing::debug!(service = %service.key, port = port.port, ?protocol, "serving HTTP to a service");
+        http::outbound::serve(pod.clone(), client, protocol, service, port.port).await;
+        return Ok(Some((dst, 0, 0)));
+    }
+    let balancer = pod.mesh.balancers.get(&service.key);
+    let endpoints = service.endpoints(port.port);
+    let Some(_slot) = balancer.admit_connection(&service.resilience) else {
+        set_reset_on_close(client.get_ref());
+        return Err(ProxyError::Tunnel(format!("{}: too many connections (circuit breaker)", service.key)));
+    };
+    let picked =
+        balancer.pick(endpoints, &service.resilience, (fastrand::u32(..), fastrand::u32(..)), Instant::now());
+    let Some((endpoint, _in_flight)) = picked else {
+        set_reset_on_close(client.get_ref());
+        return Err(ProxyError::Tunnel(format!(
+            "service {} port {} has no endpoints",
+            service.key, port.port
+        )));
+    };
+    tracing::debug!(service = %service.key, endpoint = %endpoint.addr, "connection to a service");
+    let source = SocketAddr::new(std::net::IpAddr::V4(pod.ip), peer.port());
+    let result = match (&endpoint.identity, pod.identities.is_some()) {
+        (Some(identity), true) => {
+            super::hbone_outbound::forward(pod, client, source, endpoint.addr, identity.clone()).await
+        }
+        _ => match connect_from_pod(pod, endpoint.addr).await {
+            Ok(upstream) => relay(client, upstream, &pod.outbound.bytes_sent, &pod.outbound.bytes_received)
+                .await
+                .map(|(sent, received)| Some((endpoint.addr, sent, received)))
+                .map_err(|source| ProxyError::Connect { dst: endpoint.addr, source }),
+            Err(err) => {
+                set_reset_on_close(client.get_ref());
+                Err(err)
+            }
+        },
+    };
+    let outcome = match &result {
+        Err(ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::Tunnel(_)) => {
+            Outcome::Failure
+        }
+        _ => Outcome::Success,
+    };
+    if let HealthChange::Ejected { for_ms } =
+        balancer.report(endpoint.addr, outcome, endpoints, &service.resilience, Instant::now())
+    {
+        pod.outlier_ejections.inc();
+        tracing::warn!(service = %service.key, endpoint = %endpoint.addr, ejected_for_ms = for_ms, "endpoint ejected");
+    }
+    result
 }

@@ -40,6 +40,24 @@ impl TraceContext {
         context
     }
 
+    /// A new span of the same trace: what a hop adds before passing a request on.
+    pub fn child(&self) -> Self {
+        let mut child = *self;
+        if SystemRandom::new().fill(&mut child.span_id).is_err() || child.span_id == [0; 8] {
+            child.span_id = [2; 8];
+        }
+        child
+    }
+
+    /// Continues the trace of a request's `traceparent` with a new span, or starts one (also
+    /// when the header is malformed: it is the client's, and telemetry never fails a request).
+    pub fn continue_from(headers: &hyper::HeaderMap) -> Self {
+        match headers.get("traceparent").and_then(|v| v.to_str().ok()).map(Self::parse) {
+            Some(Ok(parent)) => parent.child(),
+            _ => Self::start(),
+        }
+    }
+
     pub fn trace_id_hex(&self) -> String {
         hex(&self.trace_id)
     }

@@ -9,7 +9,8 @@ use std::{
 
 use mesh_api::{
     workload::v1::{
-        ADDRESS_TYPE, Address, MESH_CONFIG_TYPE, MtlsMode as ProtoMtlsMode, TunnelProtocol, address,
+        ADDRESS_TYPE, AUTHORIZATION_TYPE, Address, Authorization, HTTP_ROUTE_TYPE, HttpRoute,
+        MESH_CONFIG_TYPE, MtlsMode as ProtoMtlsMode, TunnelProtocol, address,
     },
     xds::v1::{DeltaDiscoveryResponse, Resource},
 };
@@ -19,10 +20,11 @@ use prost::Message as _;
 use crate::{
     desired::{MeshView, MeshWorkload},
     state_dir::StateDir,
+    traffic::EndpointSpec,
 };
 
 /// The resource types a node subscribes to.
-pub const TYPES: [&str; 2] = [ADDRESS_TYPE, MESH_CONFIG_TYPE];
+pub const TYPES: [&str; 4] = [ADDRESS_TYPE, AUTHORIZATION_TYPE, HTTP_ROUTE_TYPE, MESH_CONFIG_TYPE];
 
 /// A resource the node accepted, and what it means to the node.
 #[derive(Debug, Clone)]
@@ -33,21 +35,24 @@ struct Accepted {
 
 #[derive(Debug, Clone)]
 enum Meaning {
-    /// A meshed workload (its address and netns may come from the CNI plugin).
-    Meshed(MeshWorkload),
-    /// A pod outside the mesh.
-    Outside(PodKey),
+    /// A meshed workload (its address and netns may come from the CNI plugin), and what it
+    /// serves once it has an address.
+    Meshed(MeshWorkload, Option<EndpointSpec>),
+    /// A pod outside the mesh (an endpoint in plain TCP once it has an address).
+    Outside(PodKey, Option<EndpointSpec>),
     MeshConfig {
         ambient_namespaces: BTreeSet<String>,
+        root_namespace: String,
     },
-    /// A service: nothing to enrol.
-    Service,
+    Service(Box<mesh_api::workload::v1::Service>),
+    Authorization(Box<Authorization>),
+    Route(Box<HttpRoute>),
 }
 
 impl Meaning {
     fn meshed(&self) -> Option<&MeshWorkload> {
         match self {
-            Meaning::Meshed(workload) => Some(workload),
+            Meaning::Meshed(workload, _) => Some(workload),
             _ => None,
         }
     }
@@ -185,24 +190,27 @@ impl ConfigStore {
 
     /// The mesh as the held config describes it.
     pub fn view(&self) -> MeshView {
-        let addresses = self.types.get(ADDRESS_TYPE).into_iter().flat_map(BTreeMap::values);
         let mut view = MeshView::default();
-        for accepted in addresses {
+        for accepted in self.types.values().flat_map(BTreeMap::values) {
             match &accepted.meaning {
-                Meaning::Meshed(workload) => view.workloads.push(workload.clone()),
-                Meaning::Outside(key) => {
-                    view.outside.insert(key.clone());
+                Meaning::Meshed(workload, endpoint) => {
+                    view.workloads.push(workload.clone());
+                    view.traffic.endpoints.extend(endpoint.clone());
                 }
-                Meaning::MeshConfig { .. } | Meaning::Service => {}
+                Meaning::Outside(key, endpoint) => {
+                    view.outside.insert(key.clone());
+                    view.traffic.endpoints.extend(endpoint.clone());
+                }
+                Meaning::MeshConfig { ambient_namespaces, root_namespace } => {
+                    view.ambient_namespaces = Some(ambient_namespaces.clone());
+                    view.traffic.root_namespace.clone_from(root_namespace);
+                }
+                Meaning::Service(service) => view.traffic.services.push((**service).clone()),
+                Meaning::Authorization(policy) => view.traffic.authorizations.push((**policy).clone()),
+                Meaning::Route(route) => view.traffic.routes.push((**route).clone()),
             }
         }
         view.workloads.sort_by(|a, b| a.key.cmp(&b.key));
-        view.ambient_namespaces = self.types.get(MESH_CONFIG_TYPE).and_then(|held| {
-            held.values().find_map(|a| match &a.meaning {
-                Meaning::MeshConfig { ambient_namespaces } => Some(ambient_namespaces.clone()),
-                _ => None,
-            })
-        });
         view
     }
 }
@@ -233,14 +241,29 @@ fn interpret(type_url: &str, resource: &Resource) -> Result<Meaning, String> {
                 Address::decode(resource.resource.as_slice()).map_err(|e| format!("undecodable: {e}"))?;
             match address.r#type {
                 Some(address::Type::Workload(workload)) => workload_meaning(&workload),
-                Some(address::Type::Service(_)) => Ok(Meaning::Service),
+                Some(address::Type::Service(service)) => service_meaning(service),
                 None => Err("an Address with neither a workload nor a service".into()),
             }
         }
         MESH_CONFIG_TYPE => {
             let config = mesh_api::workload::v1::MeshConfig::decode(resource.resource.as_slice())
                 .map_err(|e| format!("undecodable: {e}"))?;
-            Ok(Meaning::MeshConfig { ambient_namespaces: config.ambient_namespaces.into_iter().collect() })
+            Ok(Meaning::MeshConfig {
+                ambient_namespaces: config.ambient_namespaces.into_iter().collect(),
+                root_namespace: config.root_namespace,
+            })
+        }
+        AUTHORIZATION_TYPE => {
+            let policy = Authorization::decode(resource.resource.as_slice())
+                .map_err(|e| format!("undecodable: {e}"))?;
+            mesh_policy::authz::Policy::compile(&policy).map_err(|e| e.to_string())?;
+            Ok(Meaning::Authorization(Box::new(policy)))
+        }
+        HTTP_ROUTE_TYPE => {
+            let route =
+                HttpRoute::decode(resource.resource.as_slice()).map_err(|e| format!("undecodable: {e}"))?;
+            mesh_policy::route::Route::compile(&route).map_err(|e| e.to_string())?;
+            Ok(Meaning::Route(Box::new(route)))
         }
         other => Err(format!("unexpected type {other}")),
     }
@@ -256,9 +279,7 @@ fn workload_meaning(workload: &mesh_api::workload::v1::Workload) -> Result<Meani
         }
     }
     let key = PodKey { namespace: workload.namespace.clone(), name: workload.name.clone() };
-    if workload.tunnel_protocol() != TunnelProtocol::Hbone {
-        return Ok(Meaning::Outside(key));
-    }
+    let meshed = workload.tunnel_protocol() == TunnelProtocol::Hbone;
     // No address yet: a pod being created, whose node learns it from the CNI plugin.
     let ip = match workload.addresses.first().map(Vec::as_slice) {
         Some(&[a, b, c, d]) => Some(Ipv4Addr::new(a, b, c, d)),
@@ -268,6 +289,18 @@ fn workload_meaning(workload: &mesh_api::workload::v1::Workload) -> Result<Meani
         Some(bytes) => return Err(format!("workload address has {} bytes", bytes.len())),
         None => None,
     };
+    let service_account = if workload.service_account.is_empty() {
+        "default".to_owned()
+    } else {
+        workload.service_account.clone()
+    };
+    let endpoint = match ip {
+        Some(ip) => Some(endpoint_of(workload, key.clone(), ip, meshed, &service_account)?),
+        None => None,
+    };
+    if !meshed {
+        return Ok(Meaning::Outside(key, endpoint));
+    }
     // No netns: found on the node (CNI plugin), as in Kubernetes.
     let netns = match workload.netns.as_str() {
         "" => None,
@@ -279,19 +312,62 @@ fn workload_meaning(workload: &mesh_api::workload::v1::Workload) -> Result<Meani
         Ok(ProtoMtlsMode::Permissive) => MtlsMode::Permissive,
         Err(_) => return Err(format!("unknown mTLS mode {}", workload.mtls_mode)),
     };
-    let service_account = if workload.service_account.is_empty() {
-        "default".to_owned()
-    } else {
-        workload.service_account.clone()
-    };
-    Ok(Meaning::Meshed(MeshWorkload {
+    Ok(Meaning::Meshed(
+        MeshWorkload { key, node: workload.node.clone(), ip, netns, service_account, mtls_mode },
+        endpoint,
+    ))
+}
+
+/// A workload with an address as an endpoint of the services it serves.
+fn endpoint_of(
+    workload: &mesh_api::workload::v1::Workload,
+    key: PodKey,
+    ip: Ipv4Addr,
+    meshed: bool,
+    service_account: &str,
+) -> Result<EndpointSpec, String> {
+    let mut services = BTreeMap::new();
+    for (service, list) in &workload.services {
+        let ports = list
+            .ports
+            .iter()
+            .map(|p| Ok((port(p.service_port, service)?, port(p.target_port, service)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        services.insert(service.clone(), ports);
+    }
+    Ok(EndpointSpec {
         key,
-        node: workload.node.clone(),
         ip,
-        netns,
-        service_account,
-        mtls_mode,
-    }))
+        meshed,
+        service_account: service_account.to_owned(),
+        policies: workload.authorization_policies.clone(),
+        services,
+    })
+}
+
+fn port(value: u32, what: &str) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{what}: port {value} is out of range"))
+}
+
+/// Checks a service: ports in range, addresses of 4 or 16 bytes.
+fn service_meaning(service: mesh_api::workload::v1::Service) -> Result<Meaning, String> {
+    let name = format!("service {}/{}", service.namespace, service.hostname);
+    if service.namespace.is_empty() || service.hostname.is_empty() {
+        return Err(format!("{name}: namespace and hostname are required"));
+    }
+    for p in &service.ports {
+        port(p.service_port, &name)?;
+        if p.target_port != 0 {
+            port(p.target_port, &name)?;
+        }
+    }
+    if let Some(bad) = service.addresses.iter().find(|a| !matches!(a.address.len(), 4 | 16)) {
+        return Err(format!("{name}: an address has {} bytes", bad.address.len()));
+    }
+    Ok(Meaning::Service(Box::new(service)))
 }
 
 #[cfg(test)]
@@ -423,6 +499,7 @@ mod tests {
         let config = mesh_api::workload::v1::MeshConfig {
             trust_domain: "cluster.local".into(),
             ambient_namespaces: vec!["demo".into()],
+            ..Default::default()
         };
         store.apply(&DeltaDiscoveryResponse {
             type_url: MESH_CONFIG_TYPE.into(),

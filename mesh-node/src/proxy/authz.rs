@@ -1,0 +1,108 @@
+//! Authorization on the destination side: who is calling (from the mTLS handshake, or nobody
+//! for plaintext) and what the pod's policies say about it, per connection and, for HTTP, per
+//! request. Decisions are `mesh_policy`'s pure functions; this module gathers their inputs and
+//! keeps open connections honest when policies change.
+
+use std::net::IpAddr;
+
+use mesh_api::SpiffeId;
+use mesh_policy::authz::{self, Decision, Peer, Verdict};
+
+use crate::{pod::PodContext, traffic::Traffic};
+
+/// The source of a connection as the destination knows it.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub ip: IpAddr,
+    /// The mTLS peer's identity; `None` for plaintext (PERMISSIVE pods).
+    pub identity: Option<SpiffeId>,
+    /// `ns/name` of the workload at `ip`, when the node knows it (for telemetry only: never
+    /// trusted for authorization, which uses the identity).
+    pub workload: Option<String>,
+}
+
+impl Caller {
+    pub fn new(traffic: &Traffic, ip: IpAddr, identity: Option<SpiffeId>) -> Self {
+        let workload = traffic.workload_at(ip).map(ToString::to_string);
+        Caller { ip, identity, workload }
+    }
+
+    /// Istio's principal form: the SPIFFE ID without `spiffe://`.
+    pub fn principal(&self) -> Option<String> {
+        self.identity.as_ref().map(|id| {
+            let uri = id.to_string();
+            mesh_policy::principal_of(&uri).unwrap_or(&uri).to_owned()
+        })
+    }
+
+    /// The namespace the caller's identity proves (never the address's: that is not proof).
+    pub fn namespace(&self) -> Option<&str> {
+        self.identity.as_ref().map(SpiffeId::namespace)
+    }
+}
+
+/// Decides a connection to `pod`'s `port`; `http` says whether it will be parsed as HTTP.
+pub fn check_connection(
+    pod: &PodContext,
+    traffic: &Traffic,
+    caller: &Caller,
+    port: u16,
+    http: bool,
+) -> Decision {
+    let policies = traffic.policies_for(std::net::IpAddr::V4(pod.ip), &pod.key.namespace);
+    let principal = caller.principal();
+    let peer = Peer { ip: caller.ip, principal: principal.as_deref(), namespace: caller.namespace() };
+    authz::check_connection(&policies, &peer, port, http)
+}
+
+/// Whether any policy of the pod has HTTP conditions (then the connection must be parsed to
+/// be decided).
+pub fn needs_http(pod: &PodContext, traffic: &Traffic) -> bool {
+    traffic.policies_for(std::net::IpAddr::V4(pod.ip), &pod.key.namespace).iter().any(|p| p.has_l7())
+}
+
+/// Decides one HTTP request.
+pub fn check_request(
+    pod: &PodContext,
+    traffic: &Traffic,
+    caller: &Caller,
+    port: u16,
+    request: &authz::Request<'_>,
+) -> Decision {
+    let policies = traffic.policies_for(std::net::IpAddr::V4(pod.ip), &pod.key.namespace);
+    let principal = caller.principal();
+    let peer = Peer { ip: caller.ip, principal: principal.as_deref(), namespace: caller.namespace() };
+    authz::check_request(&policies, &peer, port, request)
+}
+
+/// Logs what a decision means; AUDIT matches are logged whatever the verdict.
+pub fn log_decision(decision: &Decision, caller: &Caller, pod: &PodContext, port: u16, what: &str) {
+    for audited in &decision.audited {
+        tracing::info!(
+            target: "audit", policy = %audited, src.identity = ?caller.principal(), src.addr = %caller.ip,
+            dst.identity = %pod.identity, dst.port = port, what, "AUDIT policy matched"
+        );
+    }
+    if decision.verdict == Verdict::Deny {
+        tracing::warn!(
+            src.identity = ?caller.principal(), src.addr = %caller.ip, dst.identity = %pod.identity,
+            dst.port = port, policy = ?decision.policy, reason = %decision.reason, what, "denied by policy"
+        );
+    }
+}
+
+/// Resolves once a policy change denies this (L4) connection; it is then closed. Connections
+/// parsed as HTTP need no watch: each request is checked against the policies in force.
+pub async fn until_revoked(pod: &PodContext, caller: &Caller, port: u16) -> Decision {
+    let mut changes = pod.mesh.changes();
+    loop {
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        let traffic = pod.mesh.traffic();
+        let decision = check_connection(pod, &traffic, caller, port, false);
+        if decision.verdict == Verdict::Deny {
+            return decision;
+        }
+    }
+}
