@@ -607,9 +607,19 @@ fn ambiguous_request_framing_is_refused_and_never_smuggles_a_request() {
     let report = topology.raw_tcp("a1", vip(81), two_lengths.as_bytes()).expect("raw");
     assert_refused("two different Content-Lengths", &report, &by_length, &topology);
 
+    // With both headers, the proxy's HTTP/1 parser (hyper) frames the request by
+    // Transfer-Encoding alone, as RFC 9112 §6.3 says, drops the Content-Length and closes the
+    // connection after answering: the server gets one request it cannot misread, never a second.
     let length_and_chunked = raw::content_length_and_chunked("/first", "web");
     let report = topology.raw_tcp("a1", vip(82), length_and_chunked.as_bytes()).expect("raw");
-    assert_refused("Content-Length with Transfer-Encoding: chunked", &report, &by_chunks, &topology);
+    let normalized = report.statuses() == [200]
+        && (report.closed || report.reset)
+        && report.responses.first().is_some_and(|r| !r.body.to_ascii_lowercase().contains("content-length"));
+    if !normalized {
+        assert_refused("Content-Length with Transfer-Encoding: chunked", &report, &by_chunks, &topology);
+    }
+    let stats = topology.http_stats(&by_chunks).expect("stats");
+    assert_eq!(stats.path(raw::SMUGGLED_PATH), 0, "the server saw the smuggled request: {stats:?}");
 }
 
 // ---- telemetry ---------------------------------------------------------------------------

@@ -225,16 +225,17 @@ async fn serve_stream(
         Some(app) => (Prefixed::new(bytes::Bytes::new(), stream), app),
         None => {
             let (protocol, stream) = detect(stream, declared).await?;
+            if protocol.is_http() {
+                // Every request is decided on its own (a denied one gets 403, L4 rules included).
+                super::http::inbound::serve(pod.clone(), stream, protocol, caller, target, true).await;
+                return Ok(None);
+            }
             let traffic = pod.mesh.traffic();
-            let decision = authz::check_connection(pod, &traffic, &caller, port, protocol.is_http());
+            let decision = authz::check_connection(pod, &traffic, &caller, port, false);
             authz::log_decision(&decision, &caller, pod, port, "connection");
             if decision.verdict == Verdict::Deny {
                 pod.denied_connections.inc();
                 return Err(std::io::Error::other(format!("denied: {}", decision.reason)));
-            }
-            if protocol.is_http() {
-                super::http::inbound::serve(pod.clone(), stream, protocol, caller, target, true).await;
-                return Ok(None);
             }
             let app =
                 deliver(pod, SocketAddr::new(caller.ip, 0), target).await.map_err(std::io::Error::other)?;

@@ -111,16 +111,17 @@ async fn deliver_and_relay(
     } else {
         (Protocol::Tcp, Prefixed::new(bytes::Bytes::new(), client))
     };
-    let decision = authz::check_connection(pod, &traffic, &caller, orig.port(), protocol.is_http());
+    if protocol.is_http() {
+        // Every request is decided on its own (a denied one gets 403, L4 rules included).
+        super::http::inbound::serve(pod.clone(), client, protocol, caller, orig, false).await;
+        return Ok(None);
+    }
+    let decision = authz::check_connection(pod, &traffic, &caller, orig.port(), false);
     authz::log_decision(&decision, &caller, pod, orig.port(), "connection");
     if decision.verdict == Verdict::Deny {
         pod.denied_connections.inc();
         set_reset_on_close(client.get_ref());
         return Err(ProxyError::Denied(decision.reason));
-    }
-    if protocol.is_http() {
-        super::http::inbound::serve(pod.clone(), client, protocol, caller, orig, false).await;
-        return Ok(None);
     }
     let app = deliver(pod, peer, orig).await?;
     let relayed = tokio::select! {

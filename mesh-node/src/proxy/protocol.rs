@@ -68,15 +68,14 @@ pub async fn detect<S>(mut stream: S, declared: AppProtocol) -> io::Result<(Prot
 where
     S: AsyncRead + Unpin,
 {
-    let protocol = match declared {
-        AppProtocol::Http1 => Some(Protocol::Http1),
-        AppProtocol::Http2 => Some(Protocol::Http2),
-        AppProtocol::Opaque => Some(Protocol::Tcp),
-        AppProtocol::Detect => None,
+    // A port declared HTTP is still sniffed for the version: `appProtocol: http` says nothing
+    // about HTTP/2 with prior knowledge, and HTTP clients speak first, so this costs no wait.
+    let fallback = match declared {
+        AppProtocol::Opaque => return Ok((Protocol::Tcp, Prefixed::new(Bytes::new(), stream))),
+        AppProtocol::Http1 => Protocol::Http1,
+        AppProtocol::Http2 => Protocol::Http2,
+        AppProtocol::Detect => Protocol::Tcp,
     };
-    if let Some(protocol) = protocol {
-        return Ok((protocol, Prefixed::new(Bytes::new(), stream)));
-    }
     let mut first = BytesMut::with_capacity(H2_PREFACE.len());
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
     let protocol = loop {
@@ -86,11 +85,14 @@ where
         let mut chunk = [0u8; 24];
         let want = H2_PREFACE.len() - first.len();
         match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want])).await {
-            Ok(Ok(0)) | Err(_) => break Protocol::Tcp,
+            Ok(Ok(0)) | Err(_) => break fallback,
             Ok(Ok(n)) => first.extend_from_slice(&chunk[..n]),
             Ok(Err(err)) => return Err(err),
         }
     };
+    // Bytes that are neither HTTP/1 nor the HTTP/2 preface on a port declared HTTP: the
+    // declaration wins (the parser then answers 400 to garbage).
+    let protocol = if protocol == Protocol::Tcp { fallback } else { protocol };
     Ok((protocol, Prefixed::new(first.freeze(), stream)))
 }
 
@@ -188,8 +190,15 @@ mod tests {
         assert_eq!(protocol, Protocol::Tcp);
         assert!(started.elapsed() >= DETECT_TIMEOUT);
 
-        let (_quiet, server) = tokio::io::duplex(64);
-        let (protocol, _) = detect(server, AppProtocol::Http2).await.expect("declared");
-        assert_eq!(protocol, Protocol::Http2, "declared ports are not sniffed");
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(H2_PREFACE).await.expect("write");
+        let (protocol, _) = detect(server, AppProtocol::Http1).await.expect("declared");
+        assert_eq!(protocol, Protocol::Http2, "a port declared HTTP still tells the versions apart");
+
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b"\x16\x03\x01").await.expect("write");
+        drop(client);
+        let (protocol, _) = detect(server, AppProtocol::Http1).await.expect("declared");
+        assert_eq!(protocol, Protocol::Http1, "the declaration wins over unrecognised bytes");
     }
 }
