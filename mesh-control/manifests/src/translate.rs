@@ -234,6 +234,15 @@ fn translate_policies(
                     });
                 }
                 let authorization = &translated.spec.authorization;
+                // The nodes compile what they receive with the same code: refuse here what
+                // they would refuse (NACK) there.
+                if let Err(err) = mesh_policy::authz::Policy::compile(authorization) {
+                    model.problems.push(Problem {
+                        kind: "AuthorizationPolicy",
+                        object: object.clone(),
+                        message: format!("nodes would refuse it: {err}"),
+                    });
+                }
                 let name = format!("{}/{}", authorization.namespace, authorization.name);
                 listings.extend(translated.listed_by.into_iter().map(|w| (w, name.clone())));
                 authorizations.push(translated.spec);
@@ -262,7 +271,10 @@ fn translate_routes(objects: &ClusterObjects, options: &TranslateOptions, model:
     for route in &objects.http_routes {
         match routes::translate(route, &services, &options.cluster_domain) {
             Ok(None) => {} // attached to Gateways only: another implementation's
-            Ok(Some((spec, problems))) => {
+            Ok(Some((spec, mut problems))) => {
+                if let Some(Err(err)) = spec.route.as_ref().map(mesh_policy::route::Route::compile) {
+                    problems.push(format!("nodes would refuse it: {err}"));
+                }
                 if !problems.is_empty() {
                     let message = problems.join("; ");
                     model.problems.push(Problem {
