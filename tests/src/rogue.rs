@@ -119,8 +119,16 @@ pub struct RogueServer {
 impl RogueServer {
     /// Listens on `addr` in `netns_name` and answers handshakes with `cert` (ALPN h2, TLS 1.3).
     pub fn start(netns_name: &str, addr: SocketAddr, cert: RogueCert) -> anyhow::Result<Self> {
-        let listener = netns::run_in(netns_name, move || TcpListener::bind(addr))?
-            .with_context(|| format!("rogue listening on {addr} in {netns_name}"))?;
+        // SO_REUSEADDR: the killed node's closed tunnels may linger in TIME_WAIT on this port.
+        let listener = netns::run_in(netns_name, move || -> std::io::Result<TcpListener> {
+            let socket =
+                socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(128)?;
+            Ok(socket.into())
+        })?
+        .with_context(|| format!("rogue listening on {addr} in {netns_name}"))?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
