@@ -652,3 +652,43 @@ fn the_destination_node_counts_requests_by_response_code_istio_style() {
     let samples: Vec<&str> = text.lines().filter(|l| l.starts_with("istio_requests_total")).collect();
     assert_eq!((ok, forbidden), (7.0, 3.0), "istio_requests_total on node-b for 200 and 403: {samples:#?}");
 }
+
+// ---- policy changes ----------------------------------------------------------------------
+
+#[test]
+fn a_policy_change_closes_an_open_connection_it_now_denies() {
+    let topology = meshed("l7_revoke", &[("b2", "app: b2")], &[]);
+    topology.serve("b2", APP).expect("echo server");
+    let to = SocketAddr::from((topology.pod("b2").ip, APP));
+    let deny = policy(
+        "deny-a1",
+        "b2",
+        "DENY",
+        "  - from:\n    - source:\n        principals: [\"cluster.local/ns/demo/sa/a1\"]\n",
+    );
+    std::thread::scope(|scope| {
+        // A slow L4 stream (plain echo, no HTTP): a 64 KiB chunk every 300 ms for 6 s.
+        let stream = scope.spawn(|| {
+            topology
+                .client_spread("a1", to, 20 * 64 * 1024, 1, Duration::from_secs(5), Duration::from_secs(6))
+                .expect("client")
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        topology.write_config("deny-a1", &deny).expect("policy");
+        let written = Instant::now();
+        let report = stream.join().expect("client thread");
+        assert_eq!((report.succeeded, report.failed), (0, 1), "the open connection is cut: {report:?}");
+        assert!(
+            written.elapsed() < Duration::from_secs(3),
+            "cut soon after the policy arrived, not at the end of the stream: {:?}",
+            written.elapsed()
+        );
+    });
+    eventually("node-b says why it closed the connection", Duration::from_secs(5), || {
+        (topology.node_log_count(NodeId::B, &["a policy change denies it"]) > 0).then_some(())
+    });
+    let again = topology.client("a1", to, 1024, 1).expect("client");
+    assert_eq!(again.succeeded, 0, "a new connection from a1 is refused: {again:?}");
+    let other = topology.client("a2", to, 1024, 1).expect("client");
+    assert!(other.ok, "a2 is not denied: {other:?}");
+}
