@@ -74,11 +74,18 @@ pub const EBPF_PACKAGES: [Package; 4] = [
 ];
 
 /// The packages the end-to-end tests and the demo need.
-pub const TEST_PACKAGES: [Package; 1] = [Package {
-    name: "iproute2",
-    probe: Probe::File("/usr/sbin/ip"),
-    why: "`ip`: network namespaces and veths for the topologies",
-}];
+pub const TEST_PACKAGES: [Package; 2] = [
+    Package {
+        name: "iproute2",
+        probe: Probe::File("/usr/sbin/ip"),
+        why: "`ip`: network namespaces and veths for the topologies",
+    },
+    Package {
+        name: "curl",
+        probe: Probe::File("/usr/bin/curl"),
+        why: "a real HTTP client in pods for the L7 tests",
+    },
+];
 
 /// Returns `Ok(what was found)` or `Err(why the piece counts as missing)`.
 fn probe(probe: Probe) -> Result<String, String> {
