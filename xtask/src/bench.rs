@@ -4,7 +4,10 @@
 //! HBONE mTLS, interleaved round after round, reporting medians and ratios to direct measured in
 //! the same run: throughput (1 and 4 streams), latency at a fixed request rate (open loop,
 //! [`latency`]), new connections per second (pooled and fresh mTLS tunnels, [`connections`]),
-//! proxy CPU per request and memory ([`resources`]). Results go to `target/bench/` ([`report`],
+//! proxy CPU per request and memory ([`resources`]). An HTTP/1.1 workload at fixed rates runs in
+//! those modes and in three L7 modes (mTLS with an AuthorizationPolicy of 1, 100 and 10,000 HTTP
+//! rules on the server pod, [`http`]), so the cost of per-request authorization is measured
+//! against L4 in the same run. Results go to `target/bench/` ([`report`],
 //! [`chart`]). `--scale` measures the control plane instead ([`scale`]): how fast a manifest
 //! change reaches 100 simulated nodes, and mesh-control's memory, at 1k and 10k workloads.
 //!
@@ -15,6 +18,7 @@
 pub mod chart;
 pub mod connections;
 pub mod histogram;
+pub mod http;
 pub mod latency;
 #[cfg(feature = "bench")]
 pub mod modes;

@@ -1,9 +1,10 @@
 //! The SVG chart of a run, written by hand (no plotting crate to build): throughput ratio to
-//! direct per mode, and latency percentiles per mode at each fixed rate on a log scale.
+//! direct per mode, latency percentiles per mode at each fixed rate on a log scale (raw, then
+//! HTTP/1.1 with the L7 modes), and the proxies' CPU per 1,000 HTTP requests.
 
 use std::fmt::Write as _;
 
-use super::results::{Meta, ModeSummary};
+use super::results::{LatencySummary, Meta, ModeSummary};
 
 const PANEL_W: f64 = 330.0;
 const HEIGHT: f64 = 380.0;
@@ -20,6 +21,8 @@ fn esc(text: &str) -> String {
 /// One panel of grouped bars: groups along x (modes), series within a group (e.g. p50…p99.9).
 struct Panel<'a> {
     title: String,
+    /// Wider for panels with more groups.
+    width: f64,
     groups: Vec<&'a str>,
     series: Vec<&'a str>,
     /// `values[group][series]`.
@@ -55,7 +58,12 @@ impl Panel<'_> {
             (lo, hi, ticks)
         } else {
             let hi = max.max(self.reference.unwrap_or(0.0)).max(0.1) * 1.1;
-            let step = if hi > 2.0 { 0.5 } else { 0.25 };
+            let step = match hi {
+                h if h > 2.0 => 0.5,
+                h if h > 0.5 => 0.25,
+                h if h > 0.2 => 0.05,
+                _ => 0.02,
+            };
             let ticks = (0..).map(|i| f64::from(i) * step).take_while(|t| *t <= hi).collect();
             (0.0, hi, ticks)
         }
@@ -72,11 +80,11 @@ impl Panel<'_> {
 
     fn render(&self, out: &mut String, x0: f64) {
         let (lo, hi, ticks) = self.axis();
-        let plot_w = PANEL_W - LEFT - 15.0;
+        let plot_w = self.width - LEFT - 15.0;
         let _ = writeln!(
             out,
             r#"<text x="{:.1}" y="30" font-size="13" font-weight="bold" text-anchor="middle">{}</text>"#,
-            x0 + PANEL_W / 2.0,
+            x0 + self.width / 2.0,
             esc(&self.title)
         );
         for t in &ticks {
@@ -152,6 +160,46 @@ impl Panel<'_> {
     }
 }
 
+/// Returns a latency panel: percentiles of `runs` at `rate`, one group per mode that ran it.
+fn latency_panel<'a>(
+    title: String,
+    summary: &'a [ModeSummary],
+    runs: fn(&ModeSummary) -> &Vec<LatencySummary>,
+    rate: u32,
+) -> Panel<'a> {
+    let with_rate: Vec<&ModeSummary> =
+        summary.iter().filter(|m| runs(m).iter().any(|l| l.rate == rate)).collect();
+    Panel {
+        title,
+        width: PANEL_W.max(LEFT + 15.0 + 62.0 * with_rate.len() as f64),
+        groups: with_rate.iter().map(|m| m.mode.short_label()).collect(),
+        series: vec!["p50", "p90", "p99", "p99.9"],
+        values: with_rate
+            .iter()
+            .map(|m| {
+                let l = runs(m).iter().find(|l| l.rate == rate);
+                vec![
+                    l.and_then(|l| l.p50_us),
+                    l.and_then(|l| l.p90_us),
+                    l.and_then(|l| l.p99_us),
+                    l.and_then(|l| l.p999_us),
+                ]
+            })
+            .collect(),
+        log: true,
+        reference: None,
+        unit: "µs (log scale)",
+    }
+}
+
+/// Returns the rates `runs` were measured at, in order.
+fn rates_of(summary: &[ModeSummary], runs: fn(&ModeSummary) -> &Vec<LatencySummary>) -> Vec<u32> {
+    let mut rates: Vec<u32> = summary.iter().flat_map(|m| runs(m).iter().map(|l| l.rate)).collect();
+    rates.sort();
+    rates.dedup();
+    rates
+}
+
 /// Returns the chart of a run's summary.
 pub fn svg(meta: &Meta, summary: &[ModeSummary]) -> String {
     let mut panels = Vec::new();
@@ -164,7 +212,8 @@ pub fn svg(meta: &Meta, summary: &[ModeSummary]) -> String {
     if !with_throughput.is_empty() {
         panels.push(Panel {
             title: "Throughput, × direct".into(),
-            groups: with_throughput.iter().map(|m| m.mode.label()).collect(),
+            width: PANEL_W,
+            groups: with_throughput.iter().map(|m| m.mode.short_label()).collect(),
             series: stream_names.iter().map(String::as_str).collect(),
             values: with_throughput
                 .iter()
@@ -180,41 +229,48 @@ pub fn svg(meta: &Meta, summary: &[ModeSummary]) -> String {
             unit: "ratio to direct",
         });
     }
-    let mut rates: Vec<u32> = summary.iter().flat_map(|m| m.latency.iter().map(|l| l.rate)).collect();
-    rates.sort();
-    rates.dedup();
-    for rate in rates {
-        let with_rate: Vec<&ModeSummary> =
-            summary.iter().filter(|m| m.latency.iter().any(|l| l.rate == rate)).collect();
+    let raw: fn(&ModeSummary) -> &Vec<LatencySummary> = |m| &m.latency;
+    let http: fn(&ModeSummary) -> &Vec<LatencySummary> = |m| &m.http_latency;
+    for rate in rates_of(summary, raw) {
+        panels.push(latency_panel(format!("Latency at {rate} req/s"), summary, raw, rate));
+    }
+    let http_rates = rates_of(summary, http);
+    for &rate in &http_rates {
+        panels.push(latency_panel(format!("HTTP latency at {rate} req/s"), summary, http, rate));
+    }
+    let with_cpu: Vec<&ModeSummary> =
+        summary.iter().filter(|m| m.http_latency.iter().any(|l| l.cpu_secs_per_1k.is_some())).collect();
+    let rate_names: Vec<String> = http_rates.iter().map(|r| format!("{r} req/s")).collect();
+    if !with_cpu.is_empty() {
         panels.push(Panel {
-            title: format!("Latency at {rate} req/s"),
-            groups: with_rate.iter().map(|m| m.mode.label()).collect(),
-            series: vec!["p50", "p90", "p99", "p99.9"],
-            values: with_rate
+            title: "Proxy CPU per 1k HTTP requests".into(),
+            width: PANEL_W.max(LEFT + 15.0 + 62.0 * with_cpu.len() as f64),
+            groups: with_cpu.iter().map(|m| m.mode.short_label()).collect(),
+            series: rate_names.iter().map(String::as_str).collect(),
+            values: with_cpu
                 .iter()
                 .map(|m| {
-                    let l = m.latency.iter().find(|l| l.rate == rate);
-                    vec![
-                        l.and_then(|l| l.p50_us),
-                        l.and_then(|l| l.p90_us),
-                        l.and_then(|l| l.p99_us),
-                        l.and_then(|l| l.p999_us),
-                    ]
+                    http_rates
+                        .iter()
+                        .map(|r| m.http_latency.iter().find(|l| l.rate == *r).and_then(|l| l.cpu_secs_per_1k))
+                        .collect()
                 })
                 .collect(),
-            log: true,
+            log: false,
             reference: None,
-            unit: "µs (log scale)",
+            unit: "CPU s per 1,000 requests",
         });
     }
-    let width = PANEL_W * panels.len().max(1) as f64;
+    let width: f64 = panels.iter().map(|p| p.width).sum::<f64>().max(PANEL_W);
     let mut out = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{HEIGHT:.0}" viewBox="0 0 {width:.0} {HEIGHT:.0}" font-family="sans-serif">
 <rect width="100%" height="100%" fill="white"/>
 "#
     );
-    for (i, panel) in panels.iter().enumerate() {
-        panel.render(&mut out, PANEL_W * i as f64);
+    let mut x0 = 0.0;
+    for panel in &panels {
+        panel.render(&mut out, x0);
+        x0 += panel.width;
     }
     let m = &meta.machine;
     let _ = writeln!(
@@ -262,7 +318,9 @@ mod tests {
                 added_p50_us: None,
                 added_p99_us: None,
                 cpu_secs_per_1k: None,
+                cpu_vs_mtls: None,
             }],
+            http_latency: Vec::new(),
             connect: None,
             memory: None,
         }
@@ -274,7 +332,7 @@ mod tests {
         let chart = svg(&Meta::default(), &summary);
         assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
         assert!(chart.contains("Throughput, × direct") && chart.contains("Latency at 1000 req/s"));
-        assert!(chart.contains(">HBONE mTLS<") && chart.contains(">direct<"));
+        assert!(chart.contains(">mTLS<") && chart.contains(">direct<"));
         // Two throughput bars, three latency bars (a missing percentile draws nothing), four
         // legend swatches... counted through their tooltips.
         assert_eq!(chart.matches("<title>").count(), 5, "{chart}");
@@ -285,5 +343,29 @@ mod tests {
     fn an_empty_run_still_draws_a_valid_chart() {
         let chart = svg(&Meta::default(), &[]);
         assert!(chart.starts_with("<svg") && chart.contains("</svg>"));
+    }
+
+    #[test]
+    fn http_latency_and_proxy_cpu_get_their_own_panels() {
+        let mut mtls = mode(Mode::Mtls, 0.5, Some(150.0));
+        let mut l7 = mode(Mode::MtlsL7TenThousand, 0.5, Some(400.0));
+        l7.throughput.clear();
+        l7.latency.clear();
+        for (m, cpu) in [(&mut mtls, 0.1), (&mut l7, 0.3)] {
+            let mut http = m
+                .latency
+                .first()
+                .cloned()
+                .unwrap_or_else(|| mode(Mode::Mtls, 1.0, Some(400.0)).latency[0].clone());
+            http.cpu_secs_per_1k = Some(cpu);
+            m.http_latency = vec![http];
+        }
+        let chart = svg(&Meta::default(), &[mode(Mode::Direct, 1.0, Some(40.0)), mtls, l7]);
+        assert!(
+            chart.contains("HTTP latency at 1000 req/s") && chart.contains("Proxy CPU per 1k HTTP requests")
+        );
+        assert!(chart.contains(">L7 ×10k<"), "short labels on the axes");
+        assert!(chart.contains("L7 ×10k: 1000 req/s 0.30"), "a CPU bar per mode and rate: {chart}");
+        assert!(!chart.contains("NaN") && !chart.contains("inf"));
     }
 }

@@ -6,36 +6,50 @@
 //! due at `start + i / rate`, on connection `i % conns`, pipelined. Each latency is measured from
 //! the request's *intended* send time, not from when it was actually written, so a stall in the
 //! path (or in the generator) is charged to every request it delayed: no coordinated omission.
-//! A run whose sending could not keep the rate (±2 %) is reported so, and the harness discards
-//! it rather than report latencies of a lighter load.
+//! A run whose sending could not keep the rate (±2 %), or whose responses stopped coming, is
+//! reported so, and the harness discards it rather than report latencies of a lighter load.
 //!
-//! Every request is 1 KiB by default; the server is pod-app's echo, so the response is the same
-//! bytes, checked: the request's number in the first 8 bytes, then a fixed filler.
+//! Two wires. **Raw**: every request is 1 KiB by default and the server is pod-app's echo, so the
+//! response is the same bytes. **HTTP/1.1** (`--http-path`): every request is a keep-alive
+//! `POST` whose body is those bytes, to the bench's HTTP echo ([`super::http`]), which answers
+//! `200` with the same body. Either way every response is checked: the request's number on its
+//! connection in the first 8 bytes, then a fixed filler. An HTTP status other than 200 is
+//! counted and reported (a 403 from the destination's policy is the first thing the harness
+//! looks for), not fatal here.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use super::histogram::Histogram;
+use super::{histogram::Histogram, http};
 
 /// How far the achieved rate may be from the target before the run is discarded.
 pub const RATE_TOLERANCE: f64 = 0.02;
+/// A connection on which nothing moves for this long has stalled (the run is then discarded).
+const STALL: Duration = Duration::from_secs(10);
+/// Responses still missing this long after the last request was due are not waited for.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// What one load run is asked to do.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadSpec {
     pub to: SocketAddr,
     /// Requests per second, over all connections.
     pub rate: u32,
     pub conns: u32,
     pub duration: Duration,
-    /// Request (and response) size in bytes, at least 8.
+    /// Request (and response) size in bytes, at least 8: the whole message on the raw wire, the
+    /// body over HTTP.
     pub size: usize,
+    /// `Some(path)`: HTTP/1.1 `POST`s to this path instead of raw bytes.
+    pub http_path: Option<String>,
 }
 
 /// What `xtask-bench load` prints.
@@ -45,7 +59,7 @@ pub struct LoadReport {
     pub achieved_rps: f64,
     pub conns: u32,
     pub size: usize,
-    /// Requests sent, and responses received and verified (all of them, or the run fails).
+    /// Requests sent, and responses received and verified (all of them, unless the run stalled).
     pub sent: u64,
     pub completed: u64,
     /// Latency percentiles from each request's intended send time, in microseconds.
@@ -56,6 +70,15 @@ pub struct LoadReport {
     pub max_us: f64,
     /// How late the generator itself wrote requests (p99), for judging a discarded run.
     pub send_lag_p99_us: f64,
+    /// HTTP only: responses per status code.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub statuses: BTreeMap<u16, u64>,
+    /// HTTP only: the first response that was not `200`, status and the start of its body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unexpected: Option<String>,
+    /// Why sending or receiving stopped before the end, if it did (an overloaded path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<String>,
 }
 
 impl LoadReport {
@@ -72,6 +95,38 @@ impl LoadReport {
                 RATE_TOLERANCE * 100.0
             )
         })
+    }
+
+    /// Returns a response status other than 200, with how many and the first one's body, if
+    /// any came (HTTP only).
+    pub fn wrong_status(&self) -> Option<String> {
+        let wrong: Vec<String> =
+            self.statuses.iter().filter(|(s, _)| **s != 200).map(|(s, n)| format!("{n} × {s}")).collect();
+        (!wrong.is_empty()).then(|| {
+            format!(
+                "responses other than 200: {} of {} (first: {}){}",
+                wrong.join(", "),
+                self.completed,
+                self.unexpected.as_deref().unwrap_or("?"),
+                if self.statuses.contains_key(&403) {
+                    "; a 403 is the destination refusing the bench's own requests: the bench's policy is wrong"
+                } else {
+                    ""
+                }
+            )
+        })
+    }
+
+    /// Returns why the run is discarded, if it is: it stalled or lost responses, an HTTP
+    /// response was not 200, or the rate was missed (in that order).
+    pub fn discard_reason(&self) -> Option<String> {
+        if let Some(why) = &self.stalled {
+            return Some(format!("{why} ({} of {} responses arrived)", self.completed, self.sent));
+        }
+        if self.sent == 0 || self.completed != self.sent {
+            return Some(format!("{} of {} responses arrived", self.completed, self.sent));
+        }
+        self.wrong_status().or_else(|| self.rate_miss())
     }
 }
 
@@ -110,17 +165,30 @@ fn fill_request(buf: &mut [u8], k: u64) {
     }
 }
 
-/// Opens a connection to pod-app's echo server and reads its `PEER` greeting.
-fn open(to: SocketAddr) -> anyhow::Result<(TcpStream, BufReader<TcpStream>)> {
+/// Opens a connection: to pod-app's echo server (reading its `PEER` greeting) on the raw wire,
+/// or to an HTTP server.
+fn open(to: SocketAddr, http: bool) -> anyhow::Result<(TcpStream, BufReader<TcpStream>)> {
     let stream =
         TcpStream::connect_timeout(&to, Duration::from_secs(5)).with_context(|| format!("connect {to}"))?;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.set_read_timeout(Some(STALL))?;
+    stream.set_write_timeout(Some(STALL))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line).with_context(|| format!("reading the greeting of {to}"))?;
-    anyhow::ensure!(line.starts_with("PEER "), "{to} is not pod-app's echo server: {line:?}");
+    if !http {
+        let mut line = String::new();
+        reader.read_line(&mut line).with_context(|| format!("reading the greeting of {to}"))?;
+        anyhow::ensure!(line.starts_with("PEER "), "{to} is not pod-app's echo server: {line:?}");
+    }
     Ok((stream, reader))
+}
+
+/// Returns whether an error is a socket timeout (`SO_RCVTIMEO` / `SO_SNDTIMEO` ran out).
+fn is_timeout(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+            matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        })
+    })
 }
 
 /// Lets this thread's sleeps end within microseconds rather than the default 50 µs slack.
@@ -129,7 +197,77 @@ fn tighten_timer_slack() {
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
 }
 
-/// Runs the load and returns its report; fails if any response is missing or wrong.
+/// What one connection's reader saw.
+#[derive(Default)]
+struct Received {
+    latencies: Histogram,
+    statuses: BTreeMap<u16, u64>,
+    unexpected: Option<String>,
+    stalled: Option<String>,
+}
+
+/// What every reader shares: the run, its schedule, and the flag saying sending stopped early.
+struct Shared<'a> {
+    spec: &'a LoadSpec,
+    start: Instant,
+    conns: u64,
+    /// When readers stop waiting ([`DRAIN_LIMIT`] after the last request was due).
+    deadline: Instant,
+    stop: AtomicBool,
+}
+
+/// Reads connection `c`'s `expected` responses, checking each, until done, stalled or stopped.
+fn receive(
+    mut reader: BufReader<TcpStream>,
+    c: usize,
+    expected: u64,
+    shared: &Shared<'_>,
+) -> anyhow::Result<Received> {
+    let Shared { spec, start, conns, deadline, ref stop } = *shared;
+    let mut received = Received::default();
+    let (mut got, mut want) = (vec![0u8; spec.size], vec![0u8; spec.size]);
+    for k in 0..expected {
+        let status = match &spec.http_path {
+            None => reader.read_exact(&mut got).map(|()| 200).map_err(anyhow::Error::from),
+            Some(_) => http::read_response(&mut reader, &mut got),
+        };
+        let status = match status {
+            Ok(status) => status,
+            Err(err) if is_timeout(&err) => {
+                received.stalled = Some(format!("no response for {}s on connection {c}", STALL.as_secs()));
+                break;
+            }
+            Err(_) if stop.load(Ordering::Relaxed) => break,
+            Err(err) => return Err(err.context(format!("response {k} on connection {c}"))),
+        };
+        let arrived = start.elapsed();
+        if spec.http_path.is_some() {
+            *received.statuses.entry(status).or_default() += 1;
+        }
+        if status == 200 {
+            fill_request(&mut want, k);
+            if got != want {
+                bail!("response {k} on connection {c} is not what was sent ({} bytes)", got.len());
+            }
+        } else if received.unexpected.is_none() {
+            let text = String::from_utf8_lossy(&got[..got.len().min(200)]).into_owned();
+            received.unexpected = Some(format!("{status} {text:?}"));
+        }
+        received.latencies.record(corrected_latency(k * conns + c as u64, spec.rate, arrived));
+        if Instant::now() > deadline {
+            received.stalled = Some(format!(
+                "responses still missing {}s after the last request was due",
+                DRAIN_LIMIT.as_secs()
+            ));
+            break;
+        }
+    }
+    Ok(received)
+}
+
+/// Runs the load and returns its report; fails if a response is malformed or not what was
+/// sent. A stall (nothing moving for 10 s, or responses still missing 30 s after the last
+/// request was due) ends the run early and is reported, not fatal: the harness discards it.
 pub fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(spec.size >= 8 && spec.conns > 0 && spec.rate > 0, "bad load spec {spec:?}");
     let total = request_count(spec.rate, spec.duration);
@@ -137,84 +275,88 @@ pub fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
     let mut writers = Vec::new();
     let mut readers = Vec::new();
     for _ in 0..spec.conns {
-        let (writer, reader) = open(spec.to)?;
+        let (writer, reader) = open(spec.to, spec.http_path.is_some())?;
         writers.push(writer);
         readers.push(reader);
     }
+    let head =
+        spec.http_path.as_deref().map(|path| http::request_head(path, &spec.to.to_string(), spec.size));
     // Time for the reader threads to start before the first request is due.
     let start = Instant::now() + Duration::from_millis(50);
-    let handles: Vec<_> = readers
-        .into_iter()
-        .enumerate()
-        .map(|(c, mut reader)| {
-            let (size, rate) = (spec.size, spec.rate);
-            std::thread::spawn(move || -> anyhow::Result<Histogram> {
-                let mut histogram = Histogram::default();
-                let (mut got, mut want) = (vec![0u8; size], vec![0u8; size]);
+    let shared = Shared {
+        spec: &spec,
+        start,
+        conns,
+        deadline: start + spec.duration + DRAIN_LIMIT,
+        stop: AtomicBool::new(false),
+    };
+    let (outcomes, sent, last_sent, send_error, stalled, lag) = std::thread::scope(|s| {
+        let handles: Vec<_> = readers
+            .into_iter()
+            .enumerate()
+            .map(|(c, reader)| {
+                let shared = &shared;
                 let mine = total / conns + u64::from((c as u64) < total % conns);
-                for k in 0..mine {
-                    reader.read_exact(&mut got).with_context(|| format!("response {k} on connection {c}"))?;
-                    let arrived = start.elapsed();
-                    fill_request(&mut want, k);
-                    if got != want {
-                        bail!("response {k} on connection {c} is not what was sent");
-                    }
-                    histogram.record(corrected_latency(k * conns + c as u64, rate, arrived));
-                }
-                Ok(histogram)
+                s.spawn(move || receive(reader, c, mine, shared))
             })
-        })
-        .collect();
+            .collect();
 
-    tighten_timer_slack();
-    let mut request = vec![0u8; spec.size];
-    let mut lag = Histogram::default();
-    let mut sent_per_conn = vec![0u64; writers.len()];
-    let mut last_sent = Duration::ZERO;
-    let mut send_error = None;
-    for i in 0..total {
-        let due = start + intended_offset(i, spec.rate);
-        let now = Instant::now();
-        if now < due {
-            std::thread::sleep(due - now);
+        tighten_timer_slack();
+        let head_len = head.as_ref().map_or(0, Vec::len);
+        let mut request = head.clone().unwrap_or_default();
+        request.resize(head_len + spec.size, 0);
+        let mut lag = Histogram::default();
+        let mut sent_per_conn = vec![0u64; writers.len()];
+        let mut last_sent = Duration::ZERO;
+        let (mut send_error, mut stalled) = (None, None);
+        for i in 0..total {
+            let due = start + intended_offset(i, spec.rate);
+            let now = Instant::now();
+            if now < due {
+                std::thread::sleep(due - now);
+            }
+            let c = (i % conns) as usize;
+            fill_request(&mut request[head_len..], sent_per_conn[c]);
+            lag.record(Instant::now().saturating_duration_since(due));
+            if let Err(err) = writers[c].write_all(&request) {
+                let err = anyhow::Error::new(err);
+                if is_timeout(&err) {
+                    stalled = Some(format!("sending blocked for {}s on connection {c}", STALL.as_secs()));
+                } else {
+                    send_error = Some(err.context(format!("sending request {i} on connection {c}")));
+                }
+                break;
+            }
+            sent_per_conn[c] += 1;
+            last_sent = start.elapsed();
         }
-        let c = (i % conns) as usize;
-        fill_request(&mut request, sent_per_conn[c]);
-        lag.record(Instant::now().saturating_duration_since(due));
-        if let Err(err) = writers[c].write_all(&request) {
-            send_error =
-                Some(anyhow::Error::new(err).context(format!("sending request {i} on connection {c}")));
-            break;
+        if send_error.is_some() || stalled.is_some() {
+            // Unblock the readers waiting for responses that will not come.
+            shared.stop.store(true, Ordering::Relaxed);
+            for w in &writers {
+                let _ = w.shutdown(std::net::Shutdown::Both);
+            }
         }
-        sent_per_conn[c] += 1;
-        last_sent = start.elapsed();
-    }
-    let sent: u64 = sent_per_conn.iter().sum();
+        let outcomes: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a response reader panicked"))))
+            .collect();
+        (outcomes, sent_per_conn.iter().sum::<u64>(), last_sent, send_error, stalled, lag)
+    });
     if let Some(err) = send_error {
-        // Unblock the readers waiting for responses that will not come.
-        for w in &writers {
-            let _ = w.shutdown(std::net::Shutdown::Both);
-        }
-        for h in handles {
-            let _ = h.join();
-        }
         return Err(err);
     }
+    let mut report = LoadReport { stalled, ..LoadReport::default() };
     let mut histogram = Histogram::default();
-    let mut first_error = None;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(part)) => histogram.merge(&part),
-            Ok(Err(err)) => {
-                first_error.get_or_insert(err);
-            }
-            Err(_) => {
-                first_error.get_or_insert(anyhow::anyhow!("a response reader panicked"));
-            }
+    for outcome in outcomes {
+        let received =
+            outcome.with_context(|| format!("{} of {sent} responses verified", histogram.len()))?;
+        histogram.merge(&received.latencies);
+        for (status, n) in received.statuses {
+            *report.statuses.entry(status).or_default() += n;
         }
-    }
-    if let Some(err) = first_error {
-        return Err(err.context(format!("{} of {sent} responses verified", histogram.len())));
+        report.unexpected = report.unexpected.or(received.unexpected);
+        report.stalled = report.stalled.or(received.stalled);
     }
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     Ok(LoadReport {
@@ -230,6 +372,7 @@ pub fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
         p999_us: us(histogram.percentile(99.9)),
         max_us: us(histogram.max()),
         send_lag_p99_us: us(lag.percentile(99.0)),
+        ..report
     })
 }
 
@@ -271,5 +414,36 @@ mod tests {
         let miss = report(late).rate_miss().expect("discarded");
         assert!(miss.contains("achieved 952 req/s of 1000 (-4.8 %"), "{miss}");
         assert_eq!(achieved_rate(0, 1000, Duration::ZERO), 0.0);
+    }
+
+    #[test]
+    fn a_run_is_discarded_for_a_stall_lost_responses_a_wrong_status_or_a_missed_rate() {
+        let good = LoadReport {
+            target_rps: 1000,
+            achieved_rps: 1000.0,
+            sent: 10,
+            completed: 10,
+            ..LoadReport::default()
+        };
+        assert_eq!(good.discard_reason(), None);
+        let http_ok = LoadReport { statuses: [(200, 10)].into(), ..good.clone() };
+        assert_eq!(http_ok.discard_reason(), None);
+        let denied = LoadReport {
+            statuses: [(200, 7), (403, 3)].into(),
+            unexpected: Some("403 \"RBAC: access denied\"".into()),
+            ..good.clone()
+        };
+        let why = denied.discard_reason().expect("discarded");
+        assert!(why.contains("3 × 403 of 10") && why.contains("RBAC: access denied"), "{why}");
+        let lost = LoadReport { completed: 9, ..good.clone() };
+        assert_eq!(lost.discard_reason().as_deref(), Some("9 of 10 responses arrived"));
+        let stalled =
+            LoadReport { completed: 4, stalled: Some("no response for 10s".into()), ..good.clone() };
+        assert_eq!(
+            stalled.discard_reason().as_deref(),
+            Some("no response for 10s (4 of 10 responses arrived)")
+        );
+        let slow = LoadReport { achieved_rps: 900.0, ..good };
+        assert!(slow.discard_reason().expect("discarded").starts_with("achieved 900 req/s"));
     }
 }

@@ -1,18 +1,22 @@
 //! The test beds the modes run on: one two-node topology per mode, all up at once so rounds can
-//! interleave them, each with an echo server and a sink in the server pod. The client pod is a1
-//! on node-a and the server pod b1 on node-b, so in the meshed modes both node proxies are on
+//! interleave them, each with an echo server, a sink and the bench's HTTP echo in the server
+//! pod (the L7 modes' beds only the HTTP echo: their policy allows only HTTP). The client pod is
+//! a1 on node-a and the server pod b1 on node-b, so in the meshed modes both node proxies are on
 //! the path.
 
 use std::{
+    io::{BufRead as _, BufReader},
     net::SocketAddr,
-    process::Command,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
-use nodemesh_testbed::{NodeId, Topology, netns, process::place};
+use anyhow::{Context as _, bail};
+use nodemesh_testbed::{NodeId, Topology, manifest::NAMESPACE, netns, process::place};
 
 use super::{
+    http,
+    latency::LoadReport,
     resources::{self, Sample},
     results::Mode,
 };
@@ -21,27 +25,43 @@ use super::{
 pub const ECHO_PORT: u16 = 8080;
 /// pod-app's sink (throughput).
 pub const SINK_PORT: u16 = 9000;
+/// The bench's HTTP echo (`xtask-bench http-echo`, HTTP latency).
+pub const HTTP_PORT: u16 = 8081;
 const CLIENT: &str = "a1";
 const SERVER: &str = "b1";
+/// How long an L7 bed may take until its policy is enforced (10,000 rules to compile and send).
+const POLICY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A mode's topology, started and checked.
 pub struct Bed {
     pub mode: Mode,
     pub topology: Topology,
+    /// The HTTP echo in the server pod (this process's child; ended by PID when the bed goes).
+    http_server: Option<Child>,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.http_server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Bed {
     /// Builds the mode's topology, starts what the mode runs (nothing, standalone mesh-nodes,
-    /// or mesh-control and meshed mesh-nodes) and the servers, and checks the path with one
-    /// verified echo (which, for mTLS, also opens the pooled tunnel).
+    /// or mesh-control and meshed mesh-nodes, with the L7 modes' policy) and the servers, and
+    /// checks the path: one verified echo (which, for mTLS, also opens the pooled tunnel) and
+    /// HTTP requests answered 200; in an L7 mode also a request the policy denies (403), which
+    /// proves the policy is in force.
     pub fn start(mode: Mode, prefix: &str) -> anyhow::Result<Bed> {
-        let name = match mode {
-            Mode::Direct => "direct",
-            Mode::L4 => "l4",
-            Mode::Mtls => "mtls",
-            Mode::MtlsFreshTunnels => "mtls-fresh",
-        };
-        let topology = Topology::build(&format!("{prefix}-{name}"))?;
+        let mut topology = Topology::build(&format!("{prefix}-{}", mode.bed_name()))?;
+        let rules = mode.l7_rules();
+        if rules > 0 {
+            topology.label(SERVER, &format!("app: {}", http::SERVER_APP))?;
+            topology.write_config("bench-l7-policy", &http::policy_yaml(NAMESPACE, rules))?;
+        }
         match mode {
             Mode::Direct => {}
             Mode::L4 => {
@@ -49,7 +69,9 @@ impl Bed {
                     topology.start_node(node)?;
                 }
             }
-            Mode::Mtls => topology.start_meshed(&[])?,
+            Mode::Mtls | Mode::MtlsL7One | Mode::MtlsL7Hundred | Mode::MtlsL7TenThousand => {
+                topology.start_meshed(&[])?;
+            }
             Mode::MtlsFreshTunnels => topology.start_meshed_with(&[], &["--hbone-tunnel-reuse=false"])?,
         }
         for pod in [CLIENT, SERVER] {
@@ -58,12 +80,116 @@ impl Bed {
             netns::sysctl(&topology.netns_name(pod), "net.ipv4.ip_local_port_range", "10000 65000")?;
         }
         netns::sysctl(&topology.netns_name(CLIENT), "net.ipv4.tcp_tw_reuse", "1")?;
-        topology.serve(SERVER, ECHO_PORT)?;
-        topology.sink(SERVER, SINK_PORT)?;
-        let bed = Bed { mode, topology };
-        let check = bed.topology.client(CLIENT, bed.server(ECHO_PORT), 64 * 1024, 2)?;
-        anyhow::ensure!(check.ok, "{}: the path does not work: {:?}", mode.label(), check.errors);
+        let mut bed = Bed { mode, topology, http_server: None };
+        if rules == 0 {
+            bed.topology.serve(SERVER, ECHO_PORT)?;
+            bed.topology.sink(SERVER, SINK_PORT)?;
+            let check = bed.topology.client(CLIENT, bed.server(ECHO_PORT), 64 * 1024, 2)?;
+            anyhow::ensure!(check.ok, "{}: the path does not work: {:?}", mode.label(), check.errors);
+        }
+        if mode != Mode::MtlsFreshTunnels {
+            bed.start_http_server()?;
+            if rules > 0 {
+                bed.wait_for_policy()?;
+            }
+            let check = bed.http_probe(&http::request_path(rules))?;
+            anyhow::ensure!(
+                check.statuses.keys().eq([&200]) && check.completed == check.sent,
+                "{}: HTTP requests to {} are not all answered 200: {:?} {}",
+                mode.label(),
+                http::request_path(rules),
+                check.statuses,
+                check.unexpected.as_deref().unwrap_or_default()
+            );
+        }
         Ok(bed)
+    }
+
+    /// Starts `xtask-bench http-echo` in the server pod (its netns and cgroup, like any app)
+    /// and waits until it listens.
+    fn start_http_server(&mut self) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("locating xtask-bench")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["http-echo", "--port", &HTTP_PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let pod = self.topology.pod(SERVER);
+        place(
+            &mut cmd,
+            &netns::path(&self.topology.netns_name(SERVER)),
+            Some(&self.topology.pod_cgroup(pod)),
+        )?;
+        let mut child = cmd.spawn().context("starting xtask-bench http-echo")?;
+        let stdout = child.stdout.take().context("http-echo's stdout")?;
+        let stderr = child.stderr.take().context("http-echo's stderr")?;
+        self.http_server = Some(child);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if !line.starts_with("LISTENING") {
+            let mut why = String::new();
+            let _ = BufReader::new(stderr).read_line(&mut why);
+            bail!("{}: http-echo did not start: {}", self.mode.label(), why.trim());
+        }
+        // Drain its per-connection errors so it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink()));
+        Ok(())
+    }
+
+    /// Waits until the server pod's node enforces the L7 policy: a request to a path no rule
+    /// allows is refused with 403. (Before the policy arrives every request would be allowed,
+    /// so a 200 alone proves nothing.)
+    fn wait_for_policy(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + POLICY_TIMEOUT;
+        loop {
+            let probe = self.http_probe("/bench/not-allowed")?;
+            if probe.statuses.keys().eq([&403]) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: the L7 policy is not enforced after {POLICY_TIMEOUT:?} (a request no rule allows got {:?}); \
+                     mesh-control's /policies: {}",
+                    self.mode.label(),
+                    probe.statuses,
+                    self.topology.control_admin("/policies").unwrap_or_else(|e| format!("{e:#}"))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Sends a few HTTP requests to `path` from the client pod and returns what came back.
+    pub fn http_probe(&self, path: &str) -> anyhow::Result<LoadReport> {
+        let args = [
+            "load",
+            "--to",
+            &self.server(HTTP_PORT).to_string(),
+            "--rate",
+            "100",
+            "--conns",
+            "1",
+            "--duration-ms",
+            "50",
+            "--http-path",
+            path,
+        ]
+        .map(String::from);
+        self.run_in_client_pod(&args)
+    }
+
+    /// Runs this binary (`xtask-bench <args>`) in the client pod and parses its JSON report.
+    pub fn run_in_client_pod<T: serde::de::DeserializeOwned>(&self, args: &[String]) -> anyhow::Result<T> {
+        let output = self.in_client_pod(args)?.output().context("running xtask-bench in the client pod")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "{}: xtask-bench {} failed: {}",
+            self.mode.label(),
+            args.first().map_or("", String::as_str),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        serde_json::from_slice(&output.stdout)
+            .with_context(|| format!("parsing the report {:?}", String::from_utf8_lossy(&output.stdout)))
     }
 
     /// Returns the client pod's name.

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{
     chart,
-    results::{Meta, ModeSummary, Results, summarize},
+    results::{LatencySummary, Meta, ModeSummary, Results, summarize},
 };
 
 /// A table: a title, a header row, rows of cells, and a note under it.
@@ -132,41 +132,38 @@ pub fn tables(meta: &Meta, summary: &[ModeSummary]) -> Vec<Table> {
         });
     }
 
-    let latency_rows: Vec<Vec<String>> = summary
-        .iter()
-        .flat_map(|m| {
-            m.latency.iter().map(move |l| {
-                vec![
-                    m.mode.label().to_owned(),
-                    l.rate.to_string(),
-                    number(l.p50_us, 0),
-                    number(l.p90_us, 0),
-                    number(l.p99_us, 0),
-                    number(l.p999_us, 0),
-                    if m.mode.has_proxies() { added(l.added_p50_us) } else { "—".into() },
-                    if m.mode.has_proxies() { added(l.added_p99_us) } else { "—".into() },
-                    number(l.cpu_secs_per_1k, 3),
-                    format!("{}/{}", l.runs_kept, l.runs_kept + l.runs_discarded),
-                ]
-            })
-        })
-        .collect();
-    if !latency_rows.is_empty() {
+    if let Some(table) = latency_table(summary, |m| &m.latency, false) {
         tables.push(Table {
             title: format!(
                 "Latency at a fixed rate: {} B requests over {} connections, open loop, µs from each request's \
                  intended send time (median of kept runs)",
                 meta.request_bytes, meta.latency_conns
             ),
-            header: ["mode", "req/s", "p50", "p90", "p99", "p99.9", "added p50", "added p99", "vCPU per 1k req/s", "runs kept"]
-                .map(String::from)
-                .to_vec(),
-            rows: latency_rows,
             note: Some(
                 "A run whose achieved rate is off the target by more than ±2 % is discarded. vCPU per 1k req/s is \
                  both proxies' CPU seconds per 1,000 requests (/proc/<pid>/stat)."
                     .into(),
             ),
+            ..table
+        });
+    }
+    if let Some(table) = latency_table(summary, |m| &m.http_latency, true) {
+        tables.push(Table {
+            title: format!(
+                "HTTP/1.1 latency at a fixed rate: POST of {} B, {} B response, {} keep-alive connections, open \
+                 loop, µs from each request's intended send time (median of kept runs)",
+                meta.http_body_bytes, meta.http_body_bytes, meta.http_conns
+            ),
+            note: Some(
+                "mTLS+L7 (N rules): HBONE mTLS with one ALLOW AuthorizationPolicy of N rules (POST and a \
+                 distinct path prefix each) on the server pod; the requests match only the last rule, so its \
+                 node parses every request and evaluates every rule. The other modes carry the same requests \
+                 as bytes (L4). Every response is checked: 200 and the body echoed. CPU × mTLS: proxy CPU per \
+                 request over HBONE mTLS's at the same rate, same run. Runs discarded as for the raw \
+                 latency, and when a response is not 200 or responses stall (overload)."
+                    .into(),
+            ),
+            ..table
         });
     }
 
@@ -234,6 +231,47 @@ pub fn tables(meta: &Meta, summary: &[ModeSummary]) -> Vec<Table> {
         });
     }
     tables
+}
+
+/// Returns the rows of a fixed-rate latency table (raw or HTTP, picked by `runs`), with a
+/// "CPU × mTLS" column when `vs_mtls`; `None` when no mode has such runs.
+fn latency_table(
+    summary: &[ModeSummary],
+    runs: fn(&ModeSummary) -> &Vec<LatencySummary>,
+    vs_mtls: bool,
+) -> Option<Table> {
+    let rows: Vec<Vec<String>> = summary
+        .iter()
+        .flat_map(|m| {
+            runs(m).iter().map(move |l| {
+                let mut row = vec![
+                    m.mode.label().to_owned(),
+                    l.rate.to_string(),
+                    number(l.p50_us, 0),
+                    number(l.p90_us, 0),
+                    number(l.p99_us, 0),
+                    number(l.p999_us, 0),
+                    if m.mode.has_proxies() { added(l.added_p50_us) } else { "—".into() },
+                    if m.mode.has_proxies() { added(l.added_p99_us) } else { "—".into() },
+                    number(l.cpu_secs_per_1k, 3),
+                ];
+                if vs_mtls {
+                    row.push(ratio(l.cpu_vs_mtls));
+                }
+                row.push(format!("{}/{}", l.runs_kept, l.runs_kept + l.runs_discarded));
+                row
+            })
+        })
+        .collect();
+    let mut header: Vec<String> =
+        ["mode", "req/s", "p50", "p90", "p99", "p99.9", "added p50", "added p99", "vCPU per 1k req/s"]
+            .map(String::from)
+            .to_vec();
+    if vs_mtls {
+        header.push("CPU × mTLS".into());
+    }
+    header.push("runs kept".into());
+    (!rows.is_empty()).then(|| Table { title: String::new(), header, rows, note: None })
 }
 
 /// Formats an integer with thousands separators (`10,000`).
@@ -389,7 +427,9 @@ mod tests {
                     added_p50_us: Some(0.0),
                     added_p99_us: Some(0.0),
                     cpu_secs_per_1k: None,
+                    cpu_vs_mtls: None,
                 }],
+                http_latency: Vec::new(),
                 connect: None,
                 memory: None,
             },
@@ -412,7 +452,9 @@ mod tests {
                     added_p50_us: Some(50.0),
                     added_p99_us: Some(80.0),
                     cpu_secs_per_1k: Some(0.0321),
+                    cpu_vs_mtls: None,
                 }],
+                http_latency: Vec::new(),
                 connect: None,
                 memory: None,
             },
@@ -426,5 +468,59 @@ mod tests {
             ["HBONE mTLS", "1000", "90", "100", "150", "300", "+50", "+80", "0.032", "4/5"]
         );
         assert_eq!(tables[1].rows[0][6], "—", "the baseline adds nothing to itself");
+    }
+
+    #[test]
+    fn the_http_table_has_every_mode_and_cpu_against_mtls() {
+        let http = |rate, cpu, vs| LatencySummary {
+            rate,
+            runs_kept: 5,
+            runs_discarded: 0,
+            p50_us: Some(200.0),
+            p90_us: Some(250.0),
+            p99_us: Some(400.0),
+            p999_us: Some(900.0),
+            added_p50_us: Some(100.0),
+            added_p99_us: Some(150.0),
+            cpu_secs_per_1k: cpu,
+            cpu_vs_mtls: vs,
+        };
+        let mode = |mode, http_latency| ModeSummary {
+            mode,
+            throughput: Vec::new(),
+            latency: Vec::new(),
+            http_latency,
+            connect: None,
+            memory: None,
+        };
+        let summary = [
+            mode(Mode::Direct, vec![http(1000, None, None)]),
+            mode(Mode::Mtls, vec![http(1000, Some(0.1), Some(1.0))]),
+            mode(Mode::MtlsL7TenThousand, vec![http(1000, Some(0.25), Some(2.5)), http(5000, None, None)]),
+        ];
+        let meta = Meta { rounds: 5, http_body_bytes: 1024, http_conns: 16, ..Meta::default() };
+        let tables = tables(&meta, &summary);
+        assert_eq!(tables.len(), 1, "HTTP runs only: one table");
+        let table = &tables[0];
+        assert!(table.title.starts_with("HTTP/1.1 latency") && table.title.contains("16 keep-alive"));
+        assert_eq!(table.header[9], "CPU × mTLS");
+        assert_eq!(
+            table.rows[2],
+            [
+                "mTLS+L7 (10,000 rules)",
+                "1000",
+                "200",
+                "250",
+                "400",
+                "900",
+                "+100",
+                "+150",
+                "0.250",
+                "2.50×",
+                "5/5"
+            ]
+        );
+        assert_eq!(table.rows[3][8..], ["—", "—", "5/5"], "nothing to compare");
+        assert_eq!(table.rows[0][6], "—");
     }
 }

@@ -18,6 +18,16 @@ pub enum Mode {
     /// Like [`Mode::Mtls`] with `--hbone-tunnel-reuse=false`: a new mTLS tunnel per connection.
     /// Only the connection-setup measurement uses it.
     MtlsFreshTunnels,
+    /// Like [`Mode::Mtls`] with an ALLOW AuthorizationPolicy of 1 HTTP rule on the server pod:
+    /// its node parses every request and checks it. Only the HTTP measurements use the L7 modes.
+    #[serde(rename = "mtls-l7-1")]
+    MtlsL7One,
+    /// The same with 100 rules, the requests allowed only by the last.
+    #[serde(rename = "mtls-l7-100")]
+    MtlsL7Hundred,
+    /// The same with 10,000 rules, the requests allowed only by the last.
+    #[serde(rename = "mtls-l7-10000")]
+    MtlsL7TenThousand,
 }
 
 impl Mode {
@@ -25,13 +35,55 @@ impl Mode {
     /// the baseline. A peer (e.g. Envoy as the node proxy) is added here and in `modes.rs`.
     pub const COMPARED: [Mode; 3] = [Mode::Direct, Mode::L4, Mode::Mtls];
 
-    /// Returns the short name used in tables and charts.
+    /// The L7 modes, which only the HTTP latency measurement runs (beside [`Mode::COMPARED`]).
+    pub const L7: [Mode; 3] = [Mode::MtlsL7One, Mode::MtlsL7Hundred, Mode::MtlsL7TenThousand];
+
+    /// Returns the short name used in tables.
     pub fn label(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
             Mode::L4 => "L4 plaintext",
             Mode::Mtls => "HBONE mTLS",
             Mode::MtlsFreshTunnels => "mTLS, new tunnel each",
+            Mode::MtlsL7One => "mTLS+L7 (1 rule)",
+            Mode::MtlsL7Hundred => "mTLS+L7 (100 rules)",
+            Mode::MtlsL7TenThousand => "mTLS+L7 (10,000 rules)",
+        }
+    }
+
+    /// Returns a shorter name, for the chart's axes.
+    pub fn short_label(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::L4 => "L4",
+            Mode::Mtls => "mTLS",
+            Mode::MtlsFreshTunnels => "mTLS new",
+            Mode::MtlsL7One => "L7 ×1",
+            Mode::MtlsL7Hundred => "L7 ×100",
+            Mode::MtlsL7TenThousand => "L7 ×10k",
+        }
+    }
+
+    /// Returns the name of the mode's test bed (part of its network namespaces' names).
+    pub fn bed_name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::L4 => "l4",
+            Mode::Mtls => "mtls",
+            Mode::MtlsFreshTunnels => "mtls-fresh",
+            Mode::MtlsL7One => "mtls-l7-1",
+            Mode::MtlsL7Hundred => "mtls-l7-100",
+            Mode::MtlsL7TenThousand => "mtls-l7-10000",
+        }
+    }
+
+    /// Returns how many HTTP rules the server pod's policy has (0: no policy, traffic stays L4).
+    pub fn l7_rules(self) -> u32 {
+        match self {
+            Mode::MtlsL7One => 1,
+            Mode::MtlsL7Hundred => 100,
+            Mode::MtlsL7TenThousand => 10_000,
+            Mode::Direct | Mode::L4 | Mode::Mtls | Mode::MtlsFreshTunnels => 0,
         }
     }
 
@@ -49,7 +101,11 @@ impl Mode {
         let per_process = match self {
             Mode::L4 => 2 * conns,
             Mode::Direct => conns,
-            Mode::Mtls | Mode::MtlsFreshTunnels => conns + conns.div_ceil(100),
+            Mode::Mtls
+            | Mode::MtlsFreshTunnels
+            | Mode::MtlsL7One
+            | Mode::MtlsL7Hundred
+            | Mode::MtlsL7TenThousand => conns + conns.div_ceil(100),
         };
         per_process + 1024
     }
@@ -82,6 +138,11 @@ pub struct Meta {
     pub request_bytes: usize,
     pub connect_secs: f64,
     pub connect_workers: u32,
+    /// HTTP latency: request (and response) body bytes and keep-alive connections.
+    #[serde(default)]
+    pub http_body_bytes: usize,
+    #[serde(default)]
+    pub http_conns: u32,
     /// Things the reader should know (limits hit, steps skipped).
     pub notes: Vec<String>,
 }
@@ -97,6 +158,7 @@ pub struct ThroughputRun {
     pub gbit_per_s: f64,
 }
 
+/// One fixed-rate run, raw or HTTP (the report says which wire: `statuses` is set for HTTP).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LatencyRun {
     pub mode: Mode,
@@ -104,7 +166,8 @@ pub struct LatencyRun {
     pub report: LoadReport,
     /// CPU seconds both proxies used during the run.
     pub proxy_cpu_secs: Option<f64>,
-    /// Why the run is not counted (the rate was missed), if it is not.
+    /// Why the run is not counted (the rate was missed, it stalled, a response was not 200), if
+    /// it is not.
     pub discarded: Option<String>,
 }
 
@@ -142,6 +205,9 @@ pub struct Results {
     pub meta: Meta,
     pub throughput: Vec<ThroughputRun>,
     pub latency: Vec<LatencyRun>,
+    /// The HTTP/1.1 workload at fixed rates, in every mode (L7 modes included).
+    #[serde(default)]
+    pub http_latency: Vec<LatencyRun>,
     pub connect: Vec<ConnectRun>,
     pub memory: Vec<MemoryRun>,
 }
@@ -185,6 +251,9 @@ pub struct LatencySummary {
     pub added_p99_us: Option<f64>,
     /// Both proxies' CPU seconds per 1,000 requests, which is also vCPU per 1,000 requests/s.
     pub cpu_secs_per_1k: Option<f64>,
+    /// That CPU over HBONE mTLS's at the same rate in the same run (L7 policy against L4 only).
+    #[serde(default)]
+    pub cpu_vs_mtls: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -209,6 +278,9 @@ pub struct ModeSummary {
     pub mode: Mode,
     pub throughput: Vec<ThroughputSummary>,
     pub latency: Vec<LatencySummary>,
+    /// The HTTP/1.1 workload (same shape as `latency`).
+    #[serde(default)]
+    pub http_latency: Vec<LatencySummary>,
     pub connect: Option<ConnectSummary>,
     pub memory: Option<MemorySummary>,
 }
@@ -222,6 +294,7 @@ pub fn summarize(results: &Results) -> Vec<ModeSummary> {
         .iter()
         .map(|r| r.mode)
         .chain(results.latency.iter().map(|r| r.mode))
+        .chain(results.http_latency.iter().map(|r| r.mode))
         .chain(results.connect.iter().map(|r| r.mode))
         .chain(results.memory.iter().map(|r| r.mode))
         .collect();
@@ -231,9 +304,6 @@ pub fn summarize(results: &Results) -> Vec<ModeSummary> {
     let mut streams: Vec<u32> = results.throughput.iter().map(|r| r.streams).collect();
     streams.sort();
     streams.dedup();
-    let mut rates: Vec<u32> = results.latency.iter().map(|r| r.report.target_rps).collect();
-    rates.sort();
-    rates.dedup();
 
     let throughput_of = |mode: Mode, n: u32| -> (usize, Option<f64>) {
         let values: Vec<f64> = results
@@ -243,16 +313,6 @@ pub fn summarize(results: &Results) -> Vec<ModeSummary> {
             .map(|r| r.gbit_per_s)
             .collect();
         (values.len(), median(&values))
-    };
-    let kept = |mode: Mode, rate: u32| -> Vec<&LatencyRun> {
-        results
-            .latency
-            .iter()
-            .filter(|r| r.mode == mode && r.report.target_rps == rate && r.discarded.is_none())
-            .collect()
-    };
-    let latency_median = |runs: &[&LatencyRun], pick: fn(&LoadReport) -> f64| -> Option<f64> {
-        median(&runs.iter().map(|r| pick(&r.report)).collect::<Vec<_>>())
     };
     let connect_of = |mode: Mode| -> Vec<&ConnectReport> {
         // A run in which connections failed is not a rate of working connections.
@@ -273,37 +333,8 @@ pub fn summarize(results: &Results) -> Vec<ModeSummary> {
                     ThroughputSummary { streams: n, runs, gbit_per_s: gbit, ratio }
                 })
                 .collect();
-            let latency = rates
-                .iter()
-                .filter(|rate| {
-                    results.latency.iter().any(|r| r.mode == mode && r.report.target_rps == **rate)
-                })
-                .map(|&rate| {
-                    let runs = kept(mode, rate);
-                    let base = kept(Mode::Direct, rate);
-                    let all =
-                        results.latency.iter().filter(|r| r.mode == mode && r.report.target_rps == rate);
-                    let p50 = latency_median(&runs, |r| r.p50_us);
-                    let p99 = latency_median(&runs, |r| r.p99_us);
-                    let cpu: Vec<f64> = runs
-                        .iter()
-                        .filter(|r| r.report.completed > 0)
-                        .filter_map(|r| r.proxy_cpu_secs.map(|cpu| cpu * 1000.0 / r.report.completed as f64))
-                        .collect();
-                    LatencySummary {
-                        rate,
-                        runs_kept: runs.len(),
-                        runs_discarded: all.count() - runs.len(),
-                        p50_us: p50,
-                        p90_us: latency_median(&runs, |r| r.p90_us),
-                        p99_us: p99,
-                        p999_us: latency_median(&runs, |r| r.p999_us),
-                        added_p50_us: p50.zip(latency_median(&base, |r| r.p50_us)).map(|(m, b)| m - b),
-                        added_p99_us: p99.zip(latency_median(&base, |r| r.p99_us)).map(|(m, b)| m - b),
-                        cpu_secs_per_1k: median(&cpu),
-                    }
-                })
-                .collect();
+            let latency = latency_summaries(&results.latency, mode);
+            let http_latency = latency_summaries(&results.http_latency, mode);
             let runs = connect_of(mode);
             let connect = (!runs.is_empty()).then(|| {
                 let per_second = median(&runs.iter().map(|r| r.per_second).collect::<Vec<_>>());
@@ -331,7 +362,59 @@ pub fn summarize(results: &Results) -> Vec<ModeSummary> {
                         .collect(),
                 }
             });
-            ModeSummary { mode, throughput, latency, connect, memory }
+            ModeSummary { mode, throughput, latency, http_latency, connect, memory }
+        })
+        .collect()
+}
+
+/// Returns `mode`'s summary of fixed-rate runs, one per rate it ran at: medians of the kept
+/// runs, added latency against direct's medians, CPU per 1,000 requests and against HBONE
+/// mTLS's, all from the same `runs`.
+fn latency_summaries(runs: &[LatencyRun], mode: Mode) -> Vec<LatencySummary> {
+    let mut rates: Vec<u32> = runs.iter().filter(|r| r.mode == mode).map(|r| r.report.target_rps).collect();
+    rates.sort();
+    rates.dedup();
+    let kept = |mode: Mode, rate: u32| -> Vec<&LatencyRun> {
+        runs.iter()
+            .filter(|r| r.mode == mode && r.report.target_rps == rate && r.discarded.is_none())
+            .collect()
+    };
+    let pick = |runs: &[&LatencyRun], field: fn(&LoadReport) -> f64| -> Option<f64> {
+        median(&runs.iter().map(|r| field(&r.report)).collect::<Vec<_>>())
+    };
+    let cpu = |runs: &[&LatencyRun]| -> Option<f64> {
+        let per_1k: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.report.completed > 0)
+            .filter_map(|r| r.proxy_cpu_secs.map(|cpu| cpu * 1000.0 / r.report.completed as f64))
+            .collect();
+        median(&per_1k)
+    };
+    rates
+        .into_iter()
+        .map(|rate| {
+            let mine = kept(mode, rate);
+            let base = kept(Mode::Direct, rate);
+            let all = runs.iter().filter(|r| r.mode == mode && r.report.target_rps == rate).count();
+            let p50 = pick(&mine, |r| r.p50_us);
+            let p99 = pick(&mine, |r| r.p99_us);
+            let cpu_secs_per_1k = cpu(&mine);
+            LatencySummary {
+                rate,
+                runs_kept: mine.len(),
+                runs_discarded: all - mine.len(),
+                p50_us: p50,
+                p90_us: pick(&mine, |r| r.p90_us),
+                p99_us: p99,
+                p999_us: pick(&mine, |r| r.p999_us),
+                added_p50_us: p50.zip(pick(&base, |r| r.p50_us)).map(|(m, b)| m - b),
+                added_p99_us: p99.zip(pick(&base, |r| r.p99_us)).map(|(m, b)| m - b),
+                cpu_secs_per_1k,
+                cpu_vs_mtls: cpu_secs_per_1k
+                    .zip(cpu(&kept(Mode::Mtls, rate)))
+                    .filter(|(_, m)| *m > 0.0)
+                    .map(|(c, m)| c / m),
+            }
         })
         .collect()
 }
@@ -444,5 +527,47 @@ mod tests {
         let memory = mtls.memory.as_ref().expect("memory");
         assert_eq!(memory.idle_mib, 8.0);
         assert_eq!(memory.held, [(1000, Some(30.0), Some(20.0))]);
+    }
+
+    #[test]
+    fn http_runs_are_summarized_apart_and_l7_cpu_is_against_mtls_in_the_same_run() {
+        let results = Results {
+            latency: vec![
+                lat(Mode::Direct, 10.0, 20.0, None, false),
+                lat(Mode::Mtls, 900.0, 900.0, Some(9.0), false),
+            ],
+            http_latency: vec![
+                lat(Mode::Direct, 60.0, 100.0, None, false),
+                lat(Mode::Mtls, 150.0, 300.0, Some(1.0), false),
+                lat(Mode::MtlsL7One, 200.0, 400.0, Some(1.5), false),
+                lat(Mode::MtlsL7TenThousand, 5_000.0, 9_000.0, Some(20.0), true),
+            ],
+            ..Results::default()
+        };
+        let summary = summarize(&results);
+        let of = |mode: Mode| summary.iter().find(|s| s.mode == mode).expect("mode");
+        assert_eq!(of(Mode::Mtls).latency[0].p50_us, Some(900.0), "raw runs stay raw");
+        let mtls = &of(Mode::Mtls).http_latency[0];
+        assert_eq!((mtls.p50_us, mtls.added_p50_us), (Some(150.0), Some(90.0)), "against direct's HTTP runs");
+        assert_eq!(mtls.cpu_vs_mtls, Some(1.0));
+        let l7 = &of(Mode::MtlsL7One).http_latency[0];
+        assert_eq!(l7.added_p99_us, Some(300.0));
+        assert!((l7.cpu_vs_mtls.expect("ratio") - 1.5).abs() < 1e-12);
+        assert!(of(Mode::MtlsL7One).latency.is_empty(), "L7 modes run HTTP only");
+        let overloaded = &of(Mode::MtlsL7TenThousand).http_latency[0];
+        assert_eq!((overloaded.runs_kept, overloaded.p50_us, overloaded.cpu_vs_mtls), (0, None, None));
+        assert_eq!(of(Mode::Direct).http_latency[0].cpu_vs_mtls, None);
+    }
+
+    #[test]
+    fn runs_saved_before_the_http_measurement_still_load() {
+        let old = r#"{"meta":{"started":"2026-11-23T11:11:32Z","smoke":false,"rounds":1,"release":true,
+            "machine":{"nproc":2,"kernel":"6","cpu_model":"x","fd_limit":1},"throughput_secs":5.0,
+            "latency_secs":10.0,"latency_conns":16,"request_bytes":1024,"connect_secs":3.0,
+            "connect_workers":8,"notes":[]},"throughput":[],"latency":[],"connect":[],"memory":[]}"#;
+        let results: Results = serde_json::from_str(old).expect("an old run parses");
+        assert!(results.http_latency.is_empty());
+        let modes: Vec<String> = Mode::L7.iter().map(|m| serde_json::to_string(m).unwrap()).collect();
+        assert_eq!(modes, ["\"mtls-l7-1\"", "\"mtls-l7-100\"", "\"mtls-l7-10000\""]);
     }
 }

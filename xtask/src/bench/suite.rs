@@ -1,6 +1,6 @@
 //! The bench run itself (`xtask-bench run`): starts a test bed per mode, runs every measurement
-//! round after round with the modes interleaved (direct, L4, mTLS, direct, L4, mTLS, …), then
-//! the memory measurements, and writes the report.
+//! round after round with the modes interleaved (direct, L4, mTLS, direct, L4, mTLS, …; the
+//! HTTP latency also through the L7 modes), then the memory measurements, and writes the report.
 
 use std::{
     io::{BufRead as _, BufReader, IsTerminal as _},
@@ -13,8 +13,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{
     connections::ConnectReport,
+    http,
     latency::LoadReport,
-    modes::{Bed, ECHO_PORT},
+    modes::{Bed, ECHO_PORT, HTTP_PORT},
     report, resources,
     results::{ConnectRun, Held, LatencyRun, Machine, MemoryRun, Meta, Mode, Results, summarize},
     throughput,
@@ -28,6 +29,9 @@ pub struct Options {
     pub smoke: bool,
     /// Rounds (runs per mode of each measurement); the default is 5, or 1 for a smoke run.
     pub rounds: Option<u32>,
+    /// Only the HTTP latency (every mode, L7 included) and the proxies' idle memory: skips
+    /// throughput, raw latency, connection setup and held connections.
+    pub http_only: bool,
 }
 
 /// How long and how hard each measurement runs.
@@ -40,6 +44,11 @@ struct Plan {
     rates: Vec<u32>,
     latency_conns: u32,
     request_bytes: usize,
+    http_rates: Vec<u32>,
+    http_conns: u32,
+    http_body_bytes: usize,
+    /// The L7 modes to start beds for (they run the HTTP latency only).
+    l7_modes: Vec<Mode>,
     connect: Duration,
     connect_workers: u32,
     /// Cap on connections per connection-rate run (TIME_WAIT sockets pile up otherwise).
@@ -49,6 +58,15 @@ struct Plan {
 
 impl Plan {
     fn new(options: Options) -> Plan {
+        let plan = Plan::sized(options);
+        if options.http_only {
+            Plan { streams: Vec::new(), rates: Vec::new(), held: Vec::new(), ..plan }
+        } else {
+            plan
+        }
+    }
+
+    fn sized(options: Options) -> Plan {
         if options.smoke {
             Plan {
                 rounds: options.rounds.unwrap_or(1),
@@ -58,6 +76,11 @@ impl Plan {
                 rates: vec![1000],
                 latency_conns: 16,
                 request_bytes: 1024,
+                http_rates: vec![1000],
+                http_conns: 16,
+                http_body_bytes: 1024,
+                // 10,000 rules take a while to load and to evaluate in a debug build.
+                l7_modes: vec![Mode::MtlsL7One, Mode::MtlsL7Hundred],
                 connect: Duration::from_millis(500),
                 connect_workers: 8,
                 connect_max: 2000,
@@ -72,6 +95,10 @@ impl Plan {
                 rates: vec![1000, 5000],
                 latency_conns: 16,
                 request_bytes: 1024,
+                http_rates: vec![1000, 5000],
+                http_conns: 16,
+                http_body_bytes: 1024,
+                l7_modes: Mode::L7.to_vec(),
                 connect: Duration::from_secs(3),
                 connect_workers: 8,
                 connect_max: 8000,
@@ -80,10 +107,27 @@ impl Plan {
         }
     }
 
-    /// The measurements each round runs, for the progress bar.
+    /// Whether the connection-setup measurement (and its fresh-tunnel bed) runs.
+    fn connects(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// The modes the HTTP latency runs in, in the order each round runs them.
+    fn http_modes(&self) -> Vec<Mode> {
+        Mode::COMPARED.iter().chain(&self.l7_modes).copied().collect()
+    }
+
+    /// The measurements the run makes, for the progress bar.
     fn steps(&self, modes: usize) -> u64 {
-        let per_round = (self.streams.len() + self.rates.len()) * modes + modes + 1;
-        (u64::from(self.rounds) * per_round as u64) + (modes as u64 + 1) + (self.held.len() * 2) as u64 + 1
+        let http = self.http_rates.len() * self.http_modes().len();
+        let connect = if self.connects() { modes + 1 } else { 0 };
+        let per_round = (self.streams.len() + self.rates.len()) * modes + http + connect;
+        let beds = modes + usize::from(self.connects()) + self.l7_modes.len();
+        (u64::from(self.rounds) * per_round as u64)
+            + beds as u64
+            + (self.held.len() * (modes - 1)) as u64
+            + self.l7_modes.len() as u64
+            + 1
     }
 }
 
@@ -161,49 +205,63 @@ fn now_unix() -> u64 {
 
 /// Runs a subcommand of this binary in the bed's client pod and parses its JSON report.
 fn in_pod<T: serde::de::DeserializeOwned>(bed: &Bed, args: &[String]) -> anyhow::Result<T> {
-    let output = bed.in_client_pod(args)?.output().context("running xtask-bench in the client pod")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "{}: xtask-bench {} failed: {}",
-        bed.mode.label(),
-        args.first().map_or("", String::as_str),
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    serde_json::from_slice(&output.stdout)
-        .with_context(|| format!("parsing the report {:?}", String::from_utf8_lossy(&output.stdout)))
+    bed.run_in_client_pod(args)
 }
 
-fn latency_run(bed: &Bed, plan: &Plan, round: u32, rate: u32) -> anyhow::Result<LatencyRun> {
-    let args: Vec<String> = [
+/// The two workloads of the fixed-rate latency measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    /// Raw bytes to pod-app's echo.
+    Raw,
+    /// HTTP/1.1 POSTs to the bench's HTTP echo, at the path only the last L7 rule allows.
+    Http,
+}
+
+/// Runs the load generator once in the bed at `rate` and reads the proxies' CPU around it. A
+/// run that stalled, lost responses, got a status other than 200 or missed its rate is kept as
+/// discarded (with the reason); a smoke run fails on anything but a missed rate.
+fn latency_run(
+    bed: &Bed,
+    plan: &Plan,
+    round: u32,
+    rate: u32,
+    wire: Wire,
+    smoke: bool,
+) -> anyhow::Result<LatencyRun> {
+    let (port, conns, size) = match wire {
+        Wire::Raw => (ECHO_PORT, plan.latency_conns, plan.request_bytes),
+        Wire::Http => (HTTP_PORT, plan.http_conns, plan.http_body_bytes),
+    };
+    let duration = plan.latency;
+    let mut args: Vec<String> = [
         "load".into(),
         "--to".into(),
-        bed.server(ECHO_PORT).to_string(),
+        bed.server(port).to_string(),
         "--rate".into(),
         rate.to_string(),
         "--conns".into(),
-        plan.latency_conns.to_string(),
+        conns.to_string(),
         "--duration-ms".into(),
-        plan.latency.as_millis().to_string(),
+        duration.as_millis().to_string(),
         "--size".into(),
-        plan.request_bytes.to_string(),
+        size.to_string(),
     ]
     .to_vec();
+    if wire == Wire::Http {
+        args.extend(["--http-path".into(), http::request_path(bed.mode.l7_rules())]);
+    }
     bed.settle(Duration::from_secs(2));
     let before = bed.sample_proxies()?;
     let report: LoadReport = in_pod(bed, &args)?;
     let after = bed.sample_proxies()?;
-    anyhow::ensure!(
-        report.completed == report.sent && report.sent > 0,
-        "{}: {} of {} responses arrived",
-        bed.mode.label(),
-        report.completed,
-        report.sent
-    );
+    let discarded = report.discard_reason();
+    if smoke && discarded.is_some() && discarded != report.rate_miss() {
+        bail!("{} at {rate} req/s ({wire:?}): {}", bed.mode.label(), discarded.unwrap_or_default());
+    }
     let proxy_cpu_secs = bed
         .mode
         .has_proxies()
         .then(|| resources::cpu_between(&before, &after, resources::ticks_per_second()).as_secs_f64());
-    let discarded = report.rate_miss();
     Ok(LatencyRun { mode: bed.mode, round, report, proxy_cpu_secs, discarded })
 }
 
@@ -321,6 +379,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             request_bytes: plan.request_bytes,
             connect_secs: plan.connect.as_secs_f64(),
             connect_workers: plan.connect_workers,
+            http_body_bytes: plan.http_body_bytes,
+            http_conns: plan.http_conns,
             notes: Vec::new(),
         },
         ..Results::default()
@@ -331,20 +391,29 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             .notes
             .push(format!("only {} rounds: medians of fewer than 5 runs are rough", plan.rounds));
     }
+    if options.http_only {
+        results.meta.notes.push(
+            "--http-only: HTTP latency and idle memory only (no throughput, raw latency, connection setup or \
+             held connections)"
+                .into(),
+        );
+    }
     let prefix = if options.smoke { "bench-smoke" } else { "bench" };
     let _lock = lock(prefix)?;
     let compared = Mode::COMPARED;
+    let http_modes = plan.http_modes();
     let mut progress = Progress::new(plan.steps(compared.len()));
 
     let mut beds = Vec::new();
-    for mode in compared.iter().copied().chain([Mode::MtlsFreshTunnels]) {
+    let fresh = plan.connects().then_some(Mode::MtlsFreshTunnels);
+    for mode in compared.iter().copied().chain(fresh).chain(plan.l7_modes.iter().copied()) {
         progress.start(&format!("starting the {} test bed", mode.label()));
         beds.push(
             Bed::start(mode, prefix).with_context(|| format!("starting the {} test bed", mode.label()))?,
         );
         progress.finish_one();
     }
-    // Right after start-up, before any measurement traffic (the check's one echo aside).
+    // Right after start-up, before any measurement traffic (the checks' few requests aside).
     let idle: Vec<(Mode, u64)> = beds
         .iter()
         .filter(|b| b.mode.has_proxies())
@@ -361,18 +430,32 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                 progress.finish_one();
             }
         }
-        for &rate in &plan.rates {
-            for &mode in &compared {
-                progress.start(&format!("round {r}: latency at {rate} req/s, {}", mode.label()));
-                let run = latency_run(bed(mode)?, &plan, round, rate)?;
-                if let Some(why) = &run.discarded {
-                    progress.say(&format!("round {r}, {} at {rate} req/s discarded: {why}", mode.label()));
+        for (wire, rates, modes) in [
+            (Wire::Raw, &plan.rates, compared.as_slice()),
+            (Wire::Http, &plan.http_rates, http_modes.as_slice()),
+        ] {
+            let what = if wire == Wire::Http { "HTTP latency" } else { "latency" };
+            for &rate in rates {
+                for &mode in modes {
+                    progress.start(&format!("round {r}: {what} at {rate} req/s, {}", mode.label()));
+                    let run = latency_run(bed(mode)?, &plan, round, rate, wire, options.smoke)?;
+                    if let Some(why) = &run.discarded {
+                        let line =
+                            format!("round {r}, {what}, {} at {rate} req/s discarded: {why}", mode.label());
+                        progress.say(&line);
+                        if run.report.wrong_status().is_some() || run.report.stalled.is_some() {
+                            results.meta.notes.push(line);
+                        }
+                    }
+                    match wire {
+                        Wire::Raw => results.latency.push(run),
+                        Wire::Http => results.http_latency.push(run),
+                    }
+                    progress.finish_one();
                 }
-                results.latency.push(run);
-                progress.finish_one();
             }
         }
-        for mode in compared.iter().copied().chain([Mode::MtlsFreshTunnels]) {
+        for mode in compared.iter().copied().chain(fresh) {
             progress.start(&format!("round {r}: new connections per second, {}", mode.label()));
             let run = connect_run(bed(mode)?, &plan, round)?;
             if run.report.failed > 0 {
@@ -392,12 +475,15 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         }
     }
 
-    for &mode in compared.iter().filter(|m| m.has_proxies()) {
+    // Memory: every mode with proxies after the runs; the L7 modes hold no connections (their
+    // policy allows only HTTP), so they show what the policy itself costs at rest.
+    for &mode in compared.iter().chain(&plan.l7_modes).filter(|m| m.has_proxies()) {
         let bed = bed(mode)?;
         bed.settle(Duration::from_secs(3));
         let before_hold_kib = bed.sample_proxies()?.iter().map(|s| s.rss_kib).sum();
         let mut held = Vec::new();
-        for &conns in &plan.held {
+        let to_hold = if mode.l7_rules() > 0 { &[][..] } else { plan.held.as_slice() };
+        for &conns in to_hold {
             progress.start(&format!(
                 "memory with {} open connections, {}",
                 report::thousands(conns.into()),
@@ -419,6 +505,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                     .with_context(|| format!("{}: holding {conns} connections", mode.label()))?;
                 held.push(Held { conns, rss_kib: Some(rss), skipped: None });
             }
+            progress.finish_one();
+        }
+        if mode.l7_rules() > 0 {
+            progress.start(&format!("memory at rest, {}", mode.label()));
             progress.finish_one();
         }
         let idle_kib = idle.iter().find(|(m, _)| *m == mode).map_or(0, |(_, kib)| *kib);

@@ -1,14 +1,15 @@
 //! The bench harness, run by `cargo xtask bench` once everything it needs is built (it finds
 //! the binaries through `MESH_NODE_BIN`, `MESH_CONTROL_BIN`, `POD_APP_BIN` and
 //! `NODEMESH_BPF_OBJECT`). `run` is the bench and `scale` the control plane at scale; the hidden
-//! subcommands are the clients it starts inside the client pod.
+//! subcommands are the clients it starts inside the client pod and the HTTP server it starts in
+//! the server pod.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 
 use clap::{Parser, Subcommand};
-use xtask::bench::{chart, connections, latency, report, resources, results, scale, suite};
+use xtask::bench::{chart, connections, http, latency, report, resources, results, scale, suite};
 
 #[derive(Debug, Parser)]
 #[command(name = "xtask-bench", about = "nodemesh benchmarks (run through `cargo xtask bench`)")]
@@ -27,6 +28,9 @@ enum Cmd {
         /// Runs per mode of each measurement (default 5; 1 with --smoke).
         #[arg(long)]
         rounds: Option<u32>,
+        /// Only the HTTP latency (direct, L4, mTLS and the L7 modes) and idle memory.
+        #[arg(long)]
+        http_only: bool,
     },
     /// Measures mesh-control at scale: convergence and memory with 100 simulated nodes.
     Scale {
@@ -42,7 +46,8 @@ enum Cmd {
         #[arg(long)]
         svg: Option<PathBuf>,
     },
-    /// Open-loop load at a fixed rate against pod-app's echo; prints a JSON report.
+    /// Open-loop load at a fixed rate against pod-app's echo (or, with --http-path, HTTP/1.1
+    /// POSTs to `http-echo`); prints a JSON report.
     #[command(hide = true)]
     Load {
         #[arg(long)]
@@ -53,8 +58,18 @@ enum Cmd {
         conns: u32,
         #[arg(long)]
         duration_ms: u64,
+        /// Request size in bytes (the body's, over HTTP).
         #[arg(long, default_value_t = 1024)]
         size: usize,
+        /// Speak HTTP/1.1: keep-alive POSTs to this path.
+        #[arg(long)]
+        http_path: Option<String>,
+    },
+    /// HTTP/1.1 server answering every request 200 with its own body; prints `LISTENING`.
+    #[command(hide = true)]
+    HttpEcho {
+        #[arg(long)]
+        port: u16,
     },
     /// New connections back to back against pod-app's echo; prints a JSON report.
     #[command(hide = true)]
@@ -80,16 +95,19 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
-        Cmd::Run { smoke, rounds } => suite::run(suite::Options { smoke, rounds }),
+        Cmd::Run { smoke, rounds, http_only } => suite::run(suite::Options { smoke, rounds, http_only }),
         Cmd::Scale { smoke } => scale::run::run(smoke),
         Cmd::Render { json, svg } => render(&json, svg.as_deref()),
-        Cmd::Load { to, rate, conns, duration_ms, size } => {
-            let spec =
-                latency::LoadSpec { to, rate, conns, duration: Duration::from_millis(duration_ms), size };
+        Cmd::Load { to, rate, conns, duration_ms, size, http_path } => {
+            let duration = Duration::from_millis(duration_ms);
+            let spec = latency::LoadSpec { to, rate, conns, duration, size, http_path };
             latency::run(spec)
                 .and_then(|report| Ok(serde_json::to_string(&report)?))
                 .map(|json| println!("{json}"))
         }
+        Cmd::HttpEcho { port } => std::net::TcpListener::bind(("0.0.0.0", port))
+            .with_context(|| format!("listening on port {port}"))
+            .and_then(http::serve),
         Cmd::Connect { to, workers, duration_ms, max } => {
             let report = connections::rate(to, workers, Duration::from_millis(duration_ms), max);
             serde_json::to_string(&report).map(|json| println!("{json}")).map_err(Into::into)
