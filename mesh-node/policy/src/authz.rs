@@ -1,43 +1,64 @@
-//! Authorization with Istio's AuthorizationPolicy semantics, as pure functions.
+//! Authorization: Istio's AuthorizationPolicy semantics, decided per connection and per request.
 //!
-//! Order: any matching DENY denies; then, if no ALLOW policy applies, allow; if one matches,
-//! allow; otherwise deny. AUDIT policies never change the verdict and are only reported. A
-//! policy matches when any rule does; a rule when its `from`, `to` and `when` all do (each list
-//! ORs its entries, each entry ANDs its fields, each field ORs its values, `not*` fields match
-//! when the value is none of them).
+//! Order: any matching DENY denies; else, with no ALLOW policies, allow; else any matching ALLOW
+//! allows; else deny. AUDIT policies are only reported. A policy matches when any rule does; a
+//! rule when its `from`, `to` and `when` all do (each list ORs its entries, each entry ANDs its
+//! fields, each field ORs its values; `not*` fields match when the value is none of them).
 //!
-//! Connections are decided before any request is seen: rules with HTTP conditions are then
-//! deferred to each request when the connection is HTTP, and fail closed when it is not (a DENY
-//! rule's L4 part alone denies, an ALLOW rule with HTTP conditions never allows).
+//! The caller passes the policies that apply to the destination workload (by scope and
+//! selector); this module never looks them up. Where an attribute cannot be known (a plaintext
+//! peer has no principal; a connection not parsed as HTTP has no path) the answer fails closed:
+//! ALLOW rules that need it do not match and DENY rules that need it do.
 
+mod compile;
+mod eval;
+mod normalize;
 mod pattern;
+#[cfg(test)]
+mod tests;
 
-use std::net::IpAddr;
+use std::{fmt, net::IpAddr};
 
-use mesh_api::workload::v1::{
-    Authorization, AuthorizationAction, AuthorizationCondition, AuthorizationOperation, AuthorizationScope,
-    AuthorizationSource,
-};
-use pattern::{IpBlock, Pattern, PatternError};
+use http::HeaderName;
+use mesh_api::workload::v1::Authorization;
 use serde::Serialize;
 
-use crate::{PolicyError, is_method, object_key};
+pub use normalize::normalize_path;
+use pattern::{IpBlock, Pattern};
 
+use crate::PolicyError;
+
+/// What a policy does when it matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Action {
     Allow,
     Deny,
+    /// Reported in [`Decision::audited`]; never changes the verdict.
     Audit,
 }
 
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Allow => "ALLOW",
+            Self::Deny => "DENY",
+            Self::Audit => "AUDIT",
+        })
+    }
+}
+
+/// Which workloads a policy applies to; the caller uses it to pick the policies it passes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Scope {
+    /// The workloads whose `authorization_policies` list the policy.
     WorkloadSelector,
+    /// Every workload of the policy's namespace.
     Namespace,
+    /// Every workload of the mesh (a policy without selector in the root namespace).
     Global,
 }
 
-/// A compiled policy.
+/// A compiled AuthorizationPolicy: patterns parsed and CIDRs built once, so checks parse nothing.
 #[derive(Clone, Debug)]
 pub struct Policy {
     key: String,
@@ -54,6 +75,7 @@ struct Rule {
     when: Vec<Condition>,
 }
 
+/// Empty lists are not checked, so an empty source matches any peer.
 #[derive(Clone, Debug, Default)]
 struct Source {
     principals: Vec<Pattern>,
@@ -72,6 +94,7 @@ struct Operation {
     not_methods: Vec<Pattern>,
     paths: Vec<Pattern>,
     not_paths: Vec<Pattern>,
+    /// Lowercased: hosts compare case-insensitively.
     hosts: Vec<Pattern>,
     not_hosts: Vec<Pattern>,
 }
@@ -87,216 +110,42 @@ impl Operation {
     }
 }
 
+/// A `when` condition; `values` and `not_values` are ANDed when both are set.
 #[derive(Clone, Debug)]
-enum Key {
-    Header(String),
-    SourceIp,
-    SourceNamespace,
-    SourcePrincipal,
-    DestinationPort,
-}
-
-#[derive(Clone, Debug)]
-struct Condition {
-    key: Key,
-    values: Vec<Value>,
-    not_values: Vec<Value>,
-}
-
-#[derive(Clone, Debug)]
-enum Value {
-    Pattern(Pattern),
-    Ip(IpBlock),
-    Port(u16),
+enum Condition {
+    Header { name: HeaderName, values: Vec<Pattern>, not_values: Vec<Pattern> },
+    SourceIp { values: Vec<IpBlock>, not_values: Vec<IpBlock> },
+    SourceNamespace { values: Vec<Pattern>, not_values: Vec<Pattern> },
+    SourcePrincipal { values: Vec<Pattern>, not_values: Vec<Pattern> },
+    DestinationPort { values: Vec<u16>, not_values: Vec<u16> },
 }
 
 impl Rule {
     fn has_l7(&self) -> bool {
-        self.to.iter().any(Operation::has_l7) || self.when.iter().any(|c| matches!(c.key, Key::Header(_)))
-    }
-}
-
-struct Compiler<'a> {
-    object: &'a str,
-}
-
-impl Compiler<'_> {
-    fn patterns(&self, field: &str, values: &[String], lowercase: bool) -> Result<Vec<Pattern>, PolicyError> {
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                Pattern::parse(v, lowercase).map_err(|e| match e {
-                    PatternError::Empty => {
-                        PolicyError::Empty { object: self.object.into(), field: format!("{field}[{i}]") }
-                    }
-                    PatternError::Wildcard => PolicyError::BadPattern {
-                        object: self.object.into(),
-                        field: format!("{field}[{i}]"),
-                        value: v.clone(),
-                    },
-                })
-            })
-            .collect()
+        self.to.iter().any(Operation::has_l7) || self.has_header_condition()
     }
 
-    fn methods(&self, field: &str, values: &[String]) -> Result<Vec<Pattern>, PolicyError> {
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                if is_method(v) {
-                    Ok(Pattern::exact(v))
-                } else {
-                    Err(PolicyError::BadMethod {
-                        object: self.object.into(),
-                        field: format!("{field}[{i}]"),
-                        value: v.clone(),
-                    })
-                }
-            })
-            .collect()
-    }
-
-    fn ip_blocks(&self, field: &str, values: &[String]) -> Result<Vec<IpBlock>, PolicyError> {
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                IpBlock::parse(v).ok_or_else(|| PolicyError::BadIpBlock {
-                    object: self.object.into(),
-                    field: format!("{field}[{i}]"),
-                    value: v.clone(),
-                })
-            })
-            .collect()
-    }
-
-    fn ports(&self, field: &str, values: &[u32]) -> Result<Vec<u16>, PolicyError> {
-        values.iter().enumerate().map(|(i, v)| self.port(&format!("{field}[{i}]"), &v.to_string())).collect()
-    }
-
-    fn port(&self, field: &str, value: &str) -> Result<u16, PolicyError> {
-        value.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| PolicyError::BadPort {
-            object: self.object.into(),
-            field: field.into(),
-            value: value.into(),
-        })
-    }
-
-    fn source(&self, field: &str, s: &AuthorizationSource) -> Result<Source, PolicyError> {
-        Ok(Source {
-            principals: self.patterns(&format!("{field}.principals"), &s.principals, false)?,
-            not_principals: self.patterns(&format!("{field}.notPrincipals"), &s.not_principals, false)?,
-            namespaces: self.patterns(&format!("{field}.namespaces"), &s.namespaces, false)?,
-            not_namespaces: self.patterns(&format!("{field}.notNamespaces"), &s.not_namespaces, false)?,
-            ip_blocks: self.ip_blocks(&format!("{field}.ipBlocks"), &s.ip_blocks)?,
-            not_ip_blocks: self.ip_blocks(&format!("{field}.notIpBlocks"), &s.not_ip_blocks)?,
-        })
-    }
-
-    fn operation(&self, field: &str, o: &AuthorizationOperation) -> Result<Operation, PolicyError> {
-        Ok(Operation {
-            ports: self.ports(&format!("{field}.ports"), &o.ports)?,
-            not_ports: self.ports(&format!("{field}.notPorts"), &o.not_ports)?,
-            methods: self.methods(&format!("{field}.methods"), &o.methods)?,
-            not_methods: self.methods(&format!("{field}.notMethods"), &o.not_methods)?,
-            paths: self.patterns(&format!("{field}.paths"), &o.paths, false)?,
-            not_paths: self.patterns(&format!("{field}.notPaths"), &o.not_paths, false)?,
-            hosts: self.patterns(&format!("{field}.hosts"), &o.hosts, true)?,
-            not_hosts: self.patterns(&format!("{field}.notHosts"), &o.not_hosts, true)?,
-        })
-    }
-
-    fn condition(&self, field: &str, c: &AuthorizationCondition) -> Result<Condition, PolicyError> {
-        let key = match c.key.as_str() {
-            "source.ip" | "remote.ip" => Key::SourceIp,
-            "source.namespace" => Key::SourceNamespace,
-            "source.principal" => Key::SourcePrincipal,
-            "destination.port" => Key::DestinationPort,
-            k => match k.strip_prefix("request.headers[").and_then(|r| r.strip_suffix(']')) {
-                Some(name) if http::HeaderName::from_bytes(name.as_bytes()).is_ok() => {
-                    Key::Header(name.to_ascii_lowercase())
-                }
-                _ => {
-                    return Err(PolicyError::UnknownConditionKey {
-                        object: self.object.into(),
-                        field: format!("{field}.key"),
-                        key: c.key.clone(),
-                    });
-                }
-            },
-        };
-        if c.values.is_empty() && c.not_values.is_empty() {
-            return Err(PolicyError::NoConditionValues { object: self.object.into(), field: field.into() });
-        }
-        let values = |name: &str, list: &[String]| -> Result<Vec<Value>, PolicyError> {
-            let field = format!("{field}.{name}");
-            match key {
-                Key::SourceIp => Ok(self.ip_blocks(&field, list)?.into_iter().map(Value::Ip).collect()),
-                Key::DestinationPort => list
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| self.port(&format!("{field}[{i}]"), v).map(Value::Port))
-                    .collect(),
-                _ => Ok(self.patterns(&field, list, false)?.into_iter().map(Value::Pattern).collect()),
-            }
-        };
-        Ok(Condition {
-            values: values("values", &c.values)?,
-            not_values: values("notValues", &c.not_values)?,
-            key,
-        })
+    fn has_header_condition(&self) -> bool {
+        self.when.iter().any(|c| matches!(c, Condition::Header { .. }))
     }
 }
 
 impl Policy {
-    /// Compiles a policy, refusing anything it could not enforce as written.
+    /// Compiles a policy, refusing what it could not enforce as written: bad CIDRs, unknown
+    /// `when` keys, conditions without values, empty values, ports outside 1-65535, inner
+    /// wildcards, methods that are not uppercase tokens, unknown enum values.
     pub fn compile(p: &Authorization) -> Result<Policy, PolicyError> {
-        let key = object_key(&p.namespace, &p.name);
-        let c = Compiler { object: &key };
-        if p.name.is_empty() {
-            return Err(PolicyError::Empty { object: key.clone(), field: "metadata.name".into() });
-        }
-        let scope = match AuthorizationScope::try_from(p.scope) {
-            Ok(AuthorizationScope::WorkloadSelector) => Scope::WorkloadSelector,
-            Ok(AuthorizationScope::Namespace) => Scope::Namespace,
-            Ok(AuthorizationScope::Global) => Scope::Global,
-            Err(_) => {
-                return Err(PolicyError::UnknownEnum { object: key, field: "scope".into(), value: p.scope });
-            }
-        };
-        let action = match AuthorizationAction::try_from(p.action) {
-            Ok(AuthorizationAction::Allow) => Action::Allow,
-            Ok(AuthorizationAction::Deny) => Action::Deny,
-            Ok(AuthorizationAction::Audit) => Action::Audit,
-            Err(_) => {
-                return Err(PolicyError::UnknownEnum {
-                    object: key,
-                    field: "spec.action".into(),
-                    value: p.action,
-                });
-            }
-        };
-        let mut rules = Vec::with_capacity(p.rules.len());
-        for (r, rule) in p.rules.iter().enumerate() {
-            let mut compiled = Rule::default();
-            for (i, from) in rule.from.iter().enumerate() {
-                compiled.from.push(c.source(&format!("rules[{r}].from[{i}].source"), from)?);
-            }
-            for (i, to) in rule.to.iter().enumerate() {
-                compiled.to.push(c.operation(&format!("rules[{r}].to[{i}].operation"), to)?);
-            }
-            for (i, when) in rule.when.iter().enumerate() {
-                compiled.when.push(c.condition(&format!("rules[{r}].when[{i}]"), when)?);
-            }
-            rules.push(compiled);
-        }
-        Ok(Policy { namespace: p.namespace.clone(), key, scope, action, rules })
+        compile::policy(p)
     }
 
+    /// Returns `<namespace>/<name>`.
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// Returns the policy's name without its namespace.
+    pub fn name(&self) -> &str {
+        &self.key[self.namespace.len() + 1..]
     }
 
     pub fn namespace(&self) -> &str {
@@ -311,20 +160,31 @@ impl Policy {
         self.action
     }
 
-    /// Whether any rule has HTTP conditions (then HTTP connections are decided per request).
+    /// Returns whether any rule needs HTTP attributes (methods, paths, hosts, their `not` forms,
+    /// or a `request.headers[...]` condition), i.e. whether the proxy must parse HTTP to decide.
     pub fn has_l7(&self) -> bool {
         self.rules.iter().any(Rule::has_l7)
     }
 
-    /// The ports named by rules with HTTP conditions; empty when such a rule names no port.
+    /// Returns the ports named by rules with HTTP parts (sorted, deduplicated), so the proxy
+    /// parses HTTP only where needed; empty when such a rule applies to any port (and when no rule
+    /// has HTTP parts: check [`Policy::has_l7`] first).
     pub fn l7_ports(&self) -> Vec<u16> {
         let mut ports = Vec::new();
         for rule in self.rules.iter().filter(|r| r.has_l7()) {
-            let named: Vec<u16> = rule.to.iter().flat_map(|o| o.ports.iter().copied()).collect();
-            if named.is_empty() || rule.to.iter().any(|o| o.ports.is_empty()) {
+            // A header condition makes every operation of the rule need HTTP; otherwise only the
+            // operations with HTTP fields do.
+            let all = rule.has_header_condition();
+            let mut operations = rule.to.iter().filter(|o| all || o.has_l7()).peekable();
+            if operations.peek().is_none() {
                 return Vec::new();
             }
-            ports.extend(named);
+            for operation in operations {
+                if operation.ports.is_empty() {
+                    return Vec::new();
+                }
+                ports.extend_from_slice(&operation.ports);
+            }
         }
         ports.sort_unstable();
         ports.dedup();
@@ -333,267 +193,145 @@ impl Policy {
 }
 
 /// The connection's source, as the destination side sees it.
+#[derive(Clone, Copy, Debug)]
 pub struct Peer<'a> {
     pub ip: IpAddr,
-    /// `<td>/ns/<ns>/sa/<sa>` (no `spiffe://`); `None`: plaintext, unauthenticated.
+    /// `<td>/ns/<ns>/sa/<sa>` (no `spiffe://`, see [`crate::principal_of`]); None = plaintext,
+    /// unauthenticated.
     pub principal: Option<&'a str>,
+    /// The namespace the peer's identity proves; None for plaintext.
     pub namespace: Option<&'a str>,
 }
 
 /// One HTTP request's L7 attributes.
+#[derive(Clone, Copy, Debug)]
 pub struct Request<'a> {
     pub method: &'a str,
-    /// Without the query.
+    /// Without the query. Matched after [`normalize_path`].
     pub path: &'a str,
-    /// Host or `:authority`, possibly with a port.
+    /// Host or `:authority`, possibly with a port; `hosts` patterns may name it with or without.
     pub host: &'a str,
     pub headers: &'a http::HeaderMap,
 }
 
+/// The outcome of a check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Verdict {
     Allow,
     Deny,
-    /// Connection level only: an HTTP connection whose outcome depends on each request.
+    /// Connection level only: an HTTP connection whose fate depends on each request.
     PerRequest,
 }
 
-/// Whether and why one policy matched, for `meshctl explain`.
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::PerRequest => "per request",
+        })
+    }
+}
+
+/// How one policy fared, for `meshctl explain` and debug logs.
 #[derive(Clone, Debug, Serialize)]
 pub struct Evaluation {
     pub policy: String,
     pub action: Action,
     pub matched: bool,
+    /// Which rule matched, or why none did, e.g. `rule 0: path /admin matches "/admin*"`.
     pub why: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Decision {
     pub verdict: Verdict,
-    /// The DENY policy that decided, or the ALLOW policies none of which matched.
+    /// The DENY policy that denied (`<ns>/<name>`); None when denied because ALLOW policies
+    /// apply and none matched, and None for Allow and PerRequest.
     pub policy: Option<String>,
-    /// One line for logs and 403 bodies.
+    /// One line for logs and 403 bodies, e.g. `denied by demo/deny-admin` or
+    /// `no ALLOW policy matched (demo/allow-get)`.
     pub reason: String,
     /// AUDIT policies that matched.
     pub audited: Vec<String>,
+    /// Every policy passed in, and whether and why it matched.
     pub evaluated: Vec<Evaluation>,
 }
 
-/// What a rule can tell before requests are seen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Match {
-    Yes,
-    No,
-    /// The L4 parts match; HTTP conditions decide per request.
-    Deferred,
-}
-
-/// What the evaluation may look at: the peer and port, and the request if there is one.
-struct Input<'a> {
-    peer: &'a Peer<'a>,
-    port: u16,
-    request: Option<&'a Request<'a>>,
-    /// Connection level: whether requests will be seen.
-    http: bool,
-}
-
-fn any_pattern(patterns: &[Pattern], value: Option<&str>) -> bool {
-    value.is_some_and(|v| patterns.iter().any(|p| p.matches(v.as_bytes())))
-}
-
-/// A field with values matches when the value is among them; a `not` field when it is not.
-/// An unknown value (no principal on plaintext) never matches the positive field and, failing
-/// closed, counts as matching the negative one only for DENY rules.
-fn field(values: &[Pattern], nots: &[Pattern], value: Option<&str>, deny: bool) -> bool {
-    let positive = values.is_empty() || any_pattern(values, value);
-    let negative = nots.is_empty()
-        || match value {
-            Some(v) => !nots.iter().any(|p| p.matches(v.as_bytes())),
-            None => deny,
-        };
-    positive && negative
-}
-
-impl Source {
-    fn matches(&self, peer: &Peer<'_>, deny: bool) -> bool {
-        let ip = canonical(peer.ip);
-        field(&self.principals, &self.not_principals, peer.principal, deny)
-            && field(&self.namespaces, &self.not_namespaces, peer.namespace, deny)
-            && (self.ip_blocks.is_empty() || self.ip_blocks.iter().any(|b| b.contains(ip)))
-            && !self.not_ip_blocks.iter().any(|b| b.contains(ip))
-    }
-}
-
-impl Operation {
-    fn l4_matches(&self, port: u16) -> bool {
-        (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port)
-    }
-
-    fn l7_matches(&self, request: &Request<'_>) -> bool {
-        let host = crate::host_without_port(request.host).to_ascii_lowercase();
-        field(&self.methods, &self.not_methods, Some(request.method), false)
-            && field(&self.paths, &self.not_paths, Some(request.path), false)
-            && field(&self.hosts, &self.not_hosts, Some(&host), false)
-    }
-}
-
-impl Condition {
-    /// `None`: an HTTP condition without a request to look at.
-    fn matches(&self, input: &Input<'_>) -> Option<bool> {
-        let check = |values: &[Value]| -> bool {
-            values.iter().any(|v| match (v, &self.key) {
-                (Value::Ip(block), _) => block.contains(canonical(input.peer.ip)),
-                (Value::Port(p), _) => *p == input.port,
-                (Value::Pattern(p), Key::SourceNamespace) => {
-                    input.peer.namespace.is_some_and(|n| p.matches(n.as_bytes()))
-                }
-                (Value::Pattern(p), Key::SourcePrincipal) => {
-                    input.peer.principal.is_some_and(|n| p.matches(n.as_bytes()))
-                }
-                (Value::Pattern(p), Key::Header(name)) => input.request.is_some_and(|r| {
-                    r.headers.get_all(name.as_str()).iter().any(|h| p.matches(h.as_bytes()))
-                }),
-                (Value::Pattern(_), _) => false,
-            })
-        };
-        if matches!(self.key, Key::Header(_)) && input.request.is_none() {
-            return None;
-        }
-        Some((self.values.is_empty() || check(&self.values)) && !check(&self.not_values))
-    }
-}
-
-impl Rule {
-    fn evaluate(&self, input: &Input<'_>, deny: bool) -> Match {
-        if !self.from.is_empty() && !self.from.iter().any(|s| s.matches(input.peer, deny)) {
-            return Match::No;
-        }
-        let mut deferred = false;
-        if !self.to.is_empty() {
-            let mut any = false;
-            for op in self.to.iter().filter(|o| o.l4_matches(input.port)) {
-                match (op.has_l7(), input.request) {
-                    (false, _) => any = true,
-                    (true, Some(request)) => any |= op.l7_matches(request),
-                    (true, None) => {
-                        any = true;
-                        deferred = true;
-                    }
-                }
-            }
-            if !any {
-                return Match::No;
-            }
-        }
-        for condition in &self.when {
-            match condition.matches(input) {
-                Some(true) => {}
-                Some(false) => return Match::No,
-                None => deferred = true,
-            }
-        }
-        if !deferred {
-            return Match::Yes;
-        }
-        // HTTP conditions without a request: decided per request when the connection is HTTP;
-        // otherwise they can never be checked, so DENY matches (fail closed) and ALLOW does not.
-        match (input.http, deny) {
-            (true, _) => Match::Deferred,
-            (false, true) => Match::Yes,
-            (false, false) => Match::No,
-        }
-    }
-}
-
-impl Policy {
-    fn evaluate(&self, input: &Input<'_>) -> (Match, String) {
-        let deny = self.action == Action::Deny;
-        let mut deferred = None;
-        for (i, rule) in self.rules.iter().enumerate() {
-            match rule.evaluate(input, deny) {
-                Match::Yes => return (Match::Yes, format!("rule {i} matched")),
-                Match::Deferred => deferred = deferred.or(Some(i)),
-                Match::No => {}
-            }
-        }
-        match deferred {
-            Some(i) => (Match::Deferred, format!("rule {i} depends on each HTTP request")),
-            None if self.rules.is_empty() => (Match::No, "no rules: matches nothing".into()),
-            None => (Match::No, "no rule matched".into()),
-        }
-    }
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-fn decide(policies: &[&Policy], input: &Input<'_>) -> Decision {
-    let mut evaluated = Vec::with_capacity(policies.len());
-    let mut audited = Vec::new();
-    let mut deny: Option<(String, Match)> = None;
-    let mut allow_applies = Vec::new();
-    let mut allow = Match::No;
-    for policy in policies {
-        let (matched, why) = policy.evaluate(input);
-        evaluated.push(Evaluation {
-            policy: policy.key.clone(),
-            action: policy.action,
-            matched: matched == Match::Yes,
-            why: why.clone(),
-        });
-        match policy.action {
-            Action::Audit if matched == Match::Yes => audited.push(policy.key.clone()),
-            Action::Audit => {}
-            Action::Deny => match (matched, &deny) {
-                (Match::Yes, Some((_, Match::Yes))) | (Match::No, _) => {}
-                (Match::Yes, _) => deny = Some((policy.key.clone(), Match::Yes)),
-                (Match::Deferred, None) => deny = Some((policy.key.clone(), Match::Deferred)),
-                (Match::Deferred, Some(_)) => {}
-            },
-            Action::Allow => {
-                allow_applies.push(policy.key.clone());
-                allow = match (allow, matched) {
-                    (Match::Yes, _) | (_, Match::Yes) => Match::Yes,
-                    (Match::Deferred, _) | (_, Match::Deferred) => Match::Deferred,
-                    _ => Match::No,
-                };
-            }
-        }
-    }
-    let (verdict, policy, reason) = match deny {
-        Some((key, Match::Yes)) => (Verdict::Deny, Some(key.clone()), format!("denied by {key}")),
-        Some((key, _)) => (Verdict::PerRequest, None, format!("{key} has HTTP conditions")),
-        None if allow_applies.is_empty() => (Verdict::Allow, None, "no ALLOW policy applies".into()),
-        None => match allow {
-            Match::Yes => (Verdict::Allow, None, "allowed by an ALLOW policy".into()),
-            Match::Deferred => (Verdict::PerRequest, None, "ALLOW policies have HTTP conditions".into()),
-            Match::No => {
-                let names = allow_applies.join(", ");
-                (Verdict::Deny, Some(names.clone()), format!("no ALLOW policy matched ({names})"))
-            }
-        },
-    };
-    Decision { verdict, policy, reason, audited, evaluated }
-}
-
-/// Decides a connection; `http` says whether it will be parsed as HTTP.
+/// Decides a connection. `http`: whether the connection will be parsed as HTTP; then rules with
+/// HTTP parts are left to [`check_request`], and the verdict is [`Verdict::PerRequest`] when one
+/// of them could still change the outcome. When `http` is false those parts can never be
+/// checked, so it fails closed: a DENY operation or header condition counts as matching when its
+/// L4 parts do; an ALLOW one never matches.
 pub fn check_connection(policies: &[&Policy], peer: &Peer<'_>, dst_port: u16, http: bool) -> Decision {
-    decide(policies, &Input { peer, port: dst_port, request: None, http })
+    let l7 = if http { eval::L7::Pending } else { eval::L7::Never };
+    decide(policies, &eval::Context::new(peer, dst_port, l7))
 }
 
-/// Decides one HTTP request, with every attribute.
+/// Decides one HTTP request, evaluating every part of every rule.
 pub fn check_request(
     policies: &[&Policy],
     peer: &Peer<'_>,
     dst_port: u16,
     request: &Request<'_>,
 ) -> Decision {
-    decide(policies, &Input { peer, port: dst_port, request: Some(request), http: true })
+    decide(policies, &eval::Context::new(peer, dst_port, eval::L7::Known(eval::Http::new(request))))
 }
 
-#[cfg(test)]
-mod tests;
+fn decide(policies: &[&Policy], cx: &eval::Context<'_>) -> Decision {
+    use eval::Tri;
+
+    let mut evaluated = Vec::with_capacity(policies.len());
+    let mut denied_by = None;
+    let mut allows = Vec::new();
+    let mut allowed_by = None;
+    // Policies whose outcome waits for the request.
+    let mut pending_deny = Vec::new();
+    let mut pending_allow = Vec::new();
+    let mut audited = Vec::new();
+    for policy in policies {
+        let check = eval::policy(policy, cx);
+        let key = policy.key();
+        match (policy.action, check.tri) {
+            (Action::Deny, Tri::Yes) => denied_by = denied_by.or(Some(key)),
+            (Action::Deny, Tri::Unknown) => pending_deny.push(key),
+            (Action::Allow, tri) => {
+                allows.push(key);
+                match tri {
+                    Tri::Yes => allowed_by = allowed_by.or(Some(key)),
+                    Tri::Unknown => pending_allow.push(key),
+                    Tri::No => {}
+                }
+            }
+            (Action::Audit, Tri::Yes) => audited.push(key.to_owned()),
+            (Action::Deny | Action::Audit, _) => {}
+        }
+        evaluated.push(Evaluation {
+            policy: key.to_owned(),
+            action: policy.action,
+            matched: check.tri == Tri::Yes,
+            why: check.why,
+        });
+    }
+
+    let allow_all_missed = !allows.is_empty() && allowed_by.is_none() && pending_allow.is_empty();
+    let (verdict, policy, reason) = if let Some(key) = denied_by {
+        (Verdict::Deny, Some(key.to_owned()), format!("denied by {key}"))
+    } else if allow_all_missed {
+        // Denied whatever the pending DENY policies say.
+        (Verdict::Deny, None, format!("no ALLOW policy matched ({})", allows.join(", ")))
+    } else if !pending_deny.is_empty() || allowed_by.is_none() && !pending_allow.is_empty() {
+        let mut pending = pending_deny;
+        if allowed_by.is_none() {
+            pending.extend(pending_allow);
+        }
+        (Verdict::PerRequest, None, format!("decided per request by {}", pending.join(", ")))
+    } else if let Some(key) = allowed_by {
+        (Verdict::Allow, None, format!("allowed by {key}"))
+    } else if policies.is_empty() {
+        (Verdict::Allow, None, "allowed: no policies apply".to_owned())
+    } else {
+        (Verdict::Allow, None, "allowed: no ALLOW policies apply and no DENY policy matched".to_owned())
+    };
+    Decision { verdict, policy, reason, audited, evaluated }
+}

@@ -1,192 +1,54 @@
-//! HTTP routing with Gateway API `HTTPRoute` attached to a Service (GAMMA), as pure functions:
-//! which rule takes a request, which weighted backend gets it, and the header changes, timeouts
-//! and retries that come with the rule.
+//! HTTP routing with Gateway API `HTTPRoute` attached to a Service (GAMMA): which rule takes a
+//! request, which weighted backend gets it, and the header changes, timeouts and retries that
+//! come with the rule. Randomness is the caller's: [`RouteRule::pick_backend`] takes the roll.
 
-use std::time::Duration;
+mod created;
+mod matcher;
+#[cfg(test)]
+mod tests;
+
+use std::{cmp::Ordering, time::Duration};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
-use mesh_api::workload::v1::{HeaderModifier, HttpRoute, HttpRouteMatch, PathMatchKind, ValueMatch};
-use regex::Regex;
+use mesh_api::workload::v1::{Header, HeaderModifier, HttpRoute, HttpRouteRule};
 
-use crate::{PolicyError, host_without_port, is_method, object_key};
+use crate::{PolicyError, host_without_port, object_key};
+use matcher::{Match, Rank};
 
-/// A compiled route.
+/// A compiled route: regexes built, durations converted, creation time parsed.
 #[derive(Clone, Debug)]
 pub struct Route {
     key: String,
-    created: String,
+    namespace: String,
+    /// None when missing or not RFC 3339: such a route loses creation-time ties.
+    created: Option<created::Instant>,
     parents: Vec<(String, u16)>,
-    hostnames: Vec<String>,
-    rules: Vec<(Vec<Match>, RouteRule)>,
+    hostnames: Vec<Hostname>,
+    rules: Vec<RouteRule>,
+    /// Per rule, its matches (a rule without matches has the catch-all one).
+    matches: Vec<Vec<Match>>,
 }
 
+/// A route hostname, lowercased.
 #[derive(Clone, Debug)]
-enum PathMatch {
+enum Hostname {
     Exact(String),
-    Prefix(String),
-    Regex(Regex),
+    /// `*.example.com`, kept as `.example.com`: any number of labels before the suffix.
+    Wildcard(String),
 }
 
-#[derive(Clone, Debug)]
-enum ValueMatcher {
-    Exact(String),
-    Regex(Regex),
-}
-
-impl ValueMatcher {
-    fn matches(&self, value: &str) -> bool {
-        match self {
-            ValueMatcher::Exact(v) => v == value,
-            ValueMatcher::Regex(r) => r.is_match(value),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-struct Match {
-    path: PathMatch,
-    headers: Vec<(HeaderName, ValueMatcher)>,
-    query: Vec<(String, ValueMatcher)>,
-    method: Option<Method>,
-}
-
-/// A full-string regex (Gateway API regexes match the whole value).
-fn anchored(object: &str, field: &str, pattern: &str) -> Result<Regex, PolicyError> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| PolicyError::BadRegex {
-        object: object.into(),
-        field: field.into(),
-        value: pattern.into(),
-        reason: e.to_string(),
-    })
-}
-
-impl Match {
-    fn compile(object: &str, field: &str, m: &HttpRouteMatch) -> Result<Self, PolicyError> {
-        let path = match &m.path {
-            None => PathMatch::Prefix("/".into()),
-            Some(p) => {
-                let value = if p.value.is_empty() { "/".to_owned() } else { p.value.clone() };
-                match PathMatchKind::try_from(p.kind) {
-                    Ok(PathMatchKind::RegularExpression) => {
-                        PathMatch::Regex(anchored(object, &format!("{field}.path.value"), &value)?)
-                    }
-                    Ok(kind) => {
-                        if !value.starts_with('/') {
-                            return Err(PolicyError::BadPath {
-                                object: object.into(),
-                                field: format!("{field}.path.value"),
-                                value,
-                            });
-                        }
-                        if kind == PathMatchKind::Exact {
-                            PathMatch::Exact(value)
-                        } else {
-                            let trimmed = value.trim_end_matches('/');
-                            PathMatch::Prefix(if trimmed.is_empty() { "/".into() } else { trimmed.into() })
-                        }
-                    }
-                    Err(_) => {
-                        return Err(PolicyError::UnknownEnum {
-                            object: object.into(),
-                            field: format!("{field}.path.type"),
-                            value: p.kind,
-                        });
-                    }
-                }
-            }
-        };
-        let matcher = |field: String, v: &ValueMatch| -> Result<ValueMatcher, PolicyError> {
-            if v.regex {
-                Ok(ValueMatcher::Regex(anchored(object, &field, &v.value)?))
-            } else {
-                Ok(ValueMatcher::Exact(v.value.clone()))
-            }
-        };
-        let mut headers = Vec::new();
-        for (i, h) in m.headers.iter().enumerate() {
-            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| PolicyError::BadHeaderName {
-                object: object.into(),
-                field: format!("{field}.headers[{i}].name"),
-                value: h.name.clone(),
-            })?;
-            headers.push((name, matcher(format!("{field}.headers[{i}].value"), h)?));
-        }
-        let mut query = Vec::new();
-        for (i, q) in m.query_params.iter().enumerate() {
-            if q.name.is_empty() {
-                return Err(PolicyError::Empty {
-                    object: object.into(),
-                    field: format!("{field}.queryParams[{i}].name"),
-                });
-            }
-            query.push((q.name.clone(), matcher(format!("{field}.queryParams[{i}].value"), q)?));
-        }
-        let method = match m.method.as_str() {
-            "" => None,
-            method if is_method(method) => Method::from_bytes(method.as_bytes()).ok(),
-            other => {
-                return Err(PolicyError::BadMethod {
-                    object: object.into(),
-                    field: format!("{field}.method"),
-                    value: other.into(),
-                });
-            }
-        };
-        Ok(Match { path, headers, query, method })
-    }
-
-    fn matches(&self, request: &RouteRequest<'_>) -> bool {
-        let path_ok = match &self.path {
-            PathMatch::Exact(p) => request.path == p,
-            PathMatch::Prefix(p) if p == "/" => true,
-            PathMatch::Prefix(p) => request
-                .path
-                .strip_prefix(p.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
-            PathMatch::Regex(r) => r.is_match(request.path),
-        };
-        path_ok
-            && self.method.as_ref().is_none_or(|m| m.as_str() == request.method)
-            && self.headers.iter().all(|(name, v)| {
-                request.headers.get(name).and_then(|h| h.to_str().ok()).is_some_and(|h| v.matches(h))
-            })
-            && self.query.iter().all(|(name, v)| {
-                request.query.is_some_and(|q| {
-                    q.split('&')
-                        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
-                        .any(|(k, val)| k == name && v.matches(val))
-                })
-            })
-    }
-
-    /// Gateway API precedence, larger first: exact path, then prefix length, then a regex (where
-    /// the spec leaves it to implementations; here above only the catch-all prefix "/"), then
-    /// method, header count, query count.
-    fn rank(&self) -> Rank {
-        let (kind, len) = match &self.path {
-            PathMatch::Exact(p) => (3, p.len()),
-            PathMatch::Prefix(p) if p == "/" => (0, 1),
-            PathMatch::Prefix(p) => (2, p.len()),
-            PathMatch::Regex(_) => (1, 0),
-        };
-        (kind, len, self.method.is_some(), self.headers.len(), self.query.len())
-    }
-}
-
-/// Precedence of a match: path kind, path length, has a method, headers, query parameters.
-type Rank = (u8, usize, bool, usize, usize);
-
-/// Backends of a rule, by weight.
+/// A rule's backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
-    /// `ns/hostname`.
+    /// `<namespace>/<hostname>`.
     pub service: String,
     /// 0: the requested port.
     pub port: u16,
+    /// 0 receives nothing.
     pub weight: u32,
 }
 
-/// A compiled header modifier.
+/// A compiled header modifier, with names and values already valid for [`HeaderMap`].
 #[derive(Clone, Debug, Default)]
 pub struct HeaderChanges {
     set: Vec<(HeaderName, HeaderValue)>,
@@ -197,47 +59,43 @@ pub struct HeaderChanges {
 impl HeaderChanges {
     fn compile(object: &str, field: &str, m: Option<&HeaderModifier>) -> Result<Self, PolicyError> {
         let Some(m) = m else { return Ok(Self::default()) };
-        let name = |f: String, n: &str| {
+        let name = |field: String, n: &str| {
             HeaderName::from_bytes(n.as_bytes()).map_err(|_| PolicyError::BadHeaderName {
                 object: object.into(),
-                field: f,
+                field,
                 value: n.into(),
             })
         };
-        let pairs = |list: &[mesh_api::workload::v1::Header], what: &str| {
-            list.iter()
-                .enumerate()
-                .map(|(i, h)| {
-                    let value = HeaderValue::from_str(&h.value).map_err(|_| PolicyError::BadHeaderValue {
-                        object: object.into(),
-                        field: format!("{field}.{what}[{i}].value"),
-                        value: h.value.clone(),
-                    })?;
-                    Ok((name(format!("{field}.{what}[{i}].name"), &h.name)?, value))
-                })
-                .collect::<Result<Vec<_>, PolicyError>>()
+        let pairs = |list: &[Header], what: &str| {
+            let one = |(i, h): (usize, &Header)| {
+                let value = HeaderValue::from_str(&h.value).map_err(|_| PolicyError::BadHeaderValue {
+                    object: object.into(),
+                    field: format!("{field}.{what}[{i}].value"),
+                    value: h.value.clone(),
+                })?;
+                Ok((name(format!("{field}.{what}[{i}].name"), &h.name)?, value))
+            };
+            list.iter().enumerate().map(one).collect::<Result<Vec<_>, PolicyError>>()
         };
+        let remove = m.remove.iter().enumerate().map(|(i, n)| name(format!("{field}.remove[{i}]"), n));
         Ok(HeaderChanges {
             set: pairs(&m.set, "set")?,
             add: pairs(&m.add, "add")?,
-            remove: m
-                .remove
-                .iter()
-                .enumerate()
-                .map(|(i, n)| name(format!("{field}.remove[{i}]"), n))
-                .collect::<Result<_, _>>()?,
+            remove: remove.collect::<Result<_, _>>()?,
         })
     }
 
+    /// Applies the changes: removals first, then `set` (replacing every value), then `add`
+    /// (appending), Envoy's order, so a header both removed and set ends up set.
     pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
         for (name, value) in &self.set {
             headers.insert(name.clone(), value.clone());
         }
         for (name, value) in &self.add {
             headers.append(name.clone(), value.clone());
-        }
-        for name in &self.remove {
-            headers.remove(name);
         }
     }
 
@@ -248,8 +106,9 @@ impl HeaderChanges {
 
 #[derive(Clone, Debug)]
 pub struct Retry {
-    /// Retries after the first attempt.
+    /// Attempts after the first.
     pub attempts: u32,
+    /// Response codes retried (connect failures and resets always are).
     pub codes: Vec<u16>,
     pub backoff: Duration,
     pub retry_non_idempotent: bool,
@@ -260,8 +119,9 @@ impl Retry {
         self.codes.contains(&status)
     }
 
-    /// Idempotent methods are always retried; others only without a body, or when the route
-    /// says so (a POST that reached the app may have had its effect).
+    /// Returns whether a failed attempt may be repeated. Idempotent methods (RFC 9110 §9.2.2)
+    /// always may; others (POST, PATCH, CONNECT) only without a body or when the route says so,
+    /// since a request that reached the app may have had its effect.
     pub fn may_retry(&self, method: &Method, has_body: bool) -> bool {
         let idempotent = matches!(
             *method,
@@ -271,224 +131,273 @@ impl Retry {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RouteRule {
+    /// Empty: the parent service itself.
     pub backends: Vec<Backend>,
     pub request_headers: HeaderChanges,
     pub response_headers: HeaderChanges,
+    /// The whole request, retries included.
     pub request_timeout: Option<Duration>,
+    /// Each attempt.
     pub backend_request_timeout: Option<Duration>,
     pub retry: Option<Retry>,
 }
 
 impl RouteRule {
-    /// The backend for `roll` (uniform over u32), by weight; `None` without backends or when
-    /// every weight is 0.
+    /// Returns the backend for `roll` (uniform over u32) by weight: backend `i` takes a share of
+    /// the rolls proportional to its weight. None without backends (the caller uses the parent
+    /// service) or when every weight is 0 (the caller answers 500, as Gateway API says).
     pub fn pick_backend(&self, roll: u32) -> Option<&Backend> {
         let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
         if total == 0 {
             return None;
         }
-        let mut point = u64::from(roll) * total / (u64::from(u32::MAX) + 1);
+        // Scales the roll onto [0, total) without the bias of a modulo; weights may sum past
+        // 2^32, so the product needs 128 bits.
+        let mut point = u64::try_from((u128::from(roll) * u128::from(total)) >> 32).ok()?;
         for backend in &self.backends {
             if point < u64::from(backend.weight) {
                 return Some(backend);
             }
             point -= u64::from(backend.weight);
         }
-        self.backends.iter().rev().find(|b| b.weight > 0)
+        None
     }
-}
 
-fn millis(ms: u64) -> Option<Duration> {
-    (ms > 0).then(|| Duration::from_millis(ms))
-}
-
-impl Route {
-    pub fn compile(r: &HttpRoute) -> Result<Route, PolicyError> {
-        let key = object_key(&r.namespace, &r.name);
-        let mut parents = Vec::new();
-        for (i, p) in r.parents.iter().enumerate() {
-            if !p.service.contains('/') {
-                return Err(PolicyError::BadService {
-                    object: key,
-                    field: format!("parentRefs[{i}]"),
-                    value: p.service.clone(),
-                });
-            }
-            let port = u16::try_from(p.port).map_err(|_| PolicyError::OutOfRange {
-                object: key.clone(),
-                field: format!("parentRefs[{i}].port"),
-                value: u64::from(p.port),
-                min: 0,
-                max: 65535,
-            })?;
-            parents.push((p.service.clone(), port));
+    fn compile(object: &str, field: &str, rule: &HttpRouteRule) -> Result<Self, PolicyError> {
+        let mut backends = Vec::with_capacity(rule.backends.len());
+        for (j, b) in rule.backends.iter().enumerate() {
+            let backend_field = format!("{field}.backendRefs[{j}]");
+            service(object, &backend_field, &b.service)?;
+            let port = port(object, &format!("{backend_field}.port"), b.port)?;
+            backends.push(Backend { service: b.service.clone(), port, weight: b.weight });
         }
-        let mut rules = Vec::new();
-        for (i, rule) in r.rules.iter().enumerate() {
-            let field = format!("rules[{i}]");
-            let matches = if rule.matches.is_empty() {
-                vec![Match {
-                    path: PathMatch::Prefix("/".into()),
-                    headers: vec![],
-                    query: vec![],
-                    method: None,
-                }]
-            } else {
-                rule.matches
-                    .iter()
-                    .enumerate()
-                    .map(|(j, m)| Match::compile(&key, &format!("{field}.matches[{j}]"), m))
-                    .collect::<Result<_, _>>()?
-            };
-            let mut backends = Vec::new();
-            for (j, b) in rule.backends.iter().enumerate() {
-                if !b.service.contains('/') {
-                    return Err(PolicyError::BadService {
-                        object: key,
-                        field: format!("{field}.backendRefs[{j}]"),
-                        value: b.service.clone(),
-                    });
-                }
-                let port = u16::try_from(b.port).map_err(|_| PolicyError::OutOfRange {
-                    object: key.clone(),
-                    field: format!("{field}.backendRefs[{j}].port"),
-                    value: u64::from(b.port),
-                    min: 0,
-                    max: 65535,
-                })?;
-                backends.push(Backend { service: b.service.clone(), port, weight: b.weight });
-            }
-            let (request_timeout, backend_request_timeout) =
-                (millis(rule.request_timeout_ms), millis(rule.backend_request_timeout_ms));
-            if let (Some(request), Some(backend)) = (request_timeout, backend_request_timeout)
-                && backend > request
-            {
-                return Err(PolicyError::TimeoutOrder {
-                    object: key,
-                    field: format!("{field}.timeouts.backendRequest"),
-                    backend_ms: backend.as_millis() as u64,
-                    request_ms: request.as_millis() as u64,
-                });
-            }
-            let mut codes = Vec::new();
-            if let Some(retry) = &rule.retry {
-                for (j, code) in retry.codes.iter().enumerate() {
-                    if !(100..=599).contains(code) {
+        let millis = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        let (request_timeout, backend_request_timeout) =
+            (millis(rule.request_timeout_ms), millis(rule.backend_request_timeout_ms));
+        if request_timeout.is_some() && rule.backend_request_timeout_ms > rule.request_timeout_ms {
+            return Err(PolicyError::TimeoutOrder {
+                object: object.into(),
+                field: format!("{field}.timeouts.backendRequest"),
+                backend_ms: rule.backend_request_timeout_ms,
+                request_ms: rule.request_timeout_ms,
+            });
+        }
+        let mut retry = None;
+        if let Some(r) = &rule.retry {
+            let mut codes = Vec::with_capacity(r.codes.len());
+            for (j, code) in r.codes.iter().enumerate() {
+                match u16::try_from(*code) {
+                    Ok(code) if (100..=599).contains(&code) => codes.push(code),
+                    _ => {
                         return Err(PolicyError::OutOfRange {
-                            object: key,
+                            object: object.into(),
                             field: format!("{field}.retry.codes[{j}]"),
                             value: u64::from(*code),
                             min: 100,
                             max: 599,
                         });
                     }
-                    codes.push(*code as u16);
                 }
             }
-            let retry = rule.retry.as_ref().filter(|r| r.attempts > 0).map(|r| Retry {
+            retry = (r.attempts > 0).then(|| Retry {
                 attempts: r.attempts,
                 codes,
                 backoff: Duration::from_millis(r.backoff_ms),
                 retry_non_idempotent: r.retry_non_idempotent,
             });
-            rules.push((
-                matches,
-                RouteRule {
-                    backends,
-                    request_headers: HeaderChanges::compile(
-                        &key,
-                        &format!("{field}.filters.requestHeaderModifier"),
-                        rule.request_headers.as_ref(),
-                    )?,
-                    response_headers: HeaderChanges::compile(
-                        &key,
-                        &format!("{field}.filters.responseHeaderModifier"),
-                        rule.response_headers.as_ref(),
-                    )?,
-                    request_timeout,
-                    backend_request_timeout,
-                    retry,
-                },
-            ));
+        }
+        Ok(RouteRule {
+            backends,
+            request_headers: HeaderChanges::compile(
+                object,
+                &format!("{field}.filters.requestHeaderModifier"),
+                rule.request_headers.as_ref(),
+            )?,
+            response_headers: HeaderChanges::compile(
+                object,
+                &format!("{field}.filters.responseHeaderModifier"),
+                rule.response_headers.as_ref(),
+            )?,
+            request_timeout,
+            backend_request_timeout,
+            retry,
+        })
+    }
+}
+
+/// Checks a `<namespace>/<hostname>` reference.
+fn service(object: &str, field: &str, value: &str) -> Result<(), PolicyError> {
+    match value.split_once('/') {
+        Some((ns, host)) if !ns.is_empty() && !host.is_empty() && !host.contains('/') => Ok(()),
+        _ => Err(PolicyError::BadService { object: object.into(), field: field.into(), value: value.into() }),
+    }
+}
+
+fn port(object: &str, field: &str, value: u32) -> Result<u16, PolicyError> {
+    u16::try_from(value).map_err(|_| PolicyError::OutOfRange {
+        object: object.into(),
+        field: field.into(),
+        value: u64::from(value),
+        min: 0,
+        max: 65535,
+    })
+}
+
+impl Route {
+    /// Compiles a route, refusing invalid regexes, header names and values, service references,
+    /// ports, methods, retry codes and a per-attempt timeout longer than the request's.
+    pub fn compile(r: &HttpRoute) -> Result<Route, PolicyError> {
+        let key = object_key(&r.namespace, &r.name);
+        let mut parents = Vec::with_capacity(r.parents.len());
+        for (i, p) in r.parents.iter().enumerate() {
+            service(&key, &format!("parentRefs[{i}]"), &p.service)?;
+            parents.push((p.service.clone(), port(&key, &format!("parentRefs[{i}].port"), p.port)?));
+        }
+        let mut hostnames = Vec::with_capacity(r.hostnames.len());
+        for (i, h) in r.hostnames.iter().enumerate() {
+            let h = h.to_ascii_lowercase();
+            hostnames.push(match h.strip_prefix('*') {
+                Some(suffix) if suffix.starts_with('.') && suffix.len() > 1 => {
+                    Hostname::Wildcard(suffix.into())
+                }
+                _ if h.is_empty() || h.contains('*') => {
+                    return Err(PolicyError::BadHostname {
+                        object: key,
+                        field: format!("hostnames[{i}]"),
+                        value: h,
+                    });
+                }
+                _ => Hostname::Exact(h),
+            });
+        }
+        let mut rules = Vec::with_capacity(r.rules.len().max(1));
+        let mut matches = Vec::with_capacity(r.rules.len().max(1));
+        for (i, rule) in r.rules.iter().enumerate() {
+            let field = format!("rules[{i}]");
+            matches.push(if rule.matches.is_empty() {
+                vec![Match::catch_all()]
+            } else {
+                let one = |(j, m)| Match::compile(&key, &format!("{field}.matches[{j}]"), m);
+                rule.matches.iter().enumerate().map(one).collect::<Result<_, _>>()?
+            });
+            rules.push(RouteRule::compile(&key, &field, rule)?);
+        }
+        // Gateway API's default for `rules`: one rule taking every request to the parent.
+        if rules.is_empty() {
+            rules.push(RouteRule::default());
+            matches.push(vec![Match::catch_all()]);
         }
         Ok(Route {
+            namespace: r.namespace.clone(),
             key,
-            created: r.created.clone(),
+            created: created::parse(&r.created),
             parents,
-            hostnames: r.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            hostnames,
             rules,
+            matches,
         })
     }
 
+    /// Returns `<namespace>/<name>`.
     pub fn key(&self) -> &str {
         &self.key
     }
 
-    /// Whether the route applies to traffic for `service` (`ns/hostname`) on `port`.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Returns the rules in the order written.
+    pub fn rules(&self) -> &[RouteRule] {
+        &self.rules
+    }
+
+    /// Returns whether the route applies to traffic for `service` (`<ns>/<hostname>`) on `port`.
     pub fn attaches_to(&self, service: &str, port: u16) -> bool {
         self.parents.iter().any(|(s, p)| s == service && (*p == 0 || *p == port))
     }
 
-    fn host_matches(&self, host: &str) -> bool {
+    /// Ranks how specifically the route's hostnames take `host` (lowercase, no port): characters
+    /// of a matching exact hostname, then of any matching hostname; None if none matches.
+    fn host_rank(&self, host: &str) -> Option<(usize, usize)> {
         if self.hostnames.is_empty() {
-            return true;
+            return Some((0, 0));
         }
-        let host = host_without_port(host).to_ascii_lowercase();
-        self.hostnames.iter().any(|h| match h.strip_prefix("*.") {
-            Some(suffix) => {
-                host.strip_suffix(suffix).is_some_and(|rest| rest.ends_with('.') && rest.len() > 1)
-            }
-            None => *h == host,
-        })
+        self.hostnames
+            .iter()
+            .filter_map(|h| match h {
+                Hostname::Exact(e) => (e == host).then_some((e.len(), e.len())),
+                Hostname::Wildcard(suffix) => host
+                    .strip_suffix(suffix.as_str())
+                    .is_some_and(|label| !label.is_empty())
+                    .then_some((0, suffix.len() + 1)),
+            })
+            .max()
     }
 }
 
+/// One HTTP request's routing attributes.
 pub struct RouteRequest<'a> {
     pub method: &'a str,
+    /// Without the query.
     pub path: &'a str,
     pub query: Option<&'a str>,
+    /// Host or `:authority`, possibly with a port.
     pub host: &'a str,
     pub headers: &'a HeaderMap,
 }
 
+/// The rule that takes a request.
 pub struct RouteMatch<'a> {
     pub route: &'a Route,
     pub rule_index: usize,
     pub rule: &'a RouteRule,
 }
 
-/// The rule that takes a request among the routes attached to (`service`, `port`), by Gateway
-/// API precedence; ties go to the oldest route, then by name, then rule order.
+/// Returns, among the routes attached to (`service`, `port`), the rule that takes the request,
+/// by Gateway API precedence: the most specific matching hostname (exact, then longest), then
+/// exact path, longest prefix, regex, a method, most header matches, most query matches; ties
+/// go to the oldest route, then by `<ns>/<name>`, then to the first rule of the route.
 pub fn select<'a>(
     routes: &'a [Route],
     service: &str,
     port: u16,
     request: &RouteRequest<'_>,
 ) -> Option<RouteMatch<'a>> {
-    let mut best: Option<(Rank, &Route, usize)> = None;
-    for route in routes.iter().filter(|r| r.attaches_to(service, port) && r.host_matches(request.host)) {
-        for (index, (matches, _)) in route.rules.iter().enumerate() {
-            for m in matches.iter().filter(|m| m.matches(request)) {
-                let rank = m.rank();
-                let better = match &best {
-                    None => true,
-                    Some((best_rank, best_route, best_index)) => {
-                        rank > *best_rank
-                            || (rank == *best_rank
-                                && (route.created.as_str(), route.key.as_str(), index)
-                                    < (best_route.created.as_str(), best_route.key.as_str(), *best_index))
-                    }
-                };
-                if better {
-                    best = Some((rank, route, index));
-                }
+    let host = request.host.to_ascii_lowercase();
+    let host = host_without_port(&host);
+    let mut best: Option<((usize, usize), Rank, &Route, usize)> = None;
+    for route in routes.iter().filter(|r| r.attaches_to(service, port)) {
+        let Some(host_rank) = route.host_rank(host) else { continue };
+        for (index, matches) in route.matches.iter().enumerate() {
+            let Some(rank) = matches.iter().filter(|m| m.matches(request)).map(Match::rank).max() else {
+                continue;
+            };
+            let better = best.as_ref().is_none_or(|(best_host, best_rank, best_route, best_index)| {
+                let order = (host_rank, rank)
+                    .cmp(&(*best_host, *best_rank))
+                    .then_with(|| older(best_route, route))
+                    .then_with(|| best_route.key.cmp(&route.key))
+                    .then_with(|| best_index.cmp(&index));
+                order == Ordering::Greater
+            });
+            if better {
+                best = Some((host_rank, rank, route, index));
             }
         }
     }
-    best.map(|(_, route, rule_index)| RouteMatch { route, rule_index, rule: &route.rules[rule_index].1 })
+    best.map(|(_, _, route, rule_index)| RouteMatch { route, rule_index, rule: &route.rules[rule_index] })
 }
 
-#[cfg(test)]
-mod tests;
+/// Orders two routes' creation times: Greater when `b` is older than `a` (so `b` wins ties);
+/// a route without a known time is the youngest.
+fn older(a: &Route, b: &Route) -> Ordering {
+    match (a.created, b.created) {
+        (Some(a), Some(b)) => a.cmp(&b),
+        (None, Some(_)) => Ordering::Greater,
+        (Some(_), None) => Ordering::Less,
+        (None, None) => Ordering::Equal,
+    }
+}

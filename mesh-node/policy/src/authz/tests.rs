@@ -2,10 +2,18 @@
 
 use http::HeaderMap;
 use mesh_api::workload::v1::{
-    AuthorizationCondition, AuthorizationOperation, AuthorizationRule, AuthorizationSource,
+    AuthorizationAction, AuthorizationCondition, AuthorizationOperation, AuthorizationRule,
+    AuthorizationScope, AuthorizationSource,
 };
 
 use super::*;
+
+use AuthorizationAction::{Allow as A, Audit as U, Deny as D};
+
+mod compile;
+mod connection;
+
+const WEB: &str = "cluster.local/ns/demo/sa/web";
 
 fn policy(name: &str, action: AuthorizationAction, rules: Vec<AuthorizationRule>) -> Policy {
     Policy::compile(&Authorization {
@@ -18,6 +26,10 @@ fn policy(name: &str, action: AuthorizationAction, rules: Vec<AuthorizationRule>
     .expect("compiles")
 }
 
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
 fn from(s: AuthorizationSource) -> AuthorizationRule {
     AuthorizationRule { from: vec![s], ..Default::default() }
 }
@@ -26,420 +38,711 @@ fn to(o: AuthorizationOperation) -> AuthorizationRule {
     AuthorizationRule { to: vec![o], ..Default::default() }
 }
 
+fn cond(key: &str, values: &[&str], not_values: &[&str]) -> AuthorizationCondition {
+    AuthorizationCondition { key: key.into(), values: s(values), not_values: s(not_values) }
+}
+
 fn when(key: &str, values: &[&str], not_values: &[&str]) -> AuthorizationRule {
-    AuthorizationRule {
-        when: vec![AuthorizationCondition {
-            key: key.into(),
-            values: values.iter().map(|s| (*s).into()).collect(),
-            not_values: not_values.iter().map(|s| (*s).into()).collect(),
-        }],
-        ..Default::default()
-    }
+    AuthorizationRule { when: vec![cond(key, values, not_values)], ..Default::default() }
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| (*s).to_owned()).collect()
+fn paths(p: &[&str]) -> AuthorizationOperation {
+    AuthorizationOperation { paths: s(p), ..Default::default() }
 }
 
-const WEB: &str = "cluster.local/ns/demo/sa/web";
-
-fn peer(principal: Option<&'static str>) -> Peer<'static> {
-    Peer { ip: "10.1.1.2".parse().unwrap(), principal, namespace: principal.map(|_| "demo") }
+fn methods(m: &[&str]) -> AuthorizationOperation {
+    AuthorizationOperation { methods: s(m), ..Default::default() }
 }
 
-struct Case {
-    name: &'static str,
-    policies: Vec<Policy>,
-    principal: Option<&'static str>,
+fn principals(p: &[&str]) -> AuthorizationSource {
+    AuthorizationSource { principals: s(p), ..Default::default() }
+}
+
+fn mtls() -> Peer<'static> {
+    Peer { ip: "10.1.1.2".parse().unwrap(), principal: Some(WEB), namespace: Some("demo") }
+}
+
+fn plain() -> Peer<'static> {
+    Peer { ip: "10.1.1.2".parse().unwrap(), principal: None, namespace: None }
+}
+
+fn peer_at(ip: &str) -> Peer<'static> {
+    Peer { ip: ip.parse().unwrap(), ..mtls() }
+}
+
+/// A request to port 8080 of `web.demo`.
+#[derive(Clone)]
+struct Req {
     method: &'static str,
     path: &'static str,
+    host: &'static str,
     headers: Vec<(&'static str, &'static str)>,
-    want: Verdict,
 }
 
-fn run(case: &Case) -> Decision {
-    let mut headers = HeaderMap::new();
-    for (k, v) in &case.headers {
-        headers.insert(*k, v.parse().unwrap());
-    }
-    let refs: Vec<&Policy> = case.policies.iter().collect();
-    check_request(
-        &refs,
-        &peer(case.principal),
-        8080,
-        &Request { method: case.method, path: case.path, host: "web.demo:8080", headers: &headers },
-    )
+fn get(path: &'static str) -> Req {
+    Req { method: "GET", path, host: "web.demo:8080", headers: vec![] }
 }
+
+impl Req {
+    fn method(self, method: &'static str) -> Req {
+        Req { method, ..self }
+    }
+    fn host(self, host: &'static str) -> Req {
+        Req { host, ..self }
+    }
+    fn header(mut self, name: &'static str, value: &'static str) -> Req {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+fn request(policies: &[Policy], peer: &Peer<'_>, req: &Req) -> Decision {
+    let mut headers = HeaderMap::new();
+    for (k, v) in &req.headers {
+        headers.append(*k, v.parse().unwrap());
+    }
+    let refs: Vec<&Policy> = policies.iter().collect();
+    let r = Request { method: req.method, path: req.path, host: req.host, headers: &headers };
+    check_request(&refs, peer, 8080, &r)
+}
+
+/// Name, policies, peer, request, expected verdict.
+type RequestCase = (&'static str, Vec<Policy>, Peer<'static>, Req, Verdict);
 
 #[test]
 fn requests_are_decided_as_istio_documents() {
-    use AuthorizationAction::{Allow as A, Audit as U, Deny as D};
-    let get_public = || {
-        to(AuthorizationOperation {
-            methods: strings(&["GET"]),
-            paths: strings(&["/public*"]),
-            ..Default::default()
-        })
-    };
-    let case = |name, policies, principal, method, path, want| Case {
-        name,
-        policies,
-        principal,
-        method,
-        path,
-        headers: vec![],
-        want,
-    };
-    let cases = vec![
-        case("no policy allows", vec![], Some(WEB), "GET", "/", Verdict::Allow),
-        case(
-            "ALLOW matching",
-            vec![policy("p", A, vec![get_public()])],
-            Some(WEB),
-            "GET",
-            "/public/x",
-            Verdict::Allow,
-        ),
-        case(
-            "ALLOW not matching path",
-            vec![policy("p", A, vec![get_public()])],
-            Some(WEB),
-            "GET",
-            "/private",
+    let get_public =
+        || to(AuthorizationOperation { methods: s(&["GET"]), paths: s(&["/public*"]), ..Default::default() });
+    let cases: Vec<RequestCase> = vec![
+        ("no policy: allow", vec![], plain(), get("/"), Verdict::Allow),
+        ("ALLOW matches", vec![policy("a", A, vec![get_public()])], mtls(), get("/public/x"), Verdict::Allow),
+        (
+            "ALLOW misses the path",
+            vec![policy("a", A, vec![get_public()])],
+            mtls(),
+            get("/private"),
             Verdict::Deny,
         ),
-        case(
-            "ALLOW not matching method",
-            vec![policy("p", A, vec![get_public()])],
-            Some(WEB),
-            "POST",
-            "/public/x",
+        (
+            "ALLOW misses the method",
+            vec![policy("a", A, vec![get_public()])],
+            mtls(),
+            get("/public").method("POST"),
             Verdict::Deny,
         ),
-        case(
-            "ALLOW with no rules denies all",
-            vec![policy("p", A, vec![])],
-            Some(WEB),
-            "GET",
-            "/",
-            Verdict::Deny,
-        ),
-        case(
-            "ALLOW with an empty rule allows all",
-            vec![policy("p", A, vec![AuthorizationRule::default()])],
-            None,
-            "GET",
-            "/",
+        ("ALLOW without rules denies all", vec![policy("a", A, vec![])], mtls(), get("/"), Verdict::Deny),
+        (
+            "ALLOW with one empty rule allows all, even plaintext",
+            vec![policy("a", A, vec![AuthorizationRule::default()])],
+            plain(),
+            get("/"),
             Verdict::Allow,
         ),
-        case(
-            "DENY with no rules matches nothing",
-            vec![policy("p", D, vec![])],
-            Some(WEB),
-            "GET",
-            "/",
+        (
+            "DENY without rules matches nothing",
+            vec![policy("d", D, vec![])],
+            mtls(),
+            get("/"),
             Verdict::Allow,
         ),
-        case(
+        (
             "DENY beats ALLOW",
             vec![policy("a", A, vec![get_public()]), policy("d", D, vec![get_public()])],
-            Some(WEB),
-            "GET",
-            "/public",
+            mtls(),
+            get("/public"),
             Verdict::Deny,
         ),
-        case(
+        (
+            "DENY not matching and no ALLOW: allow",
+            vec![policy("d", D, vec![to(paths(&["/admin"]))])],
+            mtls(),
+            get("/public"),
+            Verdict::Allow,
+        ),
+        (
+            "the second ALLOW matches",
+            vec![policy("a", A, vec![to(paths(&["/x"]))]), policy("b", A, vec![to(paths(&["/y"]))])],
+            mtls(),
+            get("/y"),
+            Verdict::Allow,
+        ),
+        (
             "principal DENY",
-            vec![policy(
-                "d",
-                D,
-                vec![from(AuthorizationSource { principals: strings(&[WEB]), ..Default::default() })],
-            )],
-            Some(WEB),
-            "GET",
-            "/",
+            vec![policy("d", D, vec![from(principals(&[WEB]))])],
+            mtls(),
+            get("/"),
             Verdict::Deny,
         ),
-        case(
-            "principal DENY, other caller",
-            vec![policy(
-                "d",
-                D,
-                vec![from(AuthorizationSource { principals: strings(&[WEB]), ..Default::default() })],
-            )],
-            Some("cluster.local/ns/demo/sa/other"),
-            "GET",
-            "/",
+        (
+            "principal DENY spares another caller",
+            vec![policy("d", D, vec![from(principals(&[WEB]))])],
+            Peer { principal: Some("cluster.local/ns/demo/sa/other"), ..mtls() },
+            get("/"),
             Verdict::Allow,
         ),
-        case(
+        (
             "principal prefix",
-            vec![policy(
-                "a",
-                A,
-                vec![from(AuthorizationSource {
-                    principals: strings(&["cluster.local/ns/demo/*"]),
-                    ..Default::default()
-                })],
-            )],
-            Some(WEB),
-            "GET",
-            "/",
+            vec![policy("a", A, vec![from(principals(&["cluster.local/ns/demo/*"]))])],
+            mtls(),
+            get("/"),
             Verdict::Allow,
         ),
-        case(
-            "principal ALLOW never matches plaintext",
-            vec![policy(
-                "a",
-                A,
-                vec![from(AuthorizationSource { principals: strings(&["*"]), ..Default::default() })],
-            )],
-            None,
-            "GET",
-            "/",
+        (
+            "principal suffix",
+            vec![policy("a", A, vec![from(principals(&["*/sa/web"]))])],
+            mtls(),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
+            "principal presence, mTLS",
+            vec![policy("a", A, vec![from(principals(&["*"]))])],
+            mtls(),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
+            "principal presence never matches plaintext",
+            vec![policy("a", A, vec![from(principals(&["*"]))])],
+            plain(),
+            get("/"),
             Verdict::Deny,
         ),
-        case(
+        (
             "notPrincipals DENY fails closed on plaintext",
             vec![policy(
                 "d",
                 D,
-                vec![from(AuthorizationSource { not_principals: strings(&[WEB]), ..Default::default() })],
+                vec![from(AuthorizationSource { not_principals: s(&[WEB]), ..Default::default() })],
             )],
-            None,
-            "GET",
-            "/",
+            plain(),
+            get("/"),
             Verdict::Deny,
         ),
-        case(
-            "notPrincipals DENY spares the listed one",
+        (
+            "notPrincipals ALLOW fails closed on plaintext",
+            vec![policy(
+                "a",
+                A,
+                vec![from(AuthorizationSource { not_principals: s(&["x/*"]), ..Default::default() })],
+            )],
+            plain(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
+            "notPrincipals DENY spares the listed caller",
             vec![policy(
                 "d",
                 D,
-                vec![from(AuthorizationSource { not_principals: strings(&[WEB]), ..Default::default() })],
+                vec![from(AuthorizationSource { not_principals: s(&[WEB]), ..Default::default() })],
             )],
-            Some(WEB),
-            "GET",
-            "/",
+            mtls(),
+            get("/"),
             Verdict::Allow,
         ),
-        case(
+        (
+            "namespaces, with a wildcard",
+            vec![policy(
+                "a",
+                A,
+                vec![from(AuthorizationSource { namespaces: s(&["de*"]), ..Default::default() })],
+            )],
+            mtls(),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
             "notNamespaces ALLOW",
             vec![policy(
                 "a",
                 A,
-                vec![from(AuthorizationSource { not_namespaces: strings(&["prod"]), ..Default::default() })],
+                vec![from(AuthorizationSource { not_namespaces: s(&["prod"]), ..Default::default() })],
             )],
-            Some(WEB),
-            "GET",
-            "/",
+            mtls(),
+            get("/"),
             Verdict::Allow,
         ),
-        case(
-            "ipBlocks CIDR",
+        (
+            "notNamespaces DENY fails closed on plaintext",
+            vec![policy(
+                "d",
+                D,
+                vec![from(AuthorizationSource { not_namespaces: s(&["demo"]), ..Default::default() })],
+            )],
+            plain(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
+            "ipBlocks v4 CIDR, plaintext",
             vec![policy(
                 "a",
                 A,
-                vec![from(AuthorizationSource {
-                    ip_blocks: strings(&["10.1.0.0/16"]),
-                    ..Default::default()
-                })],
+                vec![from(AuthorizationSource { ip_blocks: s(&["10.1.0.0/16"]), ..Default::default() })],
             )],
-            None,
-            "GET",
-            "/",
+            plain(),
+            get("/"),
             Verdict::Allow,
         ),
-        case(
-            "notIpBlocks",
+        (
+            "ipBlocks miss",
+            vec![policy(
+                "a",
+                A,
+                vec![from(AuthorizationSource { ip_blocks: s(&["10.9.0.0/16"]), ..Default::default() })],
+            )],
+            plain(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
+            "notIpBlocks DENY",
             vec![policy(
                 "d",
                 D,
                 vec![from(AuthorizationSource {
-                    not_ip_blocks: strings(&["10.9.0.0/16", "::1"]),
+                    not_ip_blocks: s(&["10.9.0.0/16", "::1"]),
                     ..Default::default()
                 })],
             )],
-            None,
-            "GET",
-            "/",
+            plain(),
+            get("/"),
             Verdict::Deny,
         ),
-        case(
-            "path suffix",
+        (
+            "ipBlocks v6",
             vec![policy(
-                "d",
-                D,
-                vec![to(AuthorizationOperation { paths: strings(&["*.php"]), ..Default::default() })],
+                "a",
+                A,
+                vec![from(AuthorizationSource { ip_blocks: s(&["fd00::/8"]), ..Default::default() })],
             )],
-            Some(WEB),
-            "GET",
-            "/x/index.php",
+            peer_at("fd00::5"),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
+            "a v4 block does not hold a v6 peer",
+            vec![policy(
+                "a",
+                A,
+                vec![from(AuthorizationSource { ip_blocks: s(&["0.0.0.0/0"]), ..Default::default() })],
+            )],
+            peer_at("fd00::5"),
+            get("/"),
             Verdict::Deny,
         ),
-        case(
+        (
+            "a v4-mapped peer meets v4 blocks",
+            vec![policy(
+                "a",
+                A,
+                vec![from(AuthorizationSource { ip_blocks: s(&["10.1.1.2"]), ..Default::default() })],
+            )],
+            peer_at("::ffff:10.1.1.2"),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
+            "path suffix",
+            vec![policy("d", D, vec![to(paths(&["*.php"]))])],
+            mtls(),
+            get("/x/index.php"),
+            Verdict::Deny,
+        ),
+        (
             "notPaths",
             vec![policy(
                 "a",
                 A,
-                vec![to(AuthorizationOperation { not_paths: strings(&["/admin*"]), ..Default::default() })],
+                vec![to(AuthorizationOperation { not_paths: s(&["/admin*"]), ..Default::default() })],
             )],
-            Some(WEB),
-            "GET",
-            "/admin/x",
+            mtls(),
+            get("/admin/x"),
             Verdict::Deny,
         ),
-        case(
+        (
+            "dot segments cannot dodge a DENY",
+            vec![policy("d", D, vec![to(paths(&["/admin"]))])],
+            mtls(),
+            get("/public/../admin"),
+            Verdict::Deny,
+        ),
+        (
+            "doubled slashes cannot dodge a DENY",
+            vec![policy("d", D, vec![to(paths(&["/admin*"]))])],
+            mtls(),
+            get("//admin/x"),
+            Verdict::Deny,
+        ),
+        (
             "ports other than the destination's",
             vec![policy(
                 "d",
                 D,
                 vec![to(AuthorizationOperation { ports: vec![9090], ..Default::default() })],
             )],
-            Some(WEB),
-            "GET",
-            "/",
+            mtls(),
+            get("/"),
             Verdict::Allow,
         ),
-        case(
-            "hosts are case-insensitive and ignore the port",
+        (
+            "notPorts",
+            vec![policy(
+                "a",
+                A,
+                vec![to(AuthorizationOperation { not_ports: vec![8080], ..Default::default() })],
+            )],
+            mtls(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
+            "hosts are case-insensitive and may omit the port",
             vec![policy(
                 "d",
                 D,
-                vec![to(AuthorizationOperation { hosts: strings(&["WEB.demo"]), ..Default::default() })],
+                vec![to(AuthorizationOperation { hosts: s(&["WEB.demo"]), ..Default::default() })],
             )],
-            Some(WEB),
-            "GET",
-            "/",
+            mtls(),
+            get("/"),
             Verdict::Deny,
         ),
-        case(
+        (
+            "hosts may name the port",
+            vec![policy(
+                "d",
+                D,
+                vec![to(AuthorizationOperation { hosts: s(&["web.demo:*"]), ..Default::default() })],
+            )],
+            mtls(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
+            "notHosts",
+            vec![policy(
+                "a",
+                A,
+                vec![to(AuthorizationOperation { not_hosts: s(&["*.demo"]), ..Default::default() })],
+            )],
+            mtls(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
+            "notMethods DENY catches another method",
+            vec![policy(
+                "d",
+                D,
+                vec![to(AuthorizationOperation { not_methods: s(&["GET"]), ..Default::default() })],
+            )],
+            mtls(),
+            get("/").method("POST"),
+            Verdict::Deny,
+        ),
+        (
+            "notMethods DENY spares the listed method",
+            vec![policy(
+                "d",
+                D,
+                vec![to(AuthorizationOperation { not_methods: s(&["GET"]), ..Default::default() })],
+            )],
+            mtls(),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
+            "values within a field are ORed",
+            vec![policy("a", A, vec![to(methods(&["POST", "GET"]))])],
+            mtls(),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
+            "from entries are ORed",
+            vec![policy(
+                "a",
+                A,
+                vec![AuthorizationRule {
+                    from: vec![
+                        principals(&["x/ns/y/sa/z"]),
+                        AuthorizationSource { namespaces: s(&["demo"]), ..Default::default() },
+                    ],
+                    ..Default::default()
+                }],
+            )],
+            mtls(),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
+            "fields within a source are ANDed",
+            vec![policy(
+                "a",
+                A,
+                vec![from(AuthorizationSource {
+                    principals: s(&[WEB]),
+                    ip_blocks: s(&["192.168.0.0/16"]),
+                    ..Default::default()
+                })],
+            )],
+            mtls(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
+            "from and to are ANDed",
+            vec![policy(
+                "a",
+                A,
+                vec![AuthorizationRule {
+                    from: vec![principals(&[WEB])],
+                    to: vec![paths(&["/x"])],
+                    ..Default::default()
+                }],
+            )],
+            mtls(),
+            get("/y"),
+            Verdict::Deny,
+        ),
+        (
+            "when conditions are ANDed",
+            vec![policy(
+                "a",
+                A,
+                vec![AuthorizationRule {
+                    when: vec![
+                        cond("source.namespace", &["demo"], &[]),
+                        cond("destination.port", &["9090"], &[]),
+                    ],
+                    ..Default::default()
+                }],
+            )],
+            mtls(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
             "AUDIT never changes the verdict",
             vec![policy("u", U, vec![AuthorizationRule::default()])],
-            Some(WEB),
-            "GET",
-            "/",
+            mtls(),
+            get("/"),
             Verdict::Allow,
         ),
-        case(
+        (
             "source.namespace condition",
             vec![policy("a", A, vec![when("source.namespace", &["demo"], &[])])],
-            Some(WEB),
-            "GET",
-            "/",
+            mtls(),
+            get("/"),
             Verdict::Allow,
         ),
-        case(
+        (
+            "source.ip condition",
+            vec![policy("d", D, vec![when("source.ip", &["10.1.0.0/16"], &[])])],
+            plain(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
+            "source.principal notValues ALLOW fails closed on plaintext",
+            vec![policy("a", A, vec![when("source.principal", &[], &["x/*"])])],
+            plain(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
+            "source.principal notValues DENY fails closed on plaintext",
+            vec![policy("d", D, vec![when("source.principal", &[], &[WEB])])],
+            plain(),
+            get("/"),
+            Verdict::Deny,
+        ),
+        (
             "destination.port notValues",
             vec![policy("d", D, vec![when("destination.port", &[], &["8080"])])],
-            Some(WEB),
-            "GET",
-            "/",
+            mtls(),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
+            "header exact",
+            vec![policy("d", D, vec![when("request.headers[x-user]", &["mallory"], &[])])],
+            mtls(),
+            get("/").header("x-user", "mallory"),
+            Verdict::Deny,
+        ),
+        (
+            "header names are case-insensitive",
+            vec![policy("d", D, vec![when("request.headers[X-User]", &["mal*"], &[])])],
+            mtls(),
+            get("/").header("x-user", "mallory"),
+            Verdict::Deny,
+        ),
+        (
+            "any of a repeated header's values",
+            vec![policy("d", D, vec![when("request.headers[x-user]", &["mallory"], &[])])],
+            mtls(),
+            get("/").header("x-user", "alice").header("x-user", "mallory"),
+            Verdict::Deny,
+        ),
+        (
+            "header presence",
+            vec![policy("a", A, vec![when("request.headers[authorization]", &["*"], &[])])],
+            mtls(),
+            get("/").header("authorization", "Bearer x"),
+            Verdict::Allow,
+        ),
+        (
+            "an absent header does not match values",
+            vec![policy("d", D, vec![when("request.headers[x-user]", &["*"], &[])])],
+            mtls(),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
+            "an absent header matches notValues",
+            vec![policy("a", A, vec![when("request.headers[x-env]", &[], &["prod"])])],
+            mtls(),
+            get("/"),
+            Verdict::Allow,
+        ),
+        (
+            "a listed header value fails notValues",
+            vec![policy("a", A, vec![when("request.headers[x-env]", &[], &["prod"])])],
+            mtls(),
+            get("/").header("x-env", "prod"),
+            Verdict::Deny,
+        ),
+        (
+            "another host",
+            vec![policy(
+                "d",
+                D,
+                vec![to(AuthorizationOperation { hosts: s(&["web.demo"]), ..Default::default() })],
+            )],
+            mtls(),
+            get("/").host("api.demo"),
             Verdict::Allow,
         ),
     ];
-    for c in &cases {
-        let decision = run(c);
-        assert_eq!(decision.verdict, c.want, "{}: {decision:?}", c.name);
+    assert!(cases.len() >= 50);
+    for (name, policies, peer, req, want) in &cases {
+        let decision = request(policies, peer, req);
+        assert_eq!(decision.verdict, *want, "{name}: {decision:#?}");
+        assert_eq!(decision.evaluated.len(), policies.len(), "{name}");
     }
 }
 
 #[test]
-fn header_conditions_and_the_deciding_policy_are_reported() {
-    let deny = policy(
-        "deny-mallory",
-        AuthorizationAction::Deny,
-        vec![when("request.headers[x-user]", &["mallory"], &[])],
-    );
-    let audit = policy("audit-all", AuthorizationAction::Audit, vec![AuthorizationRule::default()]);
-    let mut case = Case {
-        name: "header",
-        policies: vec![deny, audit],
-        principal: Some(WEB),
-        method: "GET",
-        path: "/",
-        headers: vec![("x-user", "mallory")],
-        want: Verdict::Deny,
-    };
-    let decision = run(&case);
-    assert_eq!(decision.verdict, Verdict::Deny);
-    assert_eq!(decision.policy.as_deref(), Some("demo/deny-mallory"));
-    assert_eq!(decision.reason, "denied by demo/deny-mallory");
-    assert_eq!(decision.audited, ["demo/audit-all"]);
-    assert_eq!(decision.evaluated.len(), 2);
-    case.headers = vec![("x-user", "alice")];
-    assert_eq!(run(&case).verdict, Verdict::Allow);
-    case.headers = vec![];
-    assert_eq!(run(&case).verdict, Verdict::Allow, "an absent header does not match values");
-    assert_eq!(case.name, "header");
+fn decisions_name_the_deciding_policy_and_audits() {
+    let deny = policy("deny-mallory", D, vec![when("request.headers[x-user]", &["mallory"], &[])]);
+    let allow = policy("allow-get", A, vec![to(methods(&["GET"]))]);
+    let audit = policy("audit-all", U, vec![AuthorizationRule::default()]);
+    let all = [deny, allow, audit];
+
+    let d = request(&all, &mtls(), &get("/").header("x-user", "mallory"));
+    assert_eq!((d.verdict, d.policy.as_deref()), (Verdict::Deny, Some("demo/deny-mallory")));
+    assert_eq!(d.reason, "denied by demo/deny-mallory");
+    assert_eq!(d.audited, ["demo/audit-all"]);
+
+    let d = request(&all, &mtls(), &get("/").method("POST"));
+    assert_eq!((d.verdict, d.policy.as_deref()), (Verdict::Deny, None));
+    assert_eq!(d.reason, "no ALLOW policy matched (demo/allow-get)");
+
+    let d = request(&all, &mtls(), &get("/"));
+    assert_eq!((d.verdict, d.policy.as_deref()), (Verdict::Allow, None));
+    assert_eq!(d.reason, "allowed by demo/allow-get");
+
+    let refs: Vec<&Policy> = all.iter().collect();
+    let d = check_connection(&refs, &mtls(), 80, true);
+    assert_eq!(d.verdict, Verdict::PerRequest);
+    assert_eq!(d.reason, "decided per request by demo/deny-mallory, demo/allow-get");
+    assert_eq!(d.audited, ["demo/audit-all"], "an L4-only AUDIT is reported at once");
+
+    let l7_audit = policy("audit-admin", U, vec![to(paths(&["/admin*"]))]);
+    let d = check_connection(&[&l7_audit], &mtls(), 80, false);
+    assert!(d.audited.is_empty() && d.verdict == Verdict::Allow, "AUDIT reports only what it saw");
 }
 
 #[test]
-fn connections_defer_http_rules_when_parsed_and_fail_closed_when_not() {
-    let p = peer(Some(WEB));
-    let allow_get = policy(
-        "a",
-        AuthorizationAction::Allow,
-        vec![to(AuthorizationOperation { methods: strings(&["GET"]), ..Default::default() })],
-    );
-    let deny_admin = policy(
-        "d",
-        AuthorizationAction::Deny,
-        vec![to(AuthorizationOperation { paths: strings(&["/admin*"]), ..Default::default() })],
-    );
-    let deny_web = policy(
-        "w",
-        AuthorizationAction::Deny,
-        vec![from(AuthorizationSource { principals: strings(&[WEB]), ..Default::default() })],
-    );
-    assert_eq!(check_connection(&[&allow_get], &p, 80, true).verdict, Verdict::PerRequest);
+fn evaluations_say_why() {
+    let deny = policy("deny-admin", D, vec![to(methods(&["POST"])), to(paths(&["/admin*"]))]);
+    let d = request(&[deny], &mtls(), &get("/admin"));
+    let e = &d.evaluated[0];
+    assert_eq!((e.policy.as_str(), e.action, e.matched), ("demo/deny-admin", Action::Deny, true));
+    assert_eq!(e.why, "rule 1: path /admin matches \"/admin*\"");
+
+    let allow = policy("allow", A, vec![from(principals(&["x/*"])), to(paths(&["/a", "/b*"]))]);
+    let d = request(&[allow], &plain(), &get("/c"));
+    assert!(!d.evaluated[0].matched);
     assert_eq!(
-        check_connection(&[&allow_get], &p, 80, false).verdict,
-        Verdict::Deny,
-        "ALLOW with HTTP parts never allows TCP"
+        d.evaluated[0].why,
+        "rule 0: no principal (plaintext peer) for principals; \
+         rule 1: path /c matches none of paths [\"/a\", \"/b*\"]"
     );
-    assert_eq!(check_connection(&[&deny_admin], &p, 80, true).verdict, Verdict::PerRequest);
+
+    let empty = policy("nothing", A, vec![]);
+    assert_eq!(request(&[empty], &mtls(), &get("/")).evaluated[0].why, "no rules: matches nothing");
+
+    let l7 = policy(
+        "l7",
+        D,
+        vec![to(AuthorizationOperation { ports: vec![80], paths: s(&["/x"]), ..Default::default() })],
+    );
+    let d = check_connection(&[&l7], &mtls(), 80, true);
+    assert_eq!(d.evaluated[0].why, "rule 0: port 80 matches 80, paths depend on each request");
+    let d = check_connection(&[&l7], &mtls(), 80, false);
     assert_eq!(
-        check_connection(&[&deny_admin], &p, 80, false).verdict,
-        Verdict::Deny,
-        "DENY with HTTP parts fails closed on TCP"
+        d.evaluated[0].why,
+        "rule 0: port 80 matches 80, paths need HTTP, which this connection is not: DENY fails closed"
     );
-    assert_eq!(
-        check_connection(&[&deny_web, &allow_get], &p, 80, true).verdict,
-        Verdict::Deny,
-        "an L4 DENY decides at once"
-    );
-    assert!(allow_get.has_l7() && !deny_web.has_l7());
-    assert!(check_connection(&[], &p, 80, false).verdict == Verdict::Allow);
 }
 
 #[test]
-fn invalid_policies_are_refused_naming_the_field() {
-    let bad = |rule: AuthorizationRule| {
-        Policy::compile(&Authorization {
-            name: "p".into(),
-            namespace: "demo".into(),
-            rules: vec![rule],
+fn http_needs_and_ports_are_reported() {
+    let l4 = policy("l4", A, vec![from(principals(&[WEB]))]);
+    assert!(!l4.has_l7());
+    let by_port = policy(
+        "p",
+        D,
+        vec![
+            to(AuthorizationOperation { ports: vec![8080, 80], paths: s(&["/x"]), ..Default::default() }),
+            AuthorizationRule {
+                to: vec![
+                    AuthorizationOperation { ports: vec![9000], methods: s(&["GET"]), ..Default::default() },
+                    // L4 only: no HTTP needed on its ports.
+                    AuthorizationOperation { ports: vec![5432], ..Default::default() },
+                ],
+                ..Default::default()
+            },
+        ],
+    );
+    assert!(by_port.has_l7());
+    assert_eq!(by_port.l7_ports(), [80, 8080, 9000]);
+    let any_port = policy("q", A, vec![to(methods(&["GET"]))]);
+    assert!(any_port.l7_ports().is_empty());
+    let header_everywhere = policy(
+        "h",
+        A,
+        vec![AuthorizationRule {
+            to: vec![AuthorizationOperation { ports: vec![81], ..Default::default() }],
+            when: vec![cond("request.headers[x]", &["1"], &[])],
             ..Default::default()
-        })
-        .expect_err("refused")
-        .to_string()
-    };
-    assert!(
-        bad(from(AuthorizationSource { ip_blocks: strings(&["10.0.0.0/33"]), ..Default::default() }))
-            .contains("rules[0].from[0].source.ipBlocks[0]")
+        }],
     );
-    assert!(bad(when("request.auth.claims[iss]", &["x"], &[])).contains("unknown condition key"));
-    assert!(bad(when("source.ip", &[], &[])).contains("needs values"));
-    assert!(
-        bad(to(AuthorizationOperation { paths: strings(&["/a*b*"]), ..Default::default() }))
-            .contains("`*` may only")
-    );
-    assert!(
-        bad(to(AuthorizationOperation { methods: strings(&["get"]), ..Default::default() }))
-            .contains("not an HTTP method")
-    );
-    assert!(
-        bad(to(AuthorizationOperation { ports: vec![70000], ..Default::default() })).contains("not a port")
-    );
+    assert!(header_everywhere.has_l7());
+    assert_eq!(header_everywhere.l7_ports(), [81]);
+    assert!(policy("w", A, vec![when("request.headers[x]", &["1"], &[])]).l7_ports().is_empty());
+    assert_eq!((by_port.key(), by_port.name(), by_port.namespace()), ("demo/p", "p", "demo"));
+    assert_eq!((by_port.action(), by_port.scope()), (Action::Deny, Scope::Namespace));
+}
+
+#[test]
+fn decisions_serialize() {
+    fn serializable<T: serde::Serialize>(_: &T) {}
+    let d = request(&[], &mtls(), &get("/"));
+    serializable(&d);
+    assert_eq!(d.reason, "allowed: no policies apply");
+    assert_eq!(format!("{} {}", Action::Deny, Verdict::PerRequest), "DENY per request");
 }
