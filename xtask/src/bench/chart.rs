@@ -311,6 +311,7 @@ mod tests {
                 rate: 1000,
                 runs_kept: 1,
                 runs_discarded: 0,
+                runs_saturated: 0,
                 p50_us: p50,
                 p90_us: p50,
                 p99_us: p50.map(|v| v * 3.0),

@@ -32,6 +32,8 @@ use super::{histogram::Histogram, http};
 
 /// How far the achieved rate may be from the target before the run is discarded.
 pub const RATE_TOLERANCE: f64 = 0.02;
+/// A run whose last response came this long after the last request was due did not keep up.
+const SATURATED_AFTER: Duration = Duration::from_secs(1);
 /// A connection on which nothing moves for this long has stalled (the run is then discarded).
 const STALL: Duration = Duration::from_secs(10);
 /// Responses still missing this long after the last request was due are not waited for.
@@ -70,6 +72,10 @@ pub struct LoadReport {
     pub max_us: f64,
     /// How late the generator itself wrote requests (p99), for judging a discarded run.
     pub send_lag_p99_us: f64,
+    /// From the last request's intended send time to the last response: a few milliseconds on
+    /// a path that keeps up, seconds on one that queues (see [`LoadReport::saturated`]).
+    #[serde(default)]
+    pub drain_us: f64,
     /// HTTP only: responses per status code.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub statuses: BTreeMap<u16, u64>,
@@ -95,6 +101,30 @@ impl LoadReport {
                 RATE_TOLERANCE * 100.0
             )
         })
+    }
+
+    /// Returns how the path fell behind, if the last response came more than a second after
+    /// the last request was due: the server side could not answer at this rate and requests
+    /// queued. The run is kept (its latencies are what callers would see) but is no latency of
+    /// a path that keeps up.
+    pub fn saturated(&self) -> Option<String> {
+        let drain = Duration::from_secs_f64(self.drain_us.max(0.0) / 1e6);
+        (drain > SATURATED_AFTER).then(|| {
+            format!(
+                "saturated: the last response came {:.1} s after the last request was due (answered ~{:.0} req/s \
+                 of {})",
+                drain.as_secs_f64(),
+                self.answered_rps(),
+                self.target_rps
+            )
+        })
+    }
+
+    /// Returns the rate responses came at: completed over the time from the start to the last
+    /// response (the schedule's span plus the drain).
+    pub fn answered_rps(&self) -> f64 {
+        let span = self.completed as f64 / f64::from(self.target_rps.max(1)) + self.drain_us / 1e6;
+        if span > 0.0 { self.completed as f64 / span } else { 0.0 }
     }
 
     /// Returns a response status other than 200, with how many and the first one's body, if
@@ -201,6 +231,8 @@ fn tighten_timer_slack() {
 #[derive(Default)]
 struct Received {
     latencies: Histogram,
+    /// When the last response arrived, from the start.
+    last: Duration,
     statuses: BTreeMap<u16, u64>,
     unexpected: Option<String>,
     stalled: Option<String>,
@@ -254,6 +286,7 @@ fn receive(
             received.unexpected = Some(format!("{status} {text:?}"));
         }
         received.latencies.record(corrected_latency(k * conns + c as u64, spec.rate, arrived));
+        received.last = arrived;
         if Instant::now() > deadline {
             received.stalled = Some(format!(
                 "responses still missing {}s after the last request was due",
@@ -348,10 +381,12 @@ pub fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
     }
     let mut report = LoadReport { stalled, ..LoadReport::default() };
     let mut histogram = Histogram::default();
+    let mut last_response = Duration::ZERO;
     for outcome in outcomes {
         let received =
             outcome.with_context(|| format!("{} of {sent} responses verified", histogram.len()))?;
         histogram.merge(&received.latencies);
+        last_response = last_response.max(received.last);
         for (status, n) in received.statuses {
             *report.statuses.entry(status).or_default() += n;
         }
@@ -372,6 +407,7 @@ pub fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
         p999_us: us(histogram.percentile(99.9)),
         max_us: us(histogram.max()),
         send_lag_p99_us: us(lag.percentile(99.0)),
+        drain_us: us(last_response.saturating_sub(intended_offset(total.saturating_sub(1), spec.rate))),
         ..report
     })
 }
@@ -443,7 +479,26 @@ mod tests {
             stalled.discard_reason().as_deref(),
             Some("no response for 10s (4 of 10 responses arrived)")
         );
-        let slow = LoadReport { achieved_rps: 900.0, ..good };
+        let slow = LoadReport { achieved_rps: 900.0, ..good.clone() };
         assert!(slow.discard_reason().expect("discarded").starts_with("achieved 900 req/s"));
+    }
+
+    #[test]
+    fn a_path_that_falls_behind_is_saturated() {
+        let run = |drain_us| LoadReport {
+            target_rps: 1000,
+            achieved_rps: 1000.0,
+            sent: 10_000,
+            completed: 10_000,
+            drain_us,
+            ..LoadReport::default()
+        };
+        assert_eq!(run(3_000.0).saturated(), None, "a few milliseconds: keeping up");
+        // 10,000 requests due over 10 s, the last answered 15 s late: 400 answers a second.
+        let behind = run(15e6);
+        assert!((behind.answered_rps() - 400.0).abs() < 1e-9, "{}", behind.answered_rps());
+        let why = behind.saturated().expect("saturated");
+        assert!(why.contains("15.0 s after") && why.contains("~400 req/s of 1000"), "{why}");
+        assert_eq!(behind.discard_reason(), None, "kept: its latencies are what callers see");
     }
 }

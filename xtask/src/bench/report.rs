@@ -160,7 +160,9 @@ pub fn tables(meta: &Meta, summary: &[ModeSummary]) -> Vec<Table> {
                  node parses every request and evaluates every rule. The other modes carry the same requests \
                  as bytes (L4). Every response is checked: 200 and the body echoed. CPU × mTLS: proxy CPU per \
                  request over HBONE mTLS's at the same rate, same run. Runs discarded as for the raw \
-                 latency, and when a response is not 200 or responses stall (overload)."
+                 latency, and when a response is not 200 or responses stall; \"saturated\": the last \
+                 response came over 1 s after the last request was due (requests queued: the path does not \
+                 keep up with the rate, and the mode is not run at higher rates in that round)."
                     .into(),
             ),
             ..table
@@ -258,7 +260,11 @@ fn latency_table(
                 if vs_mtls {
                     row.push(ratio(l.cpu_vs_mtls));
                 }
-                row.push(format!("{}/{}", l.runs_kept, l.runs_kept + l.runs_discarded));
+                let saturated = match l.runs_saturated {
+                    0 => String::new(),
+                    n => format!(", {n} saturated"),
+                };
+                row.push(format!("{}/{}{saturated}", l.runs_kept, l.runs_kept + l.runs_discarded));
                 row
             })
         })
@@ -420,6 +426,7 @@ mod tests {
                     rate: 1000,
                     runs_kept: 5,
                     runs_discarded: 0,
+                    runs_saturated: 0,
                     p50_us: Some(40.0),
                     p90_us: Some(50.0),
                     p99_us: Some(70.0),
@@ -445,6 +452,7 @@ mod tests {
                     rate: 1000,
                     runs_kept: 4,
                     runs_discarded: 1,
+                    runs_saturated: 0,
                     p50_us: Some(90.0),
                     p90_us: Some(100.0),
                     p99_us: Some(150.0),
@@ -476,6 +484,7 @@ mod tests {
             rate,
             runs_kept: 5,
             runs_discarded: 0,
+            runs_saturated: 0,
             p50_us: Some(200.0),
             p90_us: Some(250.0),
             p99_us: Some(400.0),

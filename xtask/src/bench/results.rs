@@ -242,6 +242,10 @@ pub struct LatencySummary {
     pub rate: u32,
     pub runs_kept: usize,
     pub runs_discarded: usize,
+    /// Kept runs in which the path fell behind the rate (requests queued; see
+    /// [`LoadReport::saturated`]).
+    #[serde(default)]
+    pub runs_saturated: usize,
     pub p50_us: Option<f64>,
     pub p90_us: Option<f64>,
     pub p99_us: Option<f64>,
@@ -403,6 +407,7 @@ fn latency_summaries(runs: &[LatencyRun], mode: Mode) -> Vec<LatencySummary> {
                 rate,
                 runs_kept: mine.len(),
                 runs_discarded: all - mine.len(),
+                runs_saturated: mine.iter().filter(|r| r.report.saturated().is_some()).count(),
                 p50_us: p50,
                 p90_us: pick(&mine, |r| r.p90_us),
                 p99_us: p99,

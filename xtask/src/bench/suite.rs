@@ -435,10 +435,30 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             (Wire::Http, &plan.http_rates, http_modes.as_slice()),
         ] {
             let what = if wire == Wire::Http { "HTTP latency" } else { "latency" };
+            // Modes that fell behind at a lower rate this round: (mode, why); higher rates would
+            // only queue longer, and leave a backlog that disturbs the next runs.
+            let mut saturated: Vec<(Mode, String)> = Vec::new();
             for &rate in rates {
                 for &mode in modes {
                     progress.start(&format!("round {r}: {what} at {rate} req/s, {}", mode.label()));
+                    if let Some((_, why)) = saturated.iter().find(|(m, _)| *m == mode) {
+                        let report = LoadReport { target_rps: rate, ..LoadReport::default() };
+                        let discarded = Some(format!("not run: {why}"));
+                        let run = LatencyRun { mode, round, report, proxy_cpu_secs: None, discarded };
+                        match wire {
+                            Wire::Raw => results.latency.push(run),
+                            Wire::Http => results.http_latency.push(run),
+                        }
+                        progress.finish_one();
+                        continue;
+                    }
                     let run = latency_run(bed(mode)?, &plan, round, rate, wire, options.smoke)?;
+                    if let Some(why) = run.report.saturated().filter(|_| run.discarded.is_none()) {
+                        let line = format!("round {r}, {what}, {} at {rate} req/s: {why}", mode.label());
+                        progress.say(&line);
+                        results.meta.notes.push(line);
+                        saturated.push((mode, format!("saturated at {rate} req/s in this round")));
+                    }
                     if let Some(why) = &run.discarded {
                         let line =
                             format!("round {r}, {what}, {} at {rate} req/s discarded: {why}", mode.label());
@@ -455,7 +475,9 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                 }
             }
         }
-        for mode in compared.iter().copied().chain(fresh) {
+        let connect_modes =
+            if plan.connects() { compared.iter().copied().chain(fresh).collect() } else { Vec::new() };
+        for mode in connect_modes {
             progress.start(&format!("round {r}: new connections per second, {}", mode.label()));
             let run = connect_run(bed(mode)?, &plan, round)?;
             if run.report.failed > 0 {
