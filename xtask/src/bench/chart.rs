@@ -13,6 +13,18 @@ const PLOT_H: f64 = 220.0;
 const LEFT: f64 = 55.0;
 const COLORS: [&str; 4] = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759"];
 
+/// Returns an axis label: `1k` for thousands, seconds for a million µs and more when `micros`,
+/// small values without float noise (`0.01`, not `0.010000000000000002`).
+fn tick_label(t: f64, micros: bool) -> String {
+    if micros && t >= 1e6 {
+        format!("{:.0} s", t / 1e6)
+    } else if t >= 1000.0 {
+        format!("{:.0}k", t / 1000.0)
+    } else {
+        format!("{}", (t * 1e6).round() / 1e6)
+    }
+}
+
 /// Escapes text for SVG.
 fn esc(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
@@ -89,7 +101,7 @@ impl Panel<'_> {
         );
         for t in &ticks {
             let y = self.y(*t, lo, hi);
-            let label = if *t >= 1000.0 { format!("{:.0}k", t / 1000.0) } else { format!("{t}") };
+            let label = tick_label(*t, self.unit.starts_with("µs"));
             let _ = writeln!(
                 out,
                 r##"<line x1="{:.1}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{}</text>"##,
@@ -256,9 +268,10 @@ pub fn svg(meta: &Meta, summary: &[ModeSummary]) -> String {
                         .collect()
                 })
                 .collect(),
-            log: false,
+            // Log: 10,000 rules cost tens of times what the others do.
+            log: true,
             reference: None,
-            unit: "CPU s per 1,000 requests",
+            unit: "CPU s per 1,000 requests (log scale)",
         });
     }
     let width: f64 = panels.iter().map(|p| p.width).sum::<f64>().max(PANEL_W);
@@ -368,5 +381,14 @@ mod tests {
         assert!(chart.contains(">L7 ×10k<"), "short labels on the axes");
         assert!(chart.contains("L7 ×10k: 1000 req/s 0.30"), "a CPU bar per mode and rate: {chart}");
         assert!(!chart.contains("NaN") && !chart.contains("inf"));
+    }
+
+    #[test]
+    fn tick_labels_read_well() {
+        assert_eq!(super::tick_label(100.0, true), "100");
+        assert_eq!(super::tick_label(10_000.0, true), "10k");
+        assert_eq!(super::tick_label(10_000_000.0, true), "10 s");
+        assert_eq!(super::tick_label(0.01 * 10.0 * 10.0 / 10.0, false), "0.1");
+        assert_eq!(super::tick_label(0.25, false), "0.25");
     }
 }
