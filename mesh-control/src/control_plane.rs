@@ -294,10 +294,13 @@ impl ControlPlane {
     /// and `/routes` (each with whether it was accepted, and why not) and `/healthz/ready` on
     /// `listener`.
     pub async fn serve_admin(self: Arc<Self>, listener: TcpListener) {
-        mesh_api::http::serve(listener, "admin", move |path| {
+        mesh_api::http::serve(listener, "admin", move |request| {
             let plane = self.clone();
             async move {
-                match path.as_str() {
+                if !request.is_get() {
+                    return http::method_not_allowed("GET");
+                }
+                match request.path.as_str() {
                     "/metrics" => {
                         http::respond(StatusCode::OK, http::OPENMETRICS, plane.service.metrics.render())
                     }

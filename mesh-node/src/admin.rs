@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use hyper::{Response, StatusCode};
-use mesh_api::http::{Body, OPENMETRICS, json, not_found, respond};
+use mesh_api::http::{AdminRequest, Body, OPENMETRICS, json, method_not_allowed, not_found, respond};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -17,8 +17,11 @@ pub enum Endpoint {
     Readiness,
 }
 
-async fn route(node: &Node, endpoint: Endpoint, path: &str) -> Response<Body> {
-    match (endpoint, path) {
+async fn route(node: &Node, endpoint: Endpoint, request: &AdminRequest) -> Response<Body> {
+    if !request.is_get() {
+        return method_not_allowed("GET");
+    }
+    match (endpoint, request.path.as_str()) {
         (Endpoint::Admin, "/pods") => json(&node.status().await),
         (Endpoint::Admin, "/certs") => json(&json!({
             "ca": node.identities.is_some(),
@@ -87,9 +90,9 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, endpoint: Endpoint) {
         Endpoint::Metrics => "metrics",
         Endpoint::Readiness => "readiness",
     };
-    mesh_api::http::serve(listener, name, move |path| {
+    mesh_api::http::serve(listener, name, move |request| {
         let node = node.clone();
-        async move { route(&node, endpoint, &path).await }
+        async move { route(&node, endpoint, &request).await }
     })
     .await;
 }

@@ -19,6 +19,9 @@ use std::{
 use anyhow::{Context as _, bail};
 
 mod http;
+mod meshctl;
+
+pub use meshctl::MeshctlRun;
 
 use crate::{
     manifest::{self, PodEntry},
@@ -471,6 +474,7 @@ impl Topology {
         let cgroup = self.cgroup_root.join("control");
         place(&mut cmd, &netns::path(&self.node_netns(NodeId::A)), Some(&cgroup))?;
         let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        self.write_meshctl_context()?;
         *self.control_plane.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
         self.meshed.store(true, std::sync::atomic::Ordering::Release);
         let deadline = Instant::now() + READY_TIMEOUT;

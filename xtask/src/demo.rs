@@ -29,9 +29,9 @@ pub fn run() -> anyhow::Result<()> {
         cmd.current_dir(crate::workspace_root()).env("CARGO_TERM_COLOR", "never");
         cmd
     };
-    Step::start("building mesh-node, mesh-control and pod-app").run(
+    Step::start("building mesh-node, mesh-control, meshctl and pod-app").run(
         "build-binaries",
-        cargo().args(["build", "-p", "mesh-node", "-p", "mesh-control", "-p", "nodemesh-testbed", "--bins"]),
+        cargo().args(["build", "-p", "mesh-node", "-p", "mesh-control", "-p", "meshctl", "-p", "nodemesh-testbed", "--bins"]),
     )?;
     // Its own invocation: building the xtask package with the feature beside other packages
     // would rebuild the running `xtask` binary with it too.
@@ -45,6 +45,7 @@ pub fn run() -> anyhow::Result<()> {
     let status = Command::new(&demo)
         .env("MESH_NODE_BIN", debug.join("mesh-node"))
         .env("MESH_CONTROL_BIN", debug.join("mesh-control"))
+        .env("MESHCTL_BIN", debug.join("meshctl"))
         .env("POD_APP_BIN", debug.join("pod-app"))
         .env("NODEMESH_BPF_OBJECT", object)
         .status()

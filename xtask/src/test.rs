@@ -149,9 +149,9 @@ pub fn run(selection: Selection) -> anyhow::Result<()> {
                 &mut totals,
             )?,
             Stage::BuildBinaries => run_step(
-                "building mesh-node and mesh-control",
+                "building mesh-node, mesh-control and meshctl",
                 "build-binaries",
-                cargo().args(["build", "-p", "mesh-node", "-p", "mesh-control", "--bins"]),
+                cargo().args(["build", "-p", "mesh-node", "-p", "mesh-control", "-p", "meshctl", "--bins"]),
                 &mut totals,
             )?,
             Stage::NeedRoot => bail!(
@@ -180,6 +180,7 @@ fn e2e_command(debug: &Path, object: &Path) -> Command {
     cmd.args(["test", "-p", "nodemesh-testbed", "--test", "*", "--no-fail-fast"])
         .env("MESH_NODE_BIN", debug.join("mesh-node"))
         .env("MESH_CONTROL_BIN", debug.join("mesh-control"))
+        .env("MESHCTL_BIN", debug.join("meshctl"))
         .env("NODEMESH_BPF_OBJECT", object)
         .env(kube_apiserver::ENV_VAR, kube_apiserver::binary_path())
         .env(manifest_tools::ENV_VAR, manifest_tools::bin_dir());

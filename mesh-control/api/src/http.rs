@@ -1,5 +1,6 @@
 //! The small HTTP/1.1 server both mesh-control and mesh-node use for their admin, metrics and
-//! readiness endpoints: GET-only, each route a function of the path.
+//! readiness endpoints: each route a function of the method, path and query parameters. State
+//! changes (e.g. the log level) take POST, so a stray GET or a prefetch never changes anything.
 
 use std::{convert::Infallible, future::Future};
 
@@ -34,10 +35,49 @@ pub fn not_found() -> Response<Body> {
     respond(StatusCode::NOT_FOUND, "text/plain", "not found\n")
 }
 
-/// Serves GET requests on `listener` with `route(path)` until the task is dropped.
+/// What a route sees of a request: no bodies, parameters travel in the query string.
+#[derive(Clone, Debug)]
+pub struct AdminRequest {
+    pub method: Method,
+    pub path: String,
+    /// Decoded query parameters, in order.
+    pub query: Vec<(String, String)>,
+}
+
+impl AdminRequest {
+    /// Parses `path?query` (tests and clients build requests the same way).
+    pub fn new(method: Method, path_and_query: &str) -> Self {
+        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+        let query =
+            form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        AdminRequest { method, path: path.to_owned(), query }
+    }
+
+    /// The first value of query parameter `name`.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn is_get(&self) -> bool {
+        self.method == Method::GET
+    }
+}
+
+/// The answer to a request whose method the route does not take.
+pub fn method_not_allowed(allowed: &str) -> Response<Body> {
+    let mut response =
+        respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", format!("use {allowed} for this endpoint\n"));
+    if let Ok(value) = header::HeaderValue::from_str(allowed) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
+}
+
+/// Serves requests on `listener` with `route(request)` until the task is dropped. Only GET and
+/// POST reach a route; a GET route answers POST with 405 through [`method_not_allowed`].
 pub async fn serve<R, F>(listener: TcpListener, name: &'static str, route: R)
 where
-    R: Fn(String) -> F + Clone + Send + Sync + 'static,
+    R: Fn(AdminRequest) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send,
 {
     loop {
@@ -54,14 +94,11 @@ where
             let service = service_fn(move |req: Request<Incoming>| {
                 let route = route.clone();
                 async move {
-                    if req.method() != Method::GET {
-                        return Ok::<_, Infallible>(respond(
-                            StatusCode::METHOD_NOT_ALLOWED,
-                            "text/plain",
-                            "only GET is supported\n",
-                        ));
+                    if req.method() != Method::GET && req.method() != Method::POST {
+                        return Ok::<_, Infallible>(method_not_allowed("GET, POST"));
                     }
-                    Ok(route(req.uri().path().to_owned()).await)
+                    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+                    Ok(route(AdminRequest::new(req.method().clone(), target)).await)
                 }
             });
             if let Err(err) = hyper::server::conn::http1::Builder::new()
@@ -71,5 +108,21 @@ where
                 tracing::debug!(error = %err, endpoint = name, "HTTP connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_decoded() {
+        let request = AdminRequest::new(Method::GET, "/explain?from=demo%2Fa1&http=GET+%2Fadmin&port=80");
+        assert_eq!(request.path, "/explain");
+        assert_eq!(request.param("from"), Some("demo/a1"));
+        assert_eq!(request.param("http"), Some("GET /admin"));
+        assert_eq!(request.param("port"), Some("80"));
+        assert_eq!(request.param("missing"), None);
+        assert!(AdminRequest::new(Method::GET, "/pods").query.is_empty());
     }
 }

@@ -1,0 +1,10 @@
+//! `meshctl connectivity` (being written).
+
+use crate::{Outcome, context::Context, output::Format};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_context: &Context, _args: Args, _format: Format) -> anyhow::Result<Outcome> {
+    anyhow::bail!("not written yet")
+}
