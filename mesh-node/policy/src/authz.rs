@@ -254,7 +254,8 @@ pub struct Decision {
     pub reason: String,
     /// AUDIT policies that matched.
     pub audited: Vec<String>,
-    /// Every policy passed in, and whether and why it matched.
+    /// Every policy passed in, and whether and why it matched: filled by [`explain_connection`]
+    /// and [`explain_request`] only: the proxy's checks skip the text, which is most of their cost.
     pub evaluated: Vec<Evaluation>,
 }
 
@@ -264,8 +265,7 @@ pub struct Decision {
 /// checked, so it fails closed: a DENY operation or header condition counts as matching when its
 /// L4 parts do; an ALLOW one never matches.
 pub fn check_connection(policies: &[&Policy], peer: &Peer<'_>, dst_port: u16, http: bool) -> Decision {
-    let l7 = if http { eval::L7::Pending } else { eval::L7::Never };
-    decide(policies, &eval::Context::new(peer, dst_port, l7))
+    connection(policies, peer, dst_port, http, eval::Reasons(false))
 }
 
 /// Decides one HTTP request, evaluating every part of every rule.
@@ -275,13 +275,50 @@ pub fn check_request(
     dst_port: u16,
     request: &Request<'_>,
 ) -> Decision {
-    decide(policies, &eval::Context::new(peer, dst_port, eval::L7::Known(eval::Http::new(request))))
+    request_decision(policies, peer, dst_port, request, eval::Reasons(false))
 }
 
-fn decide(policies: &[&Policy], cx: &eval::Context<'_>) -> Decision {
+/// [`check_connection`], with every policy's evaluation and the reasons (`meshctl explain`).
+pub fn explain_connection(policies: &[&Policy], peer: &Peer<'_>, dst_port: u16, http: bool) -> Decision {
+    connection(policies, peer, dst_port, http, eval::Reasons(true))
+}
+
+/// [`check_request`], with every policy's evaluation and the reasons (`meshctl explain`).
+pub fn explain_request(
+    policies: &[&Policy],
+    peer: &Peer<'_>,
+    dst_port: u16,
+    request: &Request<'_>,
+) -> Decision {
+    request_decision(policies, peer, dst_port, request, eval::Reasons(true))
+}
+
+fn connection(
+    policies: &[&Policy],
+    peer: &Peer<'_>,
+    dst_port: u16,
+    http: bool,
+    reasons: eval::Reasons,
+) -> Decision {
+    let l7 = if http { eval::L7::Pending } else { eval::L7::Never };
+    decide(policies, &eval::Context::new(peer, dst_port, l7, reasons), reasons)
+}
+
+fn request_decision(
+    policies: &[&Policy],
+    peer: &Peer<'_>,
+    dst_port: u16,
+    request: &Request<'_>,
+    reasons: eval::Reasons,
+) -> Decision {
+    let l7 = eval::L7::Known(eval::Http::new(request));
+    decide(policies, &eval::Context::new(peer, dst_port, l7, reasons), reasons)
+}
+
+fn decide(policies: &[&Policy], cx: &eval::Context<'_>, reasons: eval::Reasons) -> Decision {
     use eval::Tri;
 
-    let mut evaluated = Vec::with_capacity(policies.len());
+    let mut evaluated = Vec::with_capacity(if reasons.0 { policies.len() } else { 0 });
     let mut denied_by = None;
     let mut allows = Vec::new();
     let mut allowed_by = None;
@@ -306,12 +343,14 @@ fn decide(policies: &[&Policy], cx: &eval::Context<'_>) -> Decision {
             (Action::Audit, Tri::Yes) => audited.push(key.to_owned()),
             (Action::Deny | Action::Audit, _) => {}
         }
-        evaluated.push(Evaluation {
-            policy: key.to_owned(),
-            action: policy.action,
-            matched: check.tri == Tri::Yes,
-            why: check.why,
-        });
+        if reasons.0 {
+            evaluated.push(Evaluation {
+                policy: key.to_owned(),
+                action: policy.action,
+                matched: check.tri == Tri::Yes,
+                why: check.why,
+            });
+        }
     }
 
     let allow_all_missed = !allows.is_empty() && allowed_by.is_none() && pending_allow.is_empty();

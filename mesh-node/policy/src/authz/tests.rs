@@ -103,7 +103,24 @@ fn request(policies: &[Policy], peer: &Peer<'_>, req: &Req) -> Decision {
     }
     let refs: Vec<&Policy> = policies.iter().collect();
     let r = Request { method: req.method, path: req.path, host: req.host, headers: &headers };
-    check_request(&refs, peer, 8080, &r)
+    same_outcome(check_request(&refs, peer, 8080, &r), explain_request(&refs, peer, 8080, &r))
+}
+
+/// Decides a connection both ways, enforcing and explaining; see [`same_outcome`].
+fn connection(policies: &[&Policy], peer: &Peer<'_>, port: u16, http: bool) -> Decision {
+    same_outcome(check_connection(policies, peer, port, http), explain_connection(policies, peer, port, http))
+}
+
+/// Asserts the proxy's check (no reasons) and `meshctl explain`'s decide the same, and returns
+/// the explained decision.
+fn same_outcome(checked: Decision, explained: Decision) -> Decision {
+    assert_eq!(
+        (checked.verdict, &checked.policy, &checked.reason, &checked.audited),
+        (explained.verdict, &explained.policy, &explained.reason, &explained.audited),
+        "enforcing and explaining disagree"
+    );
+    assert!(checked.evaluated.is_empty(), "the proxy's check builds no explanations");
+    explained
 }
 
 /// Name, policies, peer, request, expected verdict.
@@ -655,13 +672,13 @@ fn decisions_name_the_deciding_policy_and_audits() {
     assert_eq!(d.reason, "allowed by demo/allow-get");
 
     let refs: Vec<&Policy> = all.iter().collect();
-    let d = check_connection(&refs, &mtls(), 80, true);
+    let d = connection(&refs, &mtls(), 80, true);
     assert_eq!(d.verdict, Verdict::PerRequest);
     assert_eq!(d.reason, "decided per request by demo/deny-mallory, demo/allow-get");
     assert_eq!(d.audited, ["demo/audit-all"], "an L4-only AUDIT is reported at once");
 
     let l7_audit = policy("audit-admin", U, vec![to(paths(&["/admin*"]))]);
-    let d = check_connection(&[&l7_audit], &mtls(), 80, false);
+    let d = connection(&[&l7_audit], &mtls(), 80, false);
     assert!(d.audited.is_empty() && d.verdict == Verdict::Allow, "AUDIT reports only what it saw");
 }
 
@@ -690,9 +707,9 @@ fn evaluations_say_why() {
         D,
         vec![to(AuthorizationOperation { ports: vec![80], paths: s(&["/x"]), ..Default::default() })],
     );
-    let d = check_connection(&[&l7], &mtls(), 80, true);
+    let d = connection(&[&l7], &mtls(), 80, true);
     assert_eq!(d.evaluated[0].why, "rule 0: port 80 matches 80, paths depend on each request");
-    let d = check_connection(&[&l7], &mtls(), 80, false);
+    let d = connection(&[&l7], &mtls(), 80, false);
     assert_eq!(
         d.evaluated[0].why,
         "rule 0: port 80 matches 80, paths need HTTP, which this connection is not: DENY fails closed"
