@@ -90,6 +90,8 @@ pub struct Capture {
     inbound_listeners: Mutex<SockHash<MapData, Addr>>,
     deliveries: Mutex<HashMap<MapData, DeliveryKey, u8>>,
     stats: PerCpuArray<MapData, u64>,
+    /// The cgroup the programs are attached to (pods' processes run in its subtree).
+    pods_cgroup: PathBuf,
 }
 
 impl std::fmt::Debug for Capture {
@@ -184,6 +186,7 @@ impl Capture {
             stats: take_map(&mut ebpf, maps::CAPTURE_STATS)?,
             ebpf: Mutex::new(ebpf),
             links,
+            pods_cgroup: config.pods_cgroup.clone(),
         };
         Ok((capture, logger))
     }
@@ -312,6 +315,12 @@ impl Capture {
     /// Returns the pinned links currently installed, for the admin endpoint.
     pub fn link_names(&self) -> Vec<String> {
         self.links.installed().into_iter().map(|l| l.to_string()).collect()
+    }
+
+    /// Returns the cgroup the programs are attached to: a process is captured when it runs in
+    /// its subtree (and in an enrolled netns).
+    pub fn pods_cgroup(&self) -> &Path {
+        &self.pods_cgroup
     }
 }
 

@@ -79,6 +79,9 @@ pub struct NodeStatus {
     pub awaiting_cni: Vec<String>,
     pub source: String,
     pub source_error: Option<String>,
+    /// The cgroup capture is attached to: a pod's process is captured when it runs in this
+    /// subtree and in the pod's netns (`meshctl connectivity-test` places its probes there).
+    pub pods_cgroup: String,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -357,6 +360,7 @@ impl Node {
             awaiting_cni: lock(&self.awaiting_cni).iter().map(ToString::to_string).collect(),
             source: self.source.clone(),
             source_error: lock(&self.source_error).clone(),
+            pods_cgroup: self.capture.pods_cgroup().display().to_string(),
         }
     }
 }
