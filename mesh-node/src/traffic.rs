@@ -14,7 +14,7 @@ use std::{
 
 use mesh_api::{
     SpiffeId,
-    workload::v1::{self as proto, LoadBalancerMode},
+    workload::v1::{self as proto, AuthorizationScope, LoadBalancerMode},
 };
 use mesh_manifests::PodKey;
 use mesh_policy::{authz::Policy, route::Route};
@@ -42,6 +42,9 @@ pub struct TrafficSpec {
     pub routes: Vec<proto::HttpRoute>,
     /// Policies here without a selector apply mesh-wide.
     pub root_namespace: String,
+    /// Policies (`ns/name`) this node could not read or compile, with why: enforced as
+    /// deny-all over every workload they could apply to (see [`Traffic::compile`]).
+    pub unenforceable: Vec<(String, String)>,
 }
 
 /// How a service port's traffic is parsed.
@@ -195,15 +198,39 @@ pub struct Traffic {
 impl Traffic {
     pub fn compile(spec: &TrafficSpec, trust_domain: &str) -> Self {
         let mut traffic = Traffic { root_namespace: spec.root_namespace.clone(), ..Default::default() };
+        let mut unenforceable = spec.unenforceable.clone();
         for policy in &spec.authorizations {
             match Policy::compile(policy) {
                 Ok(compiled) => {
                     traffic.policies.insert(compiled.key().to_owned(), compiled);
                 }
                 Err(err) => {
-                    traffic.invalid.push((format!("{}/{}", policy.namespace, policy.name), err.to_string()))
+                    unenforceable.push((format!("{}/{}", policy.namespace, policy.name), err.to_string()))
                 }
             }
+        }
+        // Fails closed: a policy this node cannot enforce as written (version skew, a corrupt
+        // resource) becomes a DENY of everything over all it could have applied to: its
+        // namespace, or the whole mesh from the root namespace. It replaces any older version.
+        for (key, why) in unenforceable {
+            let Some((namespace, name)) = key.split_once('/') else { continue };
+            let scope = if namespace == spec.root_namespace {
+                AuthorizationScope::Global
+            } else {
+                AuthorizationScope::Namespace
+            };
+            let deny_all = proto::Authorization {
+                name: name.to_owned(),
+                namespace: namespace.to_owned(),
+                scope: scope.into(),
+                action: proto::AuthorizationAction::Deny.into(),
+                rules: vec![proto::AuthorizationRule::default()],
+            };
+            if let Ok(compiled) = Policy::compile(&deny_all) {
+                tracing::warn!(policy = %key, error = %why, "policy not enforceable here: denying all it could apply to");
+                traffic.policies.insert(key.clone(), compiled);
+            }
+            traffic.invalid.push((key, why));
         }
         for route in &spec.routes {
             match Route::compile(route) {
@@ -449,6 +476,7 @@ mod tests {
             ],
             routes: Vec::new(),
             root_namespace: "nodemesh-system".into(),
+            unenforceable: Vec::new(),
         }
     }
 
@@ -490,5 +518,42 @@ mod tests {
         );
         assert_eq!(keys("10.1.2.4", "demo"), ["demo/whole-namespace", "nodemesh-system/mesh-wide"]);
         assert_eq!(keys("10.1.9.9", "other"), ["nodemesh-system/mesh-wide", "other/other-namespace"]);
+    }
+
+    #[test]
+    fn a_policy_this_node_cannot_enforce_denies_everything_it_could_apply_to() {
+        use mesh_policy::authz::{Peer, Verdict, check_connection};
+
+        let mut spec = spec();
+        // Compiles nowhere: a malformed CIDR. It replaces the valid selector policy's scope
+        // by its whole namespace.
+        let mut bad = policy("demo", "only-b1", AuthorizationScope::WorkloadSelector);
+        bad.action = mesh_api::workload::v1::AuthorizationAction::Allow.into();
+        bad.rules[0].from.push(mesh_api::workload::v1::AuthorizationSource {
+            ip_blocks: vec!["10.0.0.0/99".into()],
+            ..Default::default()
+        });
+        spec.authorizations[0] = bad;
+        // Refused by the xDS store (undecodable), in the root namespace: mesh-wide.
+        spec.unenforceable.push(("nodemesh-system/corrupt".into(), "undecodable".into()));
+        let traffic = Traffic::compile(&spec, "cluster.local");
+        let mut invalid: Vec<&str> = traffic.invalid.iter().map(|(k, _)| k.as_str()).collect();
+        invalid.sort_unstable();
+        assert_eq!(invalid, ["demo/only-b1", "nodemesh-system/corrupt"]);
+        let peer = Peer {
+            ip: "10.1.1.2".parse().unwrap(),
+            principal: Some("cluster.local/ns/demo/sa/a1"),
+            namespace: Some("demo"),
+        };
+        let decide = |ip: &str, ns: &str| {
+            let policies = traffic.policies_for(ip.parse().unwrap(), ns);
+            let decision = check_connection(&policies, &peer, 8080, false);
+            (decision.verdict, decision.policy)
+        };
+        // b1 (was selected), plain (same namespace, was not), and a workload of another
+        // namespace (only the mesh-wide corrupt one reaches it): all denied.
+        assert_eq!(decide("10.1.2.2", "demo").0, Verdict::Deny);
+        assert_eq!(decide("10.1.2.4", "demo").0, Verdict::Deny);
+        assert_eq!(decide("10.1.9.9", "other"), (Verdict::Deny, Some("nodemesh-system/corrupt".into())));
     }
 }

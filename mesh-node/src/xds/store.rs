@@ -210,6 +210,12 @@ impl ConfigStore {
                 Meaning::Route(route) => view.traffic.routes.push((**route).clone()),
             }
         }
+        // A policy that was refused is still a policy: it must not be silently dropped.
+        if let Some(refused) = self.rejected.get(AUTHORIZATION_TYPE) {
+            view.traffic
+                .unenforceable
+                .extend(refused.iter().map(|(name, (_, why))| (name.clone(), why.clone())));
+        }
         view.workloads.sort_by(|a, b| a.key.cmp(&b.key));
         view
     }
