@@ -297,6 +297,9 @@ impl ControlPlane {
         mesh_api::http::serve(listener, "admin", move |request| {
             let plane = self.clone();
             async move {
+                if request.path == "/logging" {
+                    return mesh_api::logging::serve(&request); // GET shows, POST changes the filter
+                }
                 if !request.is_get() {
                     return http::method_not_allowed("GET");
                 }

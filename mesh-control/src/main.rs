@@ -64,6 +64,15 @@ struct Cli {
     server_names: Vec<String>,
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "NODEMESH_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -78,10 +87,13 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // The filter can be changed at run time through the admin endpoint's `/logging`.
+    mesh_api::logging::init(match cli.log_format {
+        LogFormat::Text => mesh_api::logging::LogFormat::Text,
+        LogFormat::Json => mesh_api::logging::LogFormat::Json,
+    });
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("mesh-control: {err:#}");

@@ -20,6 +20,9 @@ pub enum Endpoint {
 async fn route(node: &Node, endpoint: Endpoint, request: &AdminRequest) -> Response<Body> {
     if !request.is_get() {
         return method_not_allowed("GET");
+    if matches!(endpoint, Endpoint::Admin) && request.path == "/logging" {
+        return mesh_api::logging::serve(request); // GET shows, POST changes the log filter
+    }
     }
     match (endpoint, request.path.as_str()) {
         (Endpoint::Admin, "/pods") => json(&node.status().await),
@@ -58,10 +61,13 @@ async fn route(node: &Node, endpoint: Endpoint, request: &AdminRequest) -> Respo
         (Endpoint::Admin, "/") => respond(
             StatusCode::OK,
             "text/plain",
-            "mesh-node admin: /pods /certs /config /traffic /ebpf /metrics /healthz/ready\n",
+            "mesh-node admin: /pods /certs /config /traffic /connections /ebpf /logging /metrics /healthz/ready\n",
         ),
         (Endpoint::Admin | Endpoint::Metrics, "/metrics") => {
-            respond(StatusCode::OK, OPENMETRICS, node.metrics.render(&node.capture.stats()))
+            // Reading the maps' fill takes syscalls per entry: off the runtime's workers.
+            let capture = node.capture.clone();
+            let kernel = tokio::task::spawn_blocking(move || capture.usage()).await.unwrap_or_default();
+            respond(StatusCode::OK, OPENMETRICS, node.metrics.render(&kernel))
         }
         (Endpoint::Admin | Endpoint::Readiness, "/healthz/ready") => {
             if node.is_ready() {

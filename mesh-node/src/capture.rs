@@ -7,6 +7,7 @@
 //! moment without capture.
 
 mod links;
+pub mod usage;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -28,6 +29,7 @@ use mesh_ebpf_common::{
 
 use links::PinnedLinks;
 pub use links::{LinkError, LinkName};
+pub use usage::KernelUsage;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -92,6 +94,8 @@ pub struct Capture {
     stats: PerCpuArray<MapData, u64>,
     /// The cgroup the programs are attached to (pods' processes run in its subtree).
     pods_cgroup: PathBuf,
+    /// Where the maps are pinned (read for metrics with descriptors of their own).
+    map_dir: PathBuf,
 }
 
 impl std::fmt::Debug for Capture {
@@ -187,6 +191,7 @@ impl Capture {
             ebpf: Mutex::new(ebpf),
             links,
             pods_cgroup: config.pods_cgroup.clone(),
+            map_dir,
         };
         Ok((capture, logger))
     }

@@ -9,6 +9,7 @@ mod bpffs;
 mod capture;
 mod cgroup;
 mod cni;
+mod connections;
 mod control_plane;
 mod desired;
 mod identity;
@@ -198,14 +199,12 @@ fn error_chain(err: &anyhow::Error) -> String {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    // The fmt subscriber also installs the `log` bridge, which carries aya-log's kernel records.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
+/// Installs logging with a filter the admin endpoint's `/logging` can change at run time (and
+/// the `log` bridge, which carries aya-log's kernel records).
+    mesh_api::logging::init(match format {
+        LogFormat::Text => mesh_api::logging::LogFormat::Text,
+        LogFormat::Json => mesh_api::logging::LogFormat::Json,
+    });
 }
 
 fn default_bpf_object() -> PathBuf {

@@ -1,6 +1,14 @@
 //! Prometheus metrics of the node proxy (served on `:15020/metrics`).
+//!
+//! Families under `nodemesh_` (the proxy's own: per-pod traffic, xDS, CNI, capture and the
+//! kernel side) and Istio's standard ones, unprefixed (requests in `proxy::http::telemetry`,
+//! TCP connections in `connections`).
 
-use std::fmt::Write as _;
+use std::{
+    fmt::Write as _,
+    sync::{Arc, atomic::AtomicU64},
+    time::SystemTime,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
@@ -8,6 +16,11 @@ use prometheus_client::{
     registry::Registry,
 };
 use serde::Serialize;
+
+use crate::{
+    capture::KernelUsage,
+    connections::{Connections, TcpMetrics, Tracked},
+};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
@@ -59,7 +72,7 @@ pub struct ByteLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    connections: Family<TrafficLabels, Counter>,
+    connections_opened: Family<TrafficLabels, Counter>,
     failed: Family<TrafficLabels, Counter>,
     active: Family<TrafficLabels, Gauge>,
     bytes: Family<ByteLabels, Counter>,
@@ -77,7 +90,60 @@ pub struct Metrics {
     pub outlier_ejections: Counter,
     /// Connections and requests refused by authorization policy, by layer.
     denied: Family<DeniedLabels, Counter>,
+    /// When each xDS type last had an update applied (Unix seconds).
+    xds_last_update: Family<XdsTypeLabels, Gauge<f64, AtomicU64>>,
+    /// Every open proxied connection (`/connections`), feeding Istio's TCP metrics.
+    pub connections: Arc<Connections>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XdsTypeLabels {
+    type_url: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: &'static str,
+    attach_type: &'static str,
+}
+
+/// Where a capture failure was seen.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum FailureSide {
+    /// Counted by the kernel programs (the connection was refused or dropped there).
+    Kernel,
+    /// Counted by the proxy on a captured connection it could not handle.
+    Proxy,
+}
+
+impl EncodeLabelValue for FailureSide {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(match self {
+            FailureSide::Kernel => "kernel",
+            FailureSide::Proxy => "proxy",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CaptureFailureLabels {
+    reason: &'static str,
+    side: FailureSide,
+}
+
+/// The kernel events that are capture failures (each refuses or drops a connection).
+const KERNEL_FAILURES: [&str; 3] =
+    ["outbound_record_failed", "inbound_dropped_no_listener", "inbound_assign_failed"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeniedLabels {
@@ -108,7 +174,7 @@ impl Metrics {
     /// Creates the families; `cert_expiry` (from the identity manager) is registered when given.
     pub fn new(cert_expiry: Option<Family<Vec<(String, String)>, Gauge>>) -> Self {
         let mut registry = Registry::with_prefix("nodemesh");
-        let connections = Family::<TrafficLabels, Counter>::default();
+        let connections_opened = Family::<TrafficLabels, Counter>::default();
         let failed = Family::<TrafficLabels, Counter>::default();
         let active = Family::<TrafficLabels, Gauge>::default();
         let bytes = Family::<ByteLabels, Counter>::default();
@@ -116,7 +182,7 @@ impl Metrics {
         registry.register(
             "proxy_connections",
             "Captured connections accepted by the node proxy",
-            connections.clone(),
+            connections_opened.clone(),
         );
         registry.register(
             "proxy_connections_failed",
@@ -162,8 +228,15 @@ impl Metrics {
             "Connections and requests denied by authorization policy",
             denied.clone(),
         );
+        let xds_last_update = Family::<XdsTypeLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "xds_last_update_timestamp_seconds",
+            "When an update of each xDS type was last applied (Unix time)",
+            xds_last_update.clone(),
+        );
         let mut istio = Registry::default();
         let requests = crate::proxy::http::telemetry::RequestMetrics::register(&mut istio);
+        let connections = Arc::new(Connections::new(TcpMetrics::register(&mut istio)));
         if let Some(family) = cert_expiry {
             registry.register(
                 "workload_cert_expiry_timestamp_seconds",
@@ -173,7 +246,7 @@ impl Metrics {
         }
         Metrics {
             registry,
-            connections,
+            connections_opened,
             failed,
             active,
             bytes,
@@ -186,6 +259,8 @@ impl Metrics {
             requests,
             outlier_ejections,
             denied,
+            xds_last_update,
+            connections,
         }
     }
 
@@ -208,19 +283,27 @@ impl Metrics {
                 .clone()
         };
         TrafficCounters {
-            connections: self.connections.get_or_create(&labels).clone(),
+            connections: self.connections_total(&labels),
             failed: self.failed.get_or_create(&labels).clone(),
             active: self.active.get_or_create(&labels).clone(),
             bytes_sent: bytes(Flow::Sent),
             bytes_received: bytes(Flow::Received),
+            table: self.connections.clone(),
+            namespace: namespace.into(),
+            pod: pod.into(),
+            direction,
         }
+    }
+
+    fn connections_total(&self, labels: &TrafficLabels) -> Counter {
+        self.connections_opened.get_or_create(labels).clone()
     }
 
     /// Drops a withdrawn pod's series so metrics do not grow with pod churn.
     pub fn forget_pod(&self, namespace: &str, pod: &str) {
         for direction in [Direction::Outbound, Direction::Inbound] {
             let labels = TrafficLabels { namespace: namespace.to_owned(), pod: pod.to_owned(), direction };
-            self.connections.remove(&labels);
+            self.connections_opened.remove(&labels);
             self.failed.remove(&labels);
             self.active.remove(&labels);
             for flow in [Flow::Sent, Flow::Received] {
@@ -238,36 +321,98 @@ impl Metrics {
         self.pods_enrolled.set(n as i64);
     }
 
-    /// Renders the registry plus the kernel programs' counters in the text exposition format.
+    /// Counts an xDS update the node ACKed or NACKed; an ACKed one also sets the type's
+    /// last-update time (the age of the config in force shows as `time() - …`).
     pub fn count_xds_update(&self, type_url: &str, accepted: bool) {
         let outcome = if accepted { "ack" } else { "nack" };
         self.xds_updates.get_or_create(&XdsUpdateLabels { type_url: type_url.to_owned(), outcome }).inc();
+        if accepted {
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            self.xds_last_update
+                .get_or_create(&XdsTypeLabels { type_url: type_url.to_owned() })
+                .set(now.as_secs_f64());
+        }
     }
 
-    pub fn render(&self, kernel_stats: &std::collections::BTreeMap<&'static str, u64>) -> String {
+    /// Renders every family in the OpenMetrics text format: the node's own, Istio's, and the
+    /// kernel side's (read at scrape time into a registry of their own, so the whole
+    /// exposition is encoded by the same encoder and is valid by construction).
+    pub fn render(&self, kernel: &KernelUsage) -> String {
         let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        let mut out = out.strip_suffix("# EOF\n").unwrap_or(&out).to_owned();
-        let mut istio = String::new();
-        if encode(&mut istio, &self.istio).is_ok() {
-            out.push_str(istio.strip_suffix("# EOF\n").unwrap_or(&istio));
-        }
-        let _ = writeln!(
-            out,
-            "# HELP nodemesh_ebpf_events Events counted by the capture programs in the kernel."
-        );
-        let _ = writeln!(out, "# TYPE nodemesh_ebpf_events counter");
-        for (event, value) in kernel_stats {
-            let _ = writeln!(out, "nodemesh_ebpf_events_total{{event=\"{event}\"}} {value}");
+        for registry in [&self.registry, &self.istio, &self.kernel_registry(kernel)] {
+            let mut text = String::new();
+            if encode(&mut text, registry).is_ok() {
+                out.push_str(text.strip_suffix("# EOF\n").unwrap_or(&text));
+            }
         }
         out.push_str("# EOF\n");
         out
     }
+
+    fn kernel_registry(&self, kernel: &KernelUsage) -> Registry {
+        let mut registry = Registry::with_prefix("nodemesh");
+        let events = Family::<EventLabels, Counter>::default();
+        for (event, value) in &kernel.events {
+            events.get_or_create(&EventLabels { event }).inc_by(*value);
+        }
+        registry.register("ebpf_events", "Events counted by the capture programs in the kernel", events);
+        let failures = Family::<CaptureFailureLabels, Counter>::default();
+        for reason in KERNEL_FAILURES {
+            let value = kernel.events.get(reason).copied().unwrap_or(0);
+            failures.get_or_create(&CaptureFailureLabels { reason, side: FailureSide::Kernel }).inc_by(value);
+        }
+        for reason in [
+            crate::connections::CaptureFailure::NoOriginalDestination,
+            crate::connections::CaptureFailure::CaptureLoop,
+            crate::connections::CaptureFailure::DeliveryRegistration,
+        ] {
+            let value = self
+                .connections
+                .capture_failures()
+                .get_or_create(&crate::connections::CaptureFailureLabels { reason })
+                .get();
+            failures
+                .get_or_create(&CaptureFailureLabels { reason: reason.label(), side: FailureSide::Proxy })
+                .inc_by(value);
+        }
+        registry.register(
+            "capture_failures",
+            "Captured connections refused or dropped because capture could not complete, by reason",
+            failures,
+        );
+        let entries = Family::<MapLabels, Gauge>::default();
+        let max_entries = Family::<MapLabels, Gauge>::default();
+        for fill in &kernel.maps {
+            let labels = MapLabels { map: fill.map };
+            entries.get_or_create(&labels).set(i64::try_from(fill.entries).unwrap_or(i64::MAX));
+            max_entries.get_or_create(&labels).set(i64::try_from(fill.max_entries).unwrap_or(i64::MAX));
+        }
+        registry.register(
+            "ebpf_map_entries",
+            "Entries in each BPF map (approximate while it changes)",
+            entries,
+        );
+        registry.register("ebpf_map_max_entries", "Capacity of each BPF map", max_entries);
+        let programs = Family::<ProgramLabels, Gauge>::default();
+        for attached in &kernel.programs {
+            programs
+                .get_or_create(&ProgramLabels {
+                    program: attached.program,
+                    attach_type: attached.attach_type,
+                })
+                .set(i64::try_from(attached.links).unwrap_or(i64::MAX));
+        }
+        registry.register(
+            "ebpf_programs_attached",
+            "Links attaching each kernel program (sk_lookup: one per enrolled pod)",
+            programs,
+        );
+        registry
+    }
 }
 
-/// Live counters of one pod and direction, shared by the proxy tasks.
+/// Live counters of one pod and direction, shared by the proxy tasks, and the node's table of
+/// open connections they register in.
 #[derive(Clone, Debug)]
 pub struct TrafficCounters {
     pub connections: Counter,
@@ -275,9 +420,25 @@ pub struct TrafficCounters {
     pub active: Gauge,
     pub bytes_sent: Counter,
     pub bytes_received: Counter,
+    table: Arc<Connections>,
+    namespace: Arc<str>,
+    pod: Arc<str>,
+    direction: Direction,
 }
 
 impl TrafficCounters {
+    /// Registers a new connection of this pod and direction, from `source` (for outbound,
+    /// the pod's own address in the mesh); it is listed, counted and logged until dropped.
+    pub fn track(&self, source: std::net::SocketAddr) -> Tracked {
+        self.table.open(
+            self.direction,
+            &self.namespace,
+            &self.pod,
+            source,
+            (self.bytes_sent.clone(), self.bytes_received.clone()),
+        )
+    }
+
     /// Counts a new connection; the returned guard keeps it counted as active until dropped,
     /// so every exit path is accounted for.
     pub fn open(&self) -> ActiveConnection {
@@ -329,8 +490,16 @@ mod tests {
         let t = m.traffic("demo", "a1", Direction::Outbound);
         let guard = t.open();
         t.bytes_sent.inc_by(42);
-        let stats = [("outbound_redirected", 7u64)].into_iter().collect();
-        let text = m.render(&stats);
+        let kernel = KernelUsage {
+            events: [("outbound_redirected", 7u64), ("inbound_dropped_no_listener", 2)].into_iter().collect(),
+            maps: vec![crate::capture::usage::MapFill { map: "DELIVERIES", entries: 3, max_entries: 65536 }],
+            programs: vec![crate::capture::usage::Attached {
+                program: "capture_inbound",
+                attach_type: "sk_lookup",
+                links: 2,
+            }],
+        };
+        let text = m.render(&kernel);
         assert!(
             text.contains(
                 r#"nodemesh_proxy_connections_total{namespace="demo",pod="a1",direction="outbound"} 1"#
@@ -350,6 +519,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"nodemesh_ebpf_events_total{event="outbound_redirected"} 7"#), "{text}");
+        assert!(
+            text.contains(
+                r#"nodemesh_capture_failures_total{reason="inbound_dropped_no_listener",side="kernel"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"nodemesh_ebpf_map_entries{map="DELIVERIES"} 3"#), "{text}");
+        assert!(text.contains(r#"nodemesh_ebpf_map_max_entries{map="DELIVERIES"} 65536"#), "{text}");
+        assert!(
+            text.contains(
+                r#"nodemesh_ebpf_programs_attached{program="capture_inbound",attach_type="sk_lookup"} 2"#
+            ),
+            "{text}"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
         assert!(text.ends_with("# EOF\n"));
         drop(guard);
         assert_eq!(t.snapshot().active, 0);

@@ -3,6 +3,7 @@
 
 pub mod http;
 mod identity;
+pub mod logging;
 
 pub use identity::{IdentityError, SpiffeId};
 

@@ -1,30 +1,48 @@
 //! Copies bytes both ways between two sockets, counting as it goes.
 
-use std::io;
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Per-direction buffer; small enough that thousands of idle connections stay cheap.
 const BUFFER_SIZE: usize = 16 * 1024;
 
+/// Counts the bytes of one direction as they are copied (atomics only: called per chunk).
+pub trait Meter: Sync {
+    fn add(&self, bytes: u64);
+}
+
+impl Meter for Counter {
+    fn add(&self, bytes: u64) {
+        self.inc_by(bytes);
+    }
+}
+
 /// Relays until both directions have ended. A half-close in one direction is passed on and the
 /// other keeps flowing; an error in either ends both. Returns (a→b, b→a) byte counts.
 /// Works over any pair of streams: TCP sockets, or an HBONE stream on one side.
-pub async fn relay<A, B>(a: A, b: B, a_to_b: &Counter, b_to_a: &Counter) -> io::Result<(u64, u64)>
+pub async fn relay<A, B, M, N>(a: A, b: B, a_to_b: &M, b_to_a: &N) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Send,
     B: AsyncRead + AsyncWrite + Send,
+    M: Meter,
+    N: Meter,
 {
     let (a_read, a_write) = tokio::io::split(a);
     let (b_read, b_write) = tokio::io::split(b);
     tokio::try_join!(copy(a_read, b_write, a_to_b), copy(b_read, a_write, b_to_a))
 }
 
-async fn copy<R, W>(mut from: R, mut to: W, counter: &Counter) -> io::Result<u64>
+async fn copy<R, W, M>(mut from: R, mut to: W, counter: &M) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    M: Meter,
 {
     let mut buf = vec![0u8; BUFFER_SIZE];
     let mut total = 0u64;
@@ -36,8 +54,73 @@ where
             return Ok(total);
         }
         to.write_all(&buf[..n]).await?;
-        counter.inc_by(n as u64);
+        counter.add(n as u64);
         total += n as u64;
+    }
+}
+
+/// A stream that counts what is read from it and written to it, for connections the proxy
+/// serves itself (HTTP) rather than relaying: `read` counts bytes read from the peer, `write`
+/// bytes written to it.
+pub struct Metered<S, R, W> {
+    inner: S,
+    read: R,
+    write: W,
+}
+
+impl<S, R, W> Metered<S, R, W> {
+    pub fn new(inner: S, read: R, write: W) -> Self {
+        Metered { inner, read, write }
+    }
+}
+
+impl<S: AsyncRead + Unpin, R: Meter + Unpin, W: Unpin> AsyncRead for Metered<S, R, W> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            self.read.add(n as u64);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin, R: Unpin, W: Meter + Unpin> AsyncWrite for Metered<S, R, W> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.write.add(*n as u64);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.write.add(*n as u64);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -76,5 +159,18 @@ mod tests {
         let (sent, received) = relay.await.expect("join").expect("relay");
         assert_eq!((sent, received), (300_000, 22));
         assert_eq!((up.get(), down.get()), (300_000, 22));
+    }
+
+    #[tokio::test]
+    async fn metered_streams_count_reads_and_writes() {
+        let (client, server) = pair().await;
+        let (read, written) = (Counter::default(), Counter::default());
+        let mut metered = Metered::new(server, read.clone(), written.clone());
+        let mut client = client;
+        client.write_all(b"hello").await.expect("write");
+        let mut buf = [0u8; 5];
+        metered.read_exact(&mut buf).await.expect("read");
+        metered.write_all(b"world!").await.expect("write back");
+        assert_eq!((read.get(), written.get()), (5, 6));
     }
 }
