@@ -7,6 +7,8 @@ use mesh_api::http::{AdminRequest, Body, OPENMETRICS, json, method_not_allowed, 
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use mesh_manifests::PodKey;
+
 use crate::node::Node;
 
 /// Which set of routes a listener serves.
@@ -54,6 +56,7 @@ async fn route(node: &Node, endpoint: Endpoint, request: &AdminRequest) -> Respo
                 "ambient_namespaces": view.ambient_namespaces,
             }))
         }
+        (Endpoint::Admin, "/explain") => explain(node, request).await,
         (Endpoint::Admin, "/traffic") => {
             let health = node.mesh.balancers.snapshot(std::time::Instant::now());
             json(&node.mesh.traffic().dump(&health))
@@ -81,6 +84,43 @@ async fn route(node: &Node, endpoint: Endpoint, request: &AdminRequest) -> Respo
             }
         }
         _ => not_found(),
+    }
+}
+
+/// `meshctl explain`'s question answered from this node's config (see [`crate::explain`]): 400
+/// with one line for a question it cannot answer (unknown pod, bad port, …).
+async fn explain(node: &Node, request: &AdminRequest) -> Response<Body> {
+    let query = match crate::explain::Query::from_params(&request.query) {
+        Ok(query) => query,
+        Err(err) => return respond(StatusCode::BAD_REQUEST, "text/plain", format!("{err}\n")),
+    };
+    let view = match &node.xds {
+        Some(xds) => xds.store.lock().await.view(),
+        None => Default::default(),
+    };
+    let enrolled_here = node
+        .status()
+        .await
+        .pods
+        .into_iter()
+        .map(|p| PodKey { namespace: p.namespace, name: p.name })
+        .collect();
+    let traffic = node.mesh.traffic();
+    let identity_of = |ip| node.mesh.identity_of(ip);
+    let state = crate::explain::NodeState {
+        node: &node.name,
+        mesh_ca: node.identities.is_some(),
+        view: &view,
+        traffic: &traffic,
+        identity_of: &identity_of,
+        enrolled_here: &enrolled_here,
+    };
+    match crate::explain::explain(&state, &query) {
+        Ok(explanation) => json(&explanation),
+        Err(err) => {
+            tracing::debug!(error = %err, "explain: question not answerable");
+            respond(StatusCode::BAD_REQUEST, "text/plain", format!("{err}\n"))
+        }
     }
 }
 

@@ -12,6 +12,7 @@ mod cni;
 mod connections;
 mod control_plane;
 mod desired;
+mod explain;
 mod identity;
 mod mesh;
 mod metrics;

@@ -325,6 +325,23 @@ impl Traffic {
         &self.routes
     }
 
+    /// Returns how the source proxy reads a connection to `service`'s `port`: the declaration
+    /// handed to protocol detection. As declared, except that an undeclared port no route
+    /// attaches to is relayed whole without sniffing: nothing there needs HTTP, and a
+    /// server-speaks-first protocol would otherwise wait out the sniffing timeout.
+    pub fn outbound_parsing(&self, service: &ServiceEntry, port: &ServicePort) -> AppProtocol {
+        let routed = self.routes.iter().any(|r| r.attaches_to(&service.key, port.port));
+        match port.protocol {
+            AppProtocol::Detect if !routed => AppProtocol::Opaque,
+            declared => declared,
+        }
+    }
+
+    /// Returns every service (in no particular order).
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+        self.services.values()
+    }
+
     /// The policies that apply to the workload at `ip`: mesh-wide ones, its namespace's, and
     /// those whose selector matches it. A workload the node does not know gets the mesh-wide
     /// ones (and a namespace's if it is given).

@@ -6,9 +6,13 @@
 use std::net::IpAddr;
 
 use mesh_api::SpiffeId;
+use mesh_manifests::MtlsMode;
 use mesh_policy::authz::{self, Decision, Peer, Verdict};
 
-use crate::{pod::PodContext, traffic::Traffic};
+use crate::{
+    pod::PodContext,
+    traffic::{AppProtocol, Traffic},
+};
 
 /// The source of a connection as the destination knows it.
 #[derive(Clone, Debug)]
@@ -41,6 +45,63 @@ impl Caller {
     }
 }
 
+/// The workload a decision is about: its address and namespace (which policies apply to it).
+#[derive(Clone, Copy, Debug)]
+pub struct Workload<'a> {
+    pub ip: IpAddr,
+    pub namespace: &'a str,
+}
+
+impl<'a> Workload<'a> {
+    pub fn of(pod: &'a PodContext) -> Self {
+        Workload { ip: IpAddr::V4(pod.ip), namespace: &pod.key.namespace }
+    }
+}
+
+/// How much a decision carries: the verdict only (the proxy, per connection and request) or
+/// also every policy's evaluation with reasons (`meshctl explain`, through the admin endpoint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    Verdict,
+    Explained,
+}
+
+/// Decides a connection to `workload`'s `port`; `http` says whether it will be parsed as HTTP.
+pub fn decide_connection(
+    traffic: &Traffic,
+    workload: Workload<'_>,
+    caller: &Caller,
+    port: u16,
+    http: bool,
+    detail: Detail,
+) -> Decision {
+    let policies = traffic.policies_for(workload.ip, workload.namespace);
+    let principal = caller.principal();
+    let peer = Peer { ip: caller.ip, principal: principal.as_deref(), namespace: caller.namespace() };
+    match detail {
+        Detail::Verdict => authz::check_connection(&policies, &peer, port, http),
+        Detail::Explained => authz::explain_connection(&policies, &peer, port, http),
+    }
+}
+
+/// Decides one HTTP request to `workload`'s `port`.
+pub fn decide_request(
+    traffic: &Traffic,
+    workload: Workload<'_>,
+    caller: &Caller,
+    port: u16,
+    request: &authz::Request<'_>,
+    detail: Detail,
+) -> Decision {
+    let policies = traffic.policies_for(workload.ip, workload.namespace);
+    let principal = caller.principal();
+    let peer = Peer { ip: caller.ip, principal: principal.as_deref(), namespace: caller.namespace() };
+    match detail {
+        Detail::Verdict => authz::check_request(&policies, &peer, port, request),
+        Detail::Explained => authz::explain_request(&policies, &peer, port, request),
+    }
+}
+
 /// Decides a connection to `pod`'s `port`; `http` says whether it will be parsed as HTTP.
 pub fn check_connection(
     pod: &PodContext,
@@ -49,16 +110,25 @@ pub fn check_connection(
     port: u16,
     http: bool,
 ) -> Decision {
-    let policies = traffic.policies_for(std::net::IpAddr::V4(pod.ip), &pod.key.namespace);
-    let principal = caller.principal();
-    let peer = Peer { ip: caller.ip, principal: principal.as_deref(), namespace: caller.namespace() };
-    authz::check_connection(&policies, &peer, port, http)
+    decide_connection(traffic, Workload::of(pod), caller, port, http, Detail::Verdict)
 }
 
-/// Whether any policy of the pod has HTTP conditions (then the connection must be parsed to
-/// be decided).
-pub fn needs_http(pod: &PodContext, traffic: &Traffic) -> bool {
-    traffic.policies_for(std::net::IpAddr::V4(pod.ip), &pod.key.namespace).iter().any(|p| p.has_l7())
+/// Returns how an inbound connection to `port` of `workload` is read: `None` relayed as
+/// opaque TCP and decided at once; `Some(declared)` handed to protocol detection with the
+/// port's declaration (then HTTP is decided request by request). It is parsed when any policy
+/// of the workload has HTTP conditions (they can only be checked on requests) or the port is
+/// declared HTTP.
+pub fn inbound_parsing(traffic: &Traffic, workload: Workload<'_>, port: u16) -> Option<AppProtocol> {
+    let declared = traffic.declared_protocol(workload.ip, port);
+    let needs_http = traffic.policies_for(workload.ip, workload.namespace).iter().any(|p| p.has_l7());
+    (needs_http || matches!(declared, AppProtocol::Http1 | AppProtocol::Http2)).then_some(declared)
+}
+
+/// Returns whether plaintext arriving at a pod's inbound listener is refused: with a mesh CA,
+/// meshed peers come through HBONE, so plaintext comes from outside the mesh, which a STRICT
+/// pod refuses.
+pub fn refuses_plaintext(mesh_ca: bool, mode: MtlsMode) -> bool {
+    mesh_ca && mode == MtlsMode::Strict
 }
 
 /// Decides one HTTP request.
@@ -69,10 +139,7 @@ pub fn check_request(
     port: u16,
     request: &authz::Request<'_>,
 ) -> Decision {
-    let policies = traffic.policies_for(std::net::IpAddr::V4(pod.ip), &pod.key.namespace);
-    let principal = caller.principal();
-    let peer = Peer { ip: caller.ip, principal: principal.as_deref(), namespace: caller.namespace() };
-    authz::check_request(&policies, &peer, port, request)
+    decide_request(traffic, Workload::of(pod), caller, port, request, Detail::Verdict)
 }
 
 /// Logs what a decision means; AUDIT matches are logged whatever the verdict.

@@ -151,9 +151,9 @@ async fn stream(
     let traffic = pod.mesh.traffic();
     let caller = Caller::new(&traffic, tunnel_peer.ip(), Some(client_identity.clone()));
     let port = target.port();
-    let declared = traffic.declared_protocol(target.ip(), port);
-    let parse =
-        authz::needs_http(&pod, &traffic) || matches!(declared, AppProtocol::Http1 | AppProtocol::Http2);
+    let parsing = authz::inbound_parsing(&traffic, authz::Workload::of(&pod), port);
+    let parse = parsing.is_some();
+    let declared = parsing.unwrap_or(AppProtocol::Opaque);
     if !parse {
         // Plain L4: decided now, and the CONNECT is refused when denied (the source resets its
         // client's connection).

@@ -5,7 +5,6 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_ebpf_common::{DELIVERY_MARK, DeliveryKey};
-use mesh_manifests::MtlsMode;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
@@ -22,7 +21,6 @@ use super::{
 use crate::{
     capture::ip_addr,
     pod::{PodContext, lock},
-    traffic::AppProtocol,
 };
 
 /// Attempts at a delivery source port that does not collide with a live connection.
@@ -90,7 +88,7 @@ async fn deliver_and_relay(
     }
     // With a mesh CA, meshed peers arrive through HBONE (:15008); what reaches this listener
     // is plaintext from outside the mesh, which a STRICT pod refuses.
-    if pod.identities.is_some() && pod.mtls_mode == MtlsMode::Strict {
+    if authz::refuses_plaintext(pod.identities.is_some(), pod.mtls_mode) {
         reset(client);
         return Err(ProxyError::PlaintextRefused { peer });
     }
@@ -102,14 +100,13 @@ async fn deliver_and_relay(
     // Plaintext: the caller proves no identity, so only address-based rules can match it.
     let traffic = pod.mesh.traffic();
     let caller = Caller::new(&traffic, peer.ip(), None);
-    let declared = traffic.declared_protocol(orig.ip(), orig.port());
-    let parse =
-        authz::needs_http(pod, &traffic) || matches!(declared, AppProtocol::Http1 | AppProtocol::Http2);
+    let parsing = authz::inbound_parsing(&traffic, authz::Workload::of(pod), orig.port());
     let _ = client.set_nodelay(true);
-    let (protocol, client) = if parse {
-        detect(client, declared).await.map_err(|source| ProxyError::Connect { dst: orig, source })?
-    } else {
-        (Protocol::Tcp, Prefixed::new(bytes::Bytes::new(), client))
+    let (protocol, client) = match parsing {
+        Some(declared) => {
+            detect(client, declared).await.map_err(|source| ProxyError::Connect { dst: orig, source })?
+        }
+        None => (Protocol::Tcp, Prefixed::new(bytes::Bytes::new(), client)),
     };
     if protocol.is_http() {
         // Every request is decided on its own (a denied one gets 403, L4 rules included).

@@ -16,13 +16,13 @@ use super::{
     ProxyError,
     balancer::{HealthChange, Outcome},
     connect_from_pod, http,
-    protocol::{Prefixed, Protocol, detect},
+    protocol::{Prefixed, detect},
     relay::relay,
     reset, set_reset_on_close,
 };
 use crate::{
     pod::PodContext,
-    traffic::{AppProtocol, ServiceEntry, Traffic},
+    traffic::{ServiceEntry, Traffic},
 };
 
 /// The sock_ops program records the original destination when the client's side of the
@@ -124,11 +124,9 @@ async fn to_service(
         reset(client);
         return Err(ProxyError::Tunnel(format!("service {} has no port {}", service.key, dst.port())));
     };
-    let routed = traffic.routes().iter().any(|r| r.attaches_to(&service.key, port.port));
-    let (protocol, client) = match port.protocol {
-        AppProtocol::Detect if !routed => (Protocol::Tcp, Prefixed::new(Bytes::new(), client)),
-        declared => detect(client, declared).await.map_err(|source| ProxyError::Connect { dst, source })?,
-    };
+    let (protocol, client) = detect(client, traffic.outbound_parsing(&service, &port))
+        .await
+        .map_err(|source| ProxyError::Connect { dst, source })?;
     let _ = client.get_ref().set_nodelay(true);
     if protocol.is_http() {
         tracing::debug!(service = %service.key, port = port.port, ?protocol, "serving HTTP to a service");

@@ -70,30 +70,44 @@ where
 {
     // A port declared HTTP is still sniffed for the version: `appProtocol: http` says nothing
     // about HTTP/2 with prior knowledge, and HTTP clients speak first, so this costs no wait.
-    let fallback = match declared {
-        AppProtocol::Opaque => return Ok((Protocol::Tcp, Prefixed::new(Bytes::new(), stream))),
-        AppProtocol::Http1 => Protocol::Http1,
-        AppProtocol::Http2 => Protocol::Http2,
-        AppProtocol::Detect => Protocol::Tcp,
-    };
+    if declared == AppProtocol::Opaque {
+        return Ok((decide(declared, None), Prefixed::new(Bytes::new(), stream)));
+    }
     let mut first = BytesMut::with_capacity(H2_PREFACE.len());
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
-    let protocol = loop {
+    let sniffed = loop {
         if let Some(protocol) = classify(&first) {
-            break protocol;
+            break Some(protocol);
         }
         let mut chunk = [0u8; 24];
         let want = H2_PREFACE.len() - first.len();
         match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want])).await {
-            Ok(Ok(0)) | Err(_) => break fallback,
+            Ok(Ok(0)) | Err(_) => break None,
             Ok(Ok(n)) => first.extend_from_slice(&chunk[..n]),
             Ok(Err(err)) => return Err(err),
         }
     };
-    // Bytes that are neither HTTP/1 nor the HTTP/2 preface on a port declared HTTP: the
-    // declaration wins (the parser then answers 400 to garbage).
-    let protocol = if protocol == Protocol::Tcp { fallback } else { protocol };
-    Ok((protocol, Prefixed::new(first.freeze(), stream)))
+    Ok((decide(declared, sniffed), Prefixed::new(first.freeze(), stream)))
+}
+
+/// Returns how a connection is read, from its port's declaration and what sniffing its first
+/// bytes found ([`classify`]; `None`: nothing decisive before the timeout or the end). Shared by
+/// [`detect`] and `meshctl explain`.
+///
+/// An opaque port is never parsed. On a port declared HTTP, bytes that are neither HTTP/1 nor
+/// the HTTP/2 preface are still parsed as the declared version (the parser then answers 400 to
+/// garbage); an undeclared port is HTTP only when the bytes say so.
+pub fn decide(declared: AppProtocol, sniffed: Option<Protocol>) -> Protocol {
+    let fallback = match declared {
+        AppProtocol::Opaque => return Protocol::Tcp,
+        AppProtocol::Http1 => Protocol::Http1,
+        AppProtocol::Http2 => Protocol::Http2,
+        AppProtocol::Detect => Protocol::Tcp,
+    };
+    match sniffed {
+        Some(Protocol::Tcp) | None => fallback,
+        Some(http) => http,
+    }
 }
 
 /// A stream with bytes already read from it put back in front.
@@ -172,6 +186,26 @@ mod tests {
         assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Tcp), "a TLS ClientHello");
         assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Tcp), "methods are case-sensitive");
         assert_eq!(classify(b""), None);
+    }
+
+    #[test]
+    fn the_declaration_and_the_sniffed_bytes_decide_together() {
+        use AppProtocol::{Detect, Http1, Http2, Opaque};
+        use Protocol::{Http1 as H1, Http2 as H2, Tcp};
+        for (declared, sniffed, want) in [
+            (Opaque, Some(H1), Tcp),
+            (Opaque, None, Tcp),
+            (Detect, Some(H1), H1),
+            (Detect, Some(H2), H2),
+            (Detect, Some(Tcp), Tcp),
+            (Detect, None, Tcp),
+            (Http1, Some(H2), H2),
+            (Http1, Some(Tcp), H1),
+            (Http1, None, H1),
+            (Http2, Some(Tcp), H2),
+        ] {
+            assert_eq!(decide(declared, sniffed), want, "{declared:?} + {sniffed:?}");
+        }
     }
 
     #[tokio::test]

@@ -133,7 +133,8 @@ async fn handle(
     Response::from_parts(parts, counted.boxed())
 }
 
-type Failure = (StatusCode, &'static str, String);
+/// A request the source proxy fails itself: status, response flag, message.
+pub type Failure = (StatusCode, &'static str, String);
 
 #[allow(clippy::too_many_arguments, reason = "one request's whole context, used once")]
 async fn route_and_send(
@@ -151,10 +152,7 @@ async fn route_and_send(
     }
     let target = target(traffic, parent, port, &request)?;
     let (mut parts, body) = request.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(matched) = &target.rule {
-        matched.rule.request_headers.apply(&mut parts.headers);
-    }
+    upstream_headers(&mut parts.headers, target.rule.as_ref());
     if let Ok(value) = HeaderValue::from_str(&trace.to_string()) {
         parts.headers.insert("traceparent", value);
     }
@@ -330,18 +328,36 @@ fn target<'t>(
         host,
         headers: request.headers(),
     };
-    let Some(matched) = route::select(traffic.routes(), &parent.key, port, &attributes) else {
-        return Ok(Target { service: parent.clone(), port, rule: None });
+    let matched = route::select(traffic.routes(), &parent.key, port, &attributes);
+    let backend = match &matched {
+        Some(m) if !m.rule.backends.is_empty() => {
+            let Some(backend) = m.rule.pick_backend(fastrand::u32(..)) else {
+                return Err((
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "NR",
+                    format!("route {} rule {}: every backend has weight 0", m.route.key(), m.rule_index),
+                ));
+            };
+            Some(backend)
+        }
+        _ => None,
     };
-    if matched.rule.backends.is_empty() {
-        return Ok(Target { service: parent.clone(), port, rule: Some(matched) });
-    }
-    let Some(backend) = matched.rule.pick_backend(fastrand::u32(..)) else {
-        return Err((
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "NR",
-            format!("route {} rule {}: every backend has weight 0", matched.route.key(), matched.rule_index),
-        ));
+    let (service, port) = backend_target(traffic, parent, port, matched.as_ref(), backend)?;
+    Ok(Target { service, port, rule: matched })
+}
+
+/// Returns the service and port a request goes to: the parent's (no route, or a rule without
+/// backends) or those of `backend`, a backend of the matched rule (port 0: the requested one).
+/// A backend naming a service that does not exist answers 500, as Gateway API says.
+pub fn backend_target(
+    traffic: &Traffic,
+    parent: &Arc<ServiceEntry>,
+    port: u16,
+    matched: Option<&route::RouteMatch<'_>>,
+    backend: Option<&route::Backend>,
+) -> Result<(Arc<ServiceEntry>, u16), Failure> {
+    let (Some(matched), Some(backend)) = (matched, backend) else {
+        return Ok((parent.clone(), port));
     };
     let Some(service) = traffic.service(&backend.service) else {
         return Err((
@@ -350,8 +366,16 @@ fn target<'t>(
             format!("route {}: backend service {} does not exist", matched.route.key(), backend.service),
         ));
     };
-    let port = if backend.port == 0 { port } else { backend.port };
-    Ok(Target { service: service.clone(), port, rule: Some(matched) })
+    Ok((service.clone(), if backend.port == 0 { port } else { backend.port }))
+}
+
+/// Prepares a request's headers for the endpoint: hop-by-hop headers out, then the matched
+/// rule's request header changes. What the destination's policies see.
+pub fn upstream_headers(headers: &mut hyper::HeaderMap, matched: Option<&route::RouteMatch<'_>>) {
+    strip_hop_by_hop(headers);
+    if let Some(matched) = matched {
+        matched.rule.request_headers.apply(headers);
+    }
 }
 
 /// The request body for each attempt: buffered (repeatable) or streamed once.
