@@ -457,6 +457,31 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_policy_reaches_the_traffic_config_as_unenforceable_and_leaves_with_its_removal() {
+        let mut store = ConfigStore::default();
+        let policy =
+            |name: &str, bytes: Vec<u8>| Resource { name: name.into(), version: "1".into(), resource: bytes };
+        let good = Authorization { name: "ok".into(), namespace: "demo".into(), ..Default::default() };
+        let mut delta = response(
+            vec![policy("demo/ok", good.encode_to_vec()), policy("demo/corrupt", vec![0xff, 0xff, 0xff])],
+            &[],
+        );
+        delta.type_url = AUTHORIZATION_TYPE.into();
+        let rejected = store.apply(&delta);
+        assert_eq!(rejected.len(), 1, "NACKed: {rejected:?}");
+        let traffic = store.view().traffic;
+        assert_eq!(traffic.authorizations.len(), 1);
+        assert_eq!(traffic.unenforceable.len(), 1);
+        assert_eq!(traffic.unenforceable[0].0, "demo/corrupt");
+        assert!(traffic.unenforceable[0].1.contains("undecodable"), "{:?}", traffic.unenforceable);
+
+        let mut removal = response(Vec::new(), &["demo/corrupt"]);
+        removal.type_url = AUTHORIZATION_TYPE.into();
+        store.apply(&removal);
+        assert!(store.view().traffic.unenforceable.is_empty(), "removed by its owner: no longer enforced");
+    }
+
+    #[test]
     fn a_workload_claiming_a_held_address_is_rejected_until_the_holder_goes() {
         let mut store = ConfigStore::default();
         store.apply(&response(vec![workload("a", |_| {})], &[]));
