@@ -51,6 +51,23 @@ pub struct NodeSyncStatus {
     /// The last NACK's type URL and reason, if the node rejected something.
     pub last_nack: Option<String>,
     pub pushes: u64,
+    /// Type URL → where the node stands with that type (`meshctl status`).
+    pub types: BTreeMap<String, TypeSyncStatus>,
+    /// The snapshot version the node holds entirely: every type answered with an ACK and none
+    /// awaiting an answer. `None` while it is catching up or has NACKed something.
+    pub synced_version: Option<String>,
+}
+
+/// One node's state for one resource type.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct TypeSyncStatus {
+    /// Nonce and snapshot version of the last response the node ACKed.
+    pub acked_nonce: Option<String>,
+    pub acked_version: Option<String>,
+    /// Nonce of a response sent and not answered yet.
+    pub pending_nonce: Option<String>,
+    /// Why the node rejected the last response it answered, if it did (cleared by an ACK).
+    pub nack: Option<String>,
 }
 
 /// The server: one session task per connected node.
@@ -100,6 +117,8 @@ struct Subscription {
     have: HashMap<String, String>,
     /// Nonce of the last response not yet ACKed or NACKed.
     pending: Option<String>,
+    /// The snapshot version that response carried.
+    pending_version: Option<String>,
 }
 
 struct Session {
@@ -152,10 +171,16 @@ impl Session {
                             break;
                         }
                     }
+                    // Nothing sent (no type changed for this node): it holds this version too.
+                    self.note_sync();
                 }
             }
         };
-        self.update_status(|s| s.connected = false);
+        self.update_status(|s| {
+            s.connected = false;
+            // Never answered now: the next session sends afresh.
+            s.types.values_mut().for_each(|t| t.pending_nonce = None);
+        });
         self.server.metrics.xds_connected.dec();
         tracing::info!(reason = %reason, "node disconnected");
     }
@@ -195,21 +220,46 @@ impl Session {
             return;
         }
         subscription.pending = None;
+        let version = subscription.pending_version.take();
         match &request.error_detail {
             Some(error) => {
                 self.server.metrics.count_reply(type_url, XdsOutcome::Nack);
                 tracing::warn!(type_url, nonce = %request.response_nonce, error = %error.message, "node rejected resources (NACK)");
                 let message = format!("{type_url}: {}", error.message);
-                self.update_status(|s| s.last_nack = Some(message));
+                self.update_status(|s| {
+                    s.last_nack = Some(message);
+                    let state = s.types.entry(type_url.to_owned()).or_default();
+                    state.pending_nonce = None;
+                    state.nack = Some(error.message.clone());
+                });
             }
             None => {
                 self.server.metrics.count_reply(type_url, XdsOutcome::Ack);
                 let nonce = request.response_nonce.clone();
                 self.update_status(|s| {
-                    s.acked.insert(type_url.to_owned(), nonce);
+                    s.acked.insert(type_url.to_owned(), nonce.clone());
+                    let state = s.types.entry(type_url.to_owned()).or_default();
+                    state.pending_nonce = None;
+                    state.acked_nonce = Some(nonce);
+                    state.acked_version = version;
+                    state.nack = None;
                 });
             }
         }
+        self.note_sync();
+    }
+
+    /// Records the snapshot version as the node's when it subscribed to every type, nothing
+    /// is awaiting an answer and every type's last answer was an ACK (a type with nothing new
+    /// was not sent again, and what the node holds of it is still current).
+    fn note_sync(&self) {
+        let waiting =
+            snapshot::TYPES.iter().any(|t| self.subscriptions.get(*t).is_none_or(|s| s.pending.is_some()));
+        let version = self.snapshot.version().to_owned();
+        self.update_status(|s| {
+            let nacked = s.types.values().any(|t| t.nack.is_some());
+            s.synced_version = (!waiting && !nacked).then_some(version);
+        });
     }
 
     /// Sends what changed for `type_url`; with `always`, sends even an empty response.
@@ -223,6 +273,7 @@ impl Session {
         let nonce = self.nonce.to_string();
         subscription.have = self.snapshot.versions(type_url);
         subscription.pending = Some(nonce.clone());
+        subscription.pending_version = Some(self.snapshot.version().to_owned());
         tracing::debug!(type_url, nonce = %nonce, resources = delta.resources.len(), removed = delta.removed.len(), "push");
         let response = DeltaDiscoveryResponse {
             system_version_info: self.snapshot.version().to_owned(),
@@ -232,7 +283,11 @@ impl Session {
             nonce,
         };
         self.server.metrics.count_push(type_url);
-        self.update_status(|s| s.pushes += 1);
+        self.update_status(|s| {
+            s.pushes += 1;
+            s.synced_version = None;
+            s.types.entry(type_url.to_owned()).or_default().pending_nonce = Some(response.nonce.clone());
+        });
         tx.send(Ok(response)).await.map_err(|_| ())
     }
 

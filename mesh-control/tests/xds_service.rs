@@ -151,6 +151,11 @@ async fn a_node_receives_every_workload_then_only_what_changes() {
     assert!(status.connected);
     assert_eq!(status.acked.get(ADDRESS_TYPE), Some(&third.nonce));
     assert_eq!(status.last_nack, None);
+    let address = &status.types[ADDRESS_TYPE];
+    assert_eq!(address.acked_nonce.as_ref(), Some(&third.nonce));
+    assert_eq!(address.acked_version.as_deref(), Some(third.system_version_info.as_str()));
+    assert_eq!((address.pending_nonce.as_ref(), address.nack.as_ref()), (None, None));
+    assert_eq!(status.synced_version, None, "the node subscribed to one type of four");
     let acks = h.plane.service.metrics.xds_replies.get_or_create(&mesh_control::metrics::XdsReplyLabels {
         type_url: ADDRESS_TYPE.into(),
         outcome: XdsOutcome::Ack,
@@ -198,6 +203,13 @@ async fn a_nack_is_recorded_with_its_reason() {
         let status = h.plane.xds.status.lock().expect("status").get("node-a").cloned().unwrap_or_default();
         if let Some(nack) = status.last_nack {
             assert!(nack.contains("netns is not absolute"), "{nack}");
+            let address = &status.types[ADDRESS_TYPE];
+            assert!(
+                address.nack.as_ref().is_some_and(|n| n.contains("netns is not absolute")),
+                "{address:?}"
+            );
+            assert_eq!((address.acked_nonce.as_ref(), address.pending_nonce.as_ref()), (None, None));
+            assert_eq!(status.synced_version, None);
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "NACK never recorded");
