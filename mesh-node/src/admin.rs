@@ -20,11 +20,11 @@ pub enum Endpoint {
 }
 
 async fn route(node: &Node, endpoint: Endpoint, request: &AdminRequest) -> Response<Body> {
-    if !request.is_get() {
-        return method_not_allowed("GET");
     if matches!(endpoint, Endpoint::Admin) && request.path == "/logging" {
         return mesh_api::logging::serve(request); // GET shows, POST changes the log filter
     }
+    if !request.is_get() {
+        return method_not_allowed("GET");
     }
     match (endpoint, request.path.as_str()) {
         (Endpoint::Admin, "/pods") => json(&node.status().await),
@@ -56,6 +56,7 @@ async fn route(node: &Node, endpoint: Endpoint, request: &AdminRequest) -> Respo
                 "ambient_namespaces": view.ambient_namespaces,
             }))
         }
+        (Endpoint::Admin, "/connections") => json(&json!({ "connections": node.metrics.connections.list() })),
         (Endpoint::Admin, "/explain") => explain(node, request).await,
         (Endpoint::Admin, "/traffic") => {
             let health = node.mesh.balancers.snapshot(std::time::Instant::now());

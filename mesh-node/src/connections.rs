@@ -397,6 +397,10 @@ impl Connections {
             bytes_received: AtomicU64::new(0),
         });
         lock(&self.live).insert(id, connection.clone());
+        tracing::debug!(
+            target: "connection", id, direction = direction_name(direction), pod = %format!("{namespace}/{name}"),
+            src.addr = %source, "connection opened"
+        );
         Tracked {
             connection,
             table: self.clone(),

@@ -199,9 +199,9 @@ fn error_chain(err: &anyhow::Error) -> String {
     message
 }
 
-fn init_tracing(format: LogFormat) {
 /// Installs logging with a filter the admin endpoint's `/logging` can change at run time (and
 /// the `log` bridge, which carries aya-log's kernel records).
+fn init_tracing(format: LogFormat) {
     mesh_api::logging::init(match format {
         LogFormat::Text => mesh_api::logging::LogFormat::Text,
         LogFormat::Json => mesh_api::logging::LogFormat::Json,

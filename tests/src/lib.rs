@@ -26,6 +26,7 @@ pub mod prometheus;
 pub mod report;
 pub mod rogue;
 pub mod sniff;
+pub mod telemetry;
 pub mod topology;
 
 pub use curl::CurlResponse;

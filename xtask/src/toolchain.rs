@@ -74,7 +74,7 @@ pub const EBPF_PACKAGES: [Package; 4] = [
 ];
 
 /// The packages the end-to-end tests and the demo need.
-pub const TEST_PACKAGES: [Package; 2] = [
+pub const TEST_PACKAGES: [Package; 3] = [
     Package {
         name: "iproute2",
         probe: Probe::File("/usr/sbin/ip"),
@@ -84,6 +84,11 @@ pub const TEST_PACKAGES: [Package; 2] = [
         name: "curl",
         probe: Probe::File("/usr/bin/curl"),
         why: "a real HTTP client in pods for the L7 tests",
+    },
+    Package {
+        name: "python3-prometheus-client",
+        probe: Probe::File("/usr/lib/python3/dist-packages/prometheus_client/openmetrics/parser.py"),
+        why: "a strict OpenMetrics parser for the telemetry tests' /metrics checks",
     },
 ];
 

@@ -19,10 +19,16 @@ use super::{
     hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_TUNNEL, STREAM_WINDOW, TunnelBody},
     inbound::deliver,
     protocol::{Prefixed, detect},
-    relay::relay,
+    relay::{Metered, relay},
     trace_context::TraceContext,
 };
-use crate::{pod::PodContext, tls, traffic::AppProtocol};
+use crate::{
+    connections::{PolicyResult, Tracked},
+    pod::PodContext,
+    proxy::ProxyError,
+    tls,
+    traffic::AppProtocol,
+};
 
 /// A TLS handshake must finish within this, or the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -147,9 +153,14 @@ async fn stream(
         return respond(StatusCode::BAD_REQUEST);
     }
     let active = pod.inbound.open();
+    // Each stream is a connection: listed, counted and logged (once, when it ends) via `conn`.
+    let conn = pod.inbound.track(tunnel_peer);
+    conn.set_destination(target);
+    conn.set_mtls(pod.identity.to_string(), client_identity.to_string());
     let (trace_id, baggage) = trace_of(&request);
     let traffic = pod.mesh.traffic();
     let caller = Caller::new(&traffic, tunnel_peer.ip(), Some(client_identity.clone()));
+    conn.set_remote_workload(caller.workload.clone());
     let port = target.port();
     let parsing = authz::inbound_parsing(&traffic, authz::Workload::of(&pod), port);
     let parse = parsing.is_some();
@@ -161,17 +172,25 @@ async fn stream(
         authz::log_decision(&decision, &caller, &pod, port, "connection");
         if decision.verdict == Verdict::Deny {
             pod.denied_connections.inc();
+            conn.fail(&ProxyError::Denied(decision.reason));
             return respond(StatusCode::FORBIDDEN);
         }
+        conn.set_policy(PolicyResult::Allow);
     }
     let app = if parse {
         None // delivered per request by the HTTP server, or after detection
     } else {
         match deliver(&pod, SocketAddr::new(tunnel_peer.ip(), 0), target).await {
-            Ok(app) => Some(app),
+            Ok(app) => {
+                if let Ok(source) = app.local_addr() {
+                    conn.set_source(source); // the caller's address as the app sees it
+                }
+                Some(app)
+            }
             Err(err) => {
                 pod.inbound.failed.inc();
                 tracing::warn!(src.identity = %client_identity, dst.addr = %target, error = %err, "app unreachable");
+                conn.fail(&err);
                 return respond(StatusCode::SERVICE_UNAVAILABLE);
             }
         }
@@ -188,11 +207,12 @@ async fn stream(
             Err(err) => {
                 pod.inbound.failed.inc();
                 tracing::debug!(error = %err, "HBONE stream failed before it opened");
+                conn.fail_with("UF", format!("HBONE stream failed before it opened: {err}"));
                 return;
             }
         };
         let served = tokio::select! {
-            r = serve_stream(&pod, upgraded, app, caller, target, declared) => r,
+            r = serve_stream(&pod, &conn, upgraded, app, caller, target, declared) => r,
             () = pod.withdrawn.cancelled() => Ok(None),
         };
         match served {
@@ -202,7 +222,7 @@ async fn stream(
             Ok(None) => {}
             Err(err) => {
                 pod.inbound.failed.inc();
-                tracing::debug!(error = %err, "HBONE stream failed");
+                conn.fail_with("UF", err.to_string());
             }
         }
     });
@@ -214,6 +234,7 @@ async fn stream(
 /// relayed each way (`None` for HTTP, which counts per request).
 async fn serve_stream(
     pod: &Arc<PodContext>,
+    conn: &Tracked,
     stream: TokioIo<hyper::upgrade::Upgraded>,
     app: Option<TcpStream>,
     caller: Caller,
@@ -225,8 +246,12 @@ async fn serve_stream(
         Some(app) => (Prefixed::new(bytes::Bytes::new(), stream), app),
         None => {
             let (protocol, stream) = detect(stream, declared).await?;
+            conn.set_protocol(protocol);
             if protocol.is_http() {
                 // Every request is decided on its own (a denied one gets 403, L4 rules included).
+                conn.set_policy(PolicyResult::PerRequest);
+                let (pod_sent, pod_received) = conn.meters();
+                let stream = Metered::new(stream, pod_received, pod_sent);
                 super::http::inbound::serve(pod.clone(), stream, protocol, caller, target, true).await;
                 return Ok(None);
             }
@@ -235,18 +260,25 @@ async fn serve_stream(
             authz::log_decision(&decision, &caller, pod, port, "connection");
             if decision.verdict == Verdict::Deny {
                 pod.denied_connections.inc();
+                conn.fail(&ProxyError::Denied(decision.reason.clone()));
                 return Err(std::io::Error::other(format!("denied: {}", decision.reason)));
             }
+            conn.set_policy(PolicyResult::Allow);
             let app =
                 deliver(pod, SocketAddr::new(caller.ip, 0), target).await.map_err(std::io::Error::other)?;
+            if let Ok(source) = app.local_addr() {
+                conn.set_source(source);
+            }
             (stream, app)
         }
     };
+    let (pod_sent, pod_received) = conn.meters();
     tokio::select! {
-        relayed = relay(stream, app, &pod.inbound.bytes_received, &pod.inbound.bytes_sent) => relayed.map(Some),
+        relayed = relay(stream, app, &pod_received, &pod_sent) => relayed.map(Some),
         decision = authz::until_revoked(pod, &caller, port) => {
             pod.denied_connections.inc();
             tracing::warn!(reason = %decision.reason, "open connection closed: a policy change denies it");
+            conn.fail(&ProxyError::Denied(format!("revoked by a policy change: {}", decision.reason)));
             Err(std::io::Error::other(format!("revoked: {}", decision.reason)))
         }
     }

@@ -33,7 +33,7 @@ use super::{
     set_reset_on_close,
     trace_context::TraceContext,
 };
-use crate::{identity::WorkloadCert, pod::PodContext, tls};
+use crate::{connections::Tracked, identity::WorkloadCert, pod::PodContext, tls};
 
 type Sender = SendRequest<TunnelBody>;
 
@@ -157,6 +157,7 @@ async fn open_tunnel(
 /// Forwards a captured connection to `dst` through HBONE. Returns the bytes relayed each way.
 pub async fn forward(
     pod: &PodContext,
+    conn: &Tracked,
     client: Prefixed<TcpStream>,
     client_addr: SocketAddr,
     dst: SocketAddr,
@@ -175,7 +176,9 @@ pub async fn forward(
         "HBONE stream opened"
     );
     let _ = client.get_ref().set_nodelay(true);
-    let (sent, received) = relay(client, stream, &pod.outbound.bytes_sent, &pod.outbound.bytes_received)
+    conn.set_mtls(pod.identity.to_string(), peer.to_string());
+    let (pod_sent, pod_received) = conn.meters();
+    let (sent, received) = relay(client, stream, &pod_sent, &pod_received)
         .await
         .map_err(|source| ProxyError::Connect { dst, source })?;
     Ok(Some((dst, sent, received)))

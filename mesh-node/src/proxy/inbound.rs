@@ -15,11 +15,12 @@ use super::{
     authz::{self, Caller},
     connect,
     protocol::{Prefixed, Protocol, detect},
-    relay::relay,
+    relay::{Metered, relay},
     reset, set_reset_on_close,
 };
 use crate::{
     capture::ip_addr,
+    connections::{PolicyResult, Tracked},
     pod::{PodContext, lock},
 };
 
@@ -55,26 +56,21 @@ impl Drop for LiveInbound<'_> {
 
 async fn handle(pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
     let _active = pod.inbound.open();
-    let started = std::time::Instant::now();
+    // Listed, counted and logged (once, when it closes) through `conn`.
+    let conn = pod.inbound.track(peer);
     let result = tokio::select! {
-        r = deliver_and_relay(&pod, client, peer) => r,
+        r = deliver_and_relay(&pod, &conn, client, peer) => r,
         () = pod.withdrawn.cancelled() => Ok(None),
     };
-    match result {
-        Ok(Some((dst, received, sent))) => tracing::debug!(
-            dst.addr = %dst, bytes.received = received, bytes.sent = sent,
-            duration_ms = started.elapsed().as_millis() as u64, "inbound connection closed"
-        ),
-        Ok(None) => tracing::debug!("inbound connection closed: pod withdrawn"),
-        Err(err) => {
-            pod.inbound.failed.inc();
-            tracing::warn!(error = %err, "inbound connection failed");
-        }
+    if let Err(err) = result {
+        pod.inbound.failed.inc();
+        conn.fail(&err);
     }
 }
 
 async fn deliver_and_relay(
     pod: &Arc<PodContext>,
+    conn: &Tracked,
     client: TcpStream,
     peer: SocketAddr,
 ) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
@@ -82,6 +78,7 @@ async fn deliver_and_relay(
         Ok(addr) => addr,
         Err(source) => return Err(ProxyError::Socket(source)),
     };
+    conn.set_destination(orig);
     if lock(&pod.deliveries_in_flight).contains(&peer) {
         reset(client);
         return Err(ProxyError::Loop { peer });
@@ -100,6 +97,7 @@ async fn deliver_and_relay(
     // Plaintext: the caller proves no identity, so only address-based rules can match it.
     let traffic = pod.mesh.traffic();
     let caller = Caller::new(&traffic, peer.ip(), None);
+    conn.set_remote_workload(caller.workload.clone());
     let parsing = authz::inbound_parsing(&traffic, authz::Workload::of(pod), orig.port());
     let _ = client.set_nodelay(true);
     let (protocol, client) = match parsing {
@@ -108,21 +106,27 @@ async fn deliver_and_relay(
         }
         None => (Protocol::Tcp, Prefixed::new(bytes::Bytes::new(), client)),
     };
+    conn.set_protocol(protocol);
     if protocol.is_http() {
         // Every request is decided on its own (a denied one gets 403, L4 rules included).
+        conn.set_policy(PolicyResult::PerRequest);
+        let (pod_sent, pod_received) = conn.meters();
+        let client = Metered::new(client, pod_received, pod_sent);
         super::http::inbound::serve(pod.clone(), client, protocol, caller, orig, false).await;
         return Ok(None);
     }
     let decision = authz::check_connection(pod, &traffic, &caller, orig.port(), false);
     authz::log_decision(&decision, &caller, pod, orig.port(), "connection");
+    conn.set_policy(if decision.verdict == Verdict::Deny { PolicyResult::Deny } else { PolicyResult::Allow });
     if decision.verdict == Verdict::Deny {
         pod.denied_connections.inc();
         set_reset_on_close(client.get_ref());
         return Err(ProxyError::Denied(decision.reason));
     }
     let app = deliver(pod, peer, orig).await?;
+    let (pod_sent, pod_received) = conn.meters();
     let relayed = tokio::select! {
-        relayed = relay(client, app, &pod.inbound.bytes_received, &pod.inbound.bytes_sent) => relayed,
+        relayed = relay(client, app, &pod_received, &pod_sent) => relayed,
         decision = authz::until_revoked(pod, &caller, orig.port()) => {
             pod.denied_connections.inc();
             // The relay future (owning the sockets) is dropped here: the client sees a close.

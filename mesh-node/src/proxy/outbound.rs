@@ -17,10 +17,11 @@ use super::{
     balancer::{HealthChange, Outcome},
     connect_from_pod, http,
     protocol::{Prefixed, detect},
-    relay::relay,
+    relay::{Metered, relay},
     reset, set_reset_on_close,
 };
 use crate::{
+    connections::Tracked,
     pod::PodContext,
     traffic::{ServiceEntry, Traffic},
 };
@@ -48,27 +49,23 @@ pub async fn accept_loop(pod: Arc<PodContext>, listener: TcpListener) {
 
 async fn handle(pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
     let _active = pod.outbound.open();
-    let started = std::time::Instant::now();
+    // The app connected from loopback (to 15001); its address in the mesh is the pod's IP.
+    // The connection is listed, counted and logged (once, when it closes) through `conn`.
+    let conn = pod.outbound.track(SocketAddr::new(std::net::IpAddr::V4(pod.ip), peer.port()));
     let result = tokio::select! {
-        r = forward(&pod, client, peer) => r,
+        r = forward(&pod, &conn, client, peer) => r,
         () = pod.withdrawn.cancelled() => Ok(None),
     };
-    match result {
-        Ok(Some((dst, sent, received))) => tracing::debug!(
-            dst.addr = %dst, bytes.sent = sent, bytes.received = received,
-            duration_ms = started.elapsed().as_millis() as u64, "outbound connection closed"
-        ),
-        Ok(None) => tracing::debug!("outbound connection closed: pod withdrawn"),
-        Err(err) => {
-            pod.outbound.failed.inc();
-            tracing::warn!(error = %err, "outbound connection failed");
-        }
+    if let Err(err) = result {
+        pod.outbound.failed.inc();
+        conn.fail(&err);
     }
 }
 
 /// Returns the original destination and the bytes relayed each way.
 async fn forward(
     pod: &Arc<PodContext>,
+    conn: &Tracked,
     client: TcpStream,
     peer: SocketAddr,
 ) -> Result<Option<(SocketAddr, u64, u64)>, ProxyError> {
@@ -84,17 +81,20 @@ async fn forward(
         reset(client);
         return Err(ProxyError::NoOriginalDestination);
     };
+    conn.set_destination(dst);
     let traffic = pod.mesh.traffic();
     if let Some(service) = traffic.service_at(dst.ip()) {
-        return to_service(pod, &traffic, client, peer, dst, service.clone()).await;
+        conn.set_service(&service.key);
+        return to_service(pod, conn, &traffic, client, peer, dst, service.clone()).await;
     }
+    conn.set_remote_workload(traffic.workload_at(dst.ip()).map(ToString::to_string));
     let client = Prefixed::new(Bytes::new(), client);
     if pod.identities.is_some()
         && let Some(expected) = pod.mesh.identity_of(dst.ip())
     {
         // The app connected from loopback (to 15001); its address in the mesh is the pod's IP.
         let source = SocketAddr::new(std::net::IpAddr::V4(pod.ip), peer.port());
-        return super::hbone_outbound::forward(pod, client, source, dst, expected).await;
+        return super::hbone_outbound::forward(pod, conn, client, source, dst, expected).await;
     }
     let upstream = match connect_from_pod(pod, dst).await {
         Ok(upstream) => upstream,
@@ -104,7 +104,8 @@ async fn forward(
         }
     };
     let _ = client.get_ref().set_nodelay(true);
-    let (sent, received) = relay(client, upstream, &pod.outbound.bytes_sent, &pod.outbound.bytes_received)
+    let (pod_sent, pod_received) = conn.meters();
+    let (sent, received) = relay(client, upstream, &pod_sent, &pod_received)
         .await
         .map_err(|source| ProxyError::Connect { dst, source })?;
     Ok(Some((dst, sent, received)))
@@ -112,8 +113,10 @@ async fn forward(
 
 /// A connection to a service's cluster IP: HTTP is served request by request (routes, load
 /// balancing, retries); anything else goes whole to one endpoint the balancer picks.
+#[allow(clippy::too_many_arguments, reason = "one connection's context, used once")]
 async fn to_service(
     pod: &Arc<PodContext>,
+    conn: &Tracked,
     traffic: &Traffic,
     client: TcpStream,
     peer: SocketAddr,
@@ -128,20 +131,25 @@ async fn to_service(
         .await
         .map_err(|source| ProxyError::Connect { dst, source })?;
     let _ = client.get_ref().set_nodelay(true);
+    conn.set_protocol(protocol);
     if protocol.is_http() {
         tracing::debug!(service = %service.key, port = port.port, ?protocol, "serving HTTP to a service");
+        let (pod_sent, pod_received) = conn.meters();
+        let client = Metered::new(client, pod_sent, pod_received);
         http::outbound::serve(pod.clone(), client, protocol, service, port.port).await;
         return Ok(Some((dst, 0, 0)));
     }
     let balancer = pod.mesh.balancers.get(&service.key);
     let endpoints = service.endpoints(port.port);
     let Some(_slot) = balancer.admit_connection(&service.resilience) else {
+        conn.set_flags("UO");
         set_reset_on_close(client.get_ref());
         return Err(ProxyError::Tunnel(format!("{}: too many connections (circuit breaker)", service.key)));
     };
     let picked =
         balancer.pick(endpoints, &service.resilience, (fastrand::u32(..), fastrand::u32(..)), Instant::now());
     let Some((endpoint, _in_flight)) = picked else {
+        conn.set_flags("UH");
         set_reset_on_close(client.get_ref());
         return Err(ProxyError::Tunnel(format!(
             "service {} port {} has no endpoints",
@@ -149,16 +157,21 @@ async fn to_service(
         )));
     };
     tracing::debug!(service = %service.key, endpoint = %endpoint.addr, "connection to a service");
+    conn.set_destination(endpoint.addr);
+    conn.set_remote_workload(Some(endpoint.workload.clone()));
     let source = SocketAddr::new(std::net::IpAddr::V4(pod.ip), peer.port());
     let result = match (&endpoint.identity, pod.identities.is_some()) {
         (Some(identity), true) => {
-            super::hbone_outbound::forward(pod, client, source, endpoint.addr, identity.clone()).await
+            super::hbone_outbound::forward(pod, conn, client, source, endpoint.addr, identity.clone()).await
         }
         _ => match connect_from_pod(pod, endpoint.addr).await {
-            Ok(upstream) => relay(client, upstream, &pod.outbound.bytes_sent, &pod.outbound.bytes_received)
-                .await
-                .map(|(sent, received)| Some((endpoint.addr, sent, received)))
-                .map_err(|source| ProxyError::Connect { dst: endpoint.addr, source }),
+            Ok(upstream) => {
+                let (pod_sent, pod_received) = conn.meters();
+                relay(client, upstream, &pod_sent, &pod_received)
+                    .await
+                    .map(|(sent, received)| Some((endpoint.addr, sent, received)))
+                    .map_err(|source| ProxyError::Connect { dst: endpoint.addr, source })
+            }
             Err(err) => {
                 set_reset_on_close(client.get_ref());
                 Err(err)
