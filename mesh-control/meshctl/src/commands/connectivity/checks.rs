@@ -266,7 +266,12 @@ impl<'a> Runner<'a> {
         if report.outcome != Outcome::Echoed {
             return Ok(Verdict::Fail(format!("{what}: {}", describe(&report))));
         }
-        Ok(if summary.marker_in_clear > 0 {
+        Ok(if summary.dropped > 0 {
+            Verdict::Fail(format!(
+                "{what}: the capture missed {} packets (the machine is busy?), so it proves nothing: run again",
+                summary.dropped
+            ))
+        } else if summary.marker_in_clear > 0 {
             Verdict::Fail(format!(
                 "{what}: the payload crossed in clear ({} packets hold the marker)",
                 summary.marker_in_clear

@@ -186,28 +186,38 @@ pub fn deny_policy_yaml(
 
 /// Chooses a cluster IP no Service and no pod uses: the highest free address of the /24 of
 /// the first Service that has one, else of 10.96.0.0/24 (Kubernetes' default range).
-pub fn pick_vip(used: &[Ipv4Addr]) -> anyhow::Result<Ipv4Addr> {
-    let base = used.first().map_or([10, 96, 0, 0], |ip| ip.octets());
+pub fn pick_vip(used: &UsedAddresses) -> anyhow::Result<Ipv4Addr> {
+    let base = used.services.first().map_or([10, 96, 0, 0], |ip| ip.octets());
     (2..=250u8)
         .rev()
         .map(|last| Ipv4Addr::new(base[0], base[1], base[2], last))
-        .find(|ip| !used.contains(ip))
+        .find(|ip| !used.services.contains(ip) && !used.pods.contains(ip))
         .context("no free cluster IP near the Services' (name one with --service-ip)")
 }
 
+/// The addresses the manifests already use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsedAddresses {
+    /// Services' cluster IPs, in the order the files list them.
+    pub services: Vec<Ipv4Addr>,
+    pub pods: Vec<Ipv4Addr>,
+}
+
 /// Returns the cluster IPs of the Services in `dir`, and every pod IP.
-pub fn used_addresses(dir: &Path) -> anyhow::Result<Vec<Ipv4Addr>> {
+pub fn used_addresses(dir: &Path) -> anyhow::Result<UsedAddresses> {
     let local = mesh_manifests::local::read(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let services = local.objects.services.iter().filter_map(|s| s.spec.as_ref()).flat_map(|spec| {
-        spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()).filter_map(|ip| ip.parse().ok())
-    });
-    let pods = local.objects.pods.iter().filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok());
-    let mut used: Vec<Ipv4Addr> = Vec::new();
-    for ip in services.chain(pods) {
-        if !used.contains(&ip) {
-            used.push(ip);
+    let mut used = UsedAddresses::default();
+    for spec in local.objects.services.iter().filter_map(|s| s.spec.as_ref()) {
+        for ip in
+            spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()).filter_map(|ip| ip.parse().ok())
+        {
+            if !used.services.contains(&ip) {
+                used.services.push(ip);
+            }
         }
     }
+    used.pods =
+        local.objects.pods.iter().filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok()).collect();
     Ok(used)
 }
 
@@ -242,9 +252,11 @@ mod tests {
         assert_eq!(policy.spec.rules[0].from[0].source.principals, ["cluster.local/ns/demo/sa/a1"]);
         assert_eq!(policy.spec.rules[0].to[0].operation.ports, ["17080"]);
         assert!(policy.spec.selector.is_some());
-        assert_eq!(used_addresses(&dir).unwrap(), [vip]);
-        assert_eq!(pick_vip(&[vip]).unwrap(), Ipv4Addr::new(10, 96, 0, 249));
-        assert_eq!(pick_vip(&[]).unwrap(), vip);
+        let used = used_addresses(&dir).unwrap();
+        assert_eq!(used, UsedAddresses { services: vec![vip], pods: vec![] });
+        assert_eq!(pick_vip(&used).unwrap(), Ipv4Addr::new(10, 96, 0, 249));
+        let pods_only = UsedAddresses { services: vec![], pods: vec![Ipv4Addr::new(10, 1, 1, 2), vip] };
+        assert_eq!(pick_vip(&pods_only).unwrap(), Ipv4Addr::new(10, 96, 0, 249), "never in a pod subnet");
 
         // A second claim while this process "runs" is refused; files of dead runs are swept.
         assert!(TestObjects::claim(&dir).is_ok(), "our own pid: this process's earlier files");

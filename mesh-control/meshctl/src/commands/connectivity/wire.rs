@@ -42,6 +42,8 @@ pub struct WireSummary {
     pub tls_records: u64,
     /// The server-side ports of TCP packets between the pods that were not port 15008.
     pub other_ports: BTreeSet<u16>,
+    /// Packets the kernel dropped because the capture fell behind: the capture is incomplete.
+    pub dropped: u64,
 }
 
 impl WireSummary {
@@ -136,6 +138,7 @@ impl Capture {
                     summary.observe(&filter, &buf[..n as usize]);
                 } else if stopping {
                     // Drained: the receive timeout passed with nothing more queued.
+                    summary.dropped = dropped(&fd)?;
                     return Ok(summary);
                 }
             }
@@ -173,6 +176,13 @@ fn open_socket(netns: Option<&std::fs::File>) -> std::io::Result<std::os::fd::Ow
             return Err(std::io::Error::last_os_error());
         }
         let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        // Room for bursts of large (offloaded) packets; root may exceed rmem_max.
+        let size: libc::c_int = CAPTURE_BUFFER;
+        let size_ptr = (&raw const size).cast();
+        let size_len = std::mem::size_of::<libc::c_int>() as u32;
+        if libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size_ptr, size_len) != 0 {
+            libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, size_ptr, size_len);
+        }
         let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
         if libc::setsockopt(
             fd.as_raw_fd(),
@@ -187,6 +197,33 @@ fn open_socket(netns: Option<&std::fs::File>) -> std::io::Result<std::os::fd::Ow
         Ok(fd)
     }
 }
+
+/// The capture socket's receive buffer.
+const CAPTURE_BUFFER: libc::c_int = 64 << 20;
+
+/// Returns how many packets the kernel dropped for the socket (`PACKET_STATISTICS`).
+fn dropped(fd: &std::os::fd::OwnedFd) -> std::io::Result<u64> {
+    // struct tpacket_stats { tp_packets, tp_drops }
+    let mut stats = [0u32; 2];
+    let mut len = std::mem::size_of_val(&stats) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `stats`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_STATISTICS,
+            stats.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from(stats[1]))
+}
+
+/// `<linux/if_packet.h>`'s socket option for the packet counters.
+const PACKET_STATISTICS: libc::c_int = 6;
 
 #[cfg(test)]
 mod tests {
