@@ -4,10 +4,9 @@ use std::{net::SocketAddr, sync::Arc};
 
 use hyper::{Response, StatusCode};
 use mesh_api::http::{AdminRequest, Body, OPENMETRICS, json, method_not_allowed, not_found, respond};
+use mesh_manifests::PodKey;
 use serde_json::json;
 use tokio::net::TcpListener;
-
-use mesh_manifests::PodKey;
 
 use crate::node::Node;
 
@@ -65,7 +64,7 @@ async fn route(node: &Node, endpoint: Endpoint, request: &AdminRequest) -> Respo
         (Endpoint::Admin, "/") => respond(
             StatusCode::OK,
             "text/plain",
-            "mesh-node admin: /pods /certs /config /traffic /connections /ebpf /logging /metrics /healthz/ready\n",
+            "mesh-node admin: /pods /certs /config /traffic /explain /connections /ebpf /logging /metrics /healthz/ready\n",
         ),
         (Endpoint::Admin | Endpoint::Metrics, "/metrics") => {
             // Reading the maps' fill takes syscalls per entry: off the runtime's workers.

@@ -2,13 +2,15 @@
 //! b3 outside the mesh; b2 PERMISSIVE), services `web` (b1, b2; HTTP), `web-v1` (b1), `web-v2`
 //! (b2), `db` (b1; opaque TCP), `api` (b1; undeclared), and per test policies and routes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use mesh_api::workload::v1::{
     self as proto, AuthorizationAction, AuthorizationOperation, AuthorizationRule, AuthorizationScope,
     AuthorizationSource, BackendRef, HttpRouteMatch, HttpRouteRule, NetworkAddress, Port, RouteParent,
     ValueMatch,
 };
+
+use mesh_manifests::MtlsMode;
 
 use super::*;
 use crate::{desired::MeshWorkload, traffic::EndpointSpec};

@@ -16,10 +16,10 @@ pub fn human(e: &Value) -> String {
     line(
         "source",
         format!(
-            "{} ({}) on {}{}: {}",
+            "{} ({}){}{}: {}",
             cell(&source["pod"]),
             cell(&source["ip"]),
-            cell(&source["node"]),
+            source["node"].as_str().map(|node| format!(" on {node}")).unwrap_or_default(),
             source["identity"].as_str().map(|id| format!(", {id}")).unwrap_or_default(),
             cell(&source["note"]),
         ),
@@ -62,18 +62,21 @@ pub fn human(e: &Value) -> String {
         line("failure", format!("{}: {}", cell(&failure["effect"]), cell(&failure["reason"])));
     }
     for endpoint in e["endpoints"].as_array().into_iter().flatten() {
-        let share = endpoint["share"]
-            .as_f64()
-            .map(|s| format!(" [{:.0}% of requests]", s * 100.0))
-            .unwrap_or_default();
+        // The route's weight for the endpoint's service (the load balancer picks within it).
+        let share = match (endpoint["share"].as_f64(), endpoint["service"].as_str()) {
+            (Some(share), Some(service)) if share < 1.0 => {
+                format!(" [{service}: {:.0}% of requests]", share * 100.0)
+            }
+            _ => String::new(),
+        };
         let expects = endpoint["identity"].as_str().map(|id| format!(", expecting {id}")).unwrap_or_default();
         line(
             "endpoint",
             format!(
-                "{} {} on {} via {}{expects}{share}",
+                "{} {}{} via {}{expects}{share}",
                 cell(&endpoint["workload"]),
                 cell(&endpoint["address"]),
-                cell(&endpoint["node"]),
+                endpoint["node"].as_str().map(|node| format!(" on {node}")).unwrap_or_default(),
                 cell(&endpoint["transport"]),
             ),
         );
