@@ -57,7 +57,9 @@ fn print_configuration(topology: &Topology) -> anyhow::Result<()> {
 /// Runs the demo on binaries already built (`cargo xtask demo` builds them, then runs this).
 pub fn run() -> anyhow::Result<()> {
     let step = Step::start("creating two nodes, six pods and an external host (network namespaces)");
-    let topology = Topology::build("demo")?;
+    let mut topology = Topology::build("demo")?;
+    // A label only b1 carries: meshctl connectivity-test's Service selects its server by it.
+    topology.label("b1", "app: echo")?;
     step.done_with(&format!("state and logs in {}", topology.state_dir().display()));
     let step = Step::start("starting mesh-control (CA and xDS, reading the YAML) on node-a");
     topology.start_control_plane()?;
@@ -163,6 +165,7 @@ pub fn run() -> anyhow::Result<()> {
             stat("inbound_delivery_passed")
         );
     }
+    let checks_passed = operate_with_meshctl(&topology)?;
     println!(
         "\nLogs of mesh-control, both mesh-nodes and the pods' apps: {}",
         topology.state_dir().display()
@@ -170,7 +173,55 @@ pub fn run() -> anyhow::Result<()> {
     let step = Step::start("tearing down (processes, namespaces, cgroups, bpffs)");
     topology.teardown();
     step.done();
+    if !checks_passed {
+        bail!("meshctl connectivity-test found the mesh failing (its table above says where)");
+    }
     Ok(())
+}
+
+/// Operates the running mesh as a person would, with meshctl and the context file the test bed
+/// wrote when mesh-control started (every admin endpoint, inside its node's netns, and
+/// mesh-control's config directory). The demo tears everything down at its end, so the commands
+/// run here rather than being suggested for later. Returns whether connectivity-test passed.
+fn operate_with_meshctl(topology: &Topology) -> anyhow::Result<bool> {
+    let context = topology.meshctl_context();
+    println!(
+        "\nOperating the mesh with meshctl (context {}: mesh-control's and each node's admin \
+         endpoint, inside the nodes' netns, and mesh-control's config directory):",
+        context.display()
+    );
+    let commands: [(&[&str], &str); 3] = [
+        (&["status"], "the control plane and every node"),
+        (
+            &["explain", "demo/a1", "demo/b1", "--port", "8080"],
+            "why a1 → b1:8080 is allowed, and how it travels",
+        ),
+        (
+            &["connectivity-test"],
+            "probes in a1, a2 and b1; a Service, a packet capture and a DENY policy, all removed afterwards",
+        ),
+    ];
+    let mut passed = true;
+    for (args, what) in commands {
+        println!("\n  $ meshctl --context {} {}    # {what}", context.display(), args.join(" "));
+        let step = Step::start(format!("meshctl {}", args.join(" ")));
+        let run = topology.meshctl(args)?;
+        step.done();
+        for line in run.stdout.lines() {
+            if line.is_empty() { println!() } else { println!("    {line}") }
+        }
+        if run.code != 0 {
+            // Exit 1: something it checked failed; 2: it could not do its job (says why).
+            for line in run.stderr.lines().filter(|l| l.starts_with("meshctl:")) {
+                println!("    {line}");
+            }
+            println!("    (exit code {})", run.code);
+        }
+        if args[0] == "connectivity-test" {
+            passed = run.code == 0;
+        }
+    }
+    Ok(passed)
 }
 
 /// Waits until both nodes hold a certificate for each of their enrolled pods.

@@ -28,7 +28,7 @@ impl Progress {
         let line = format!("[{}/{}] {name}: {what}", self.index, self.total);
         if self.spinner {
             let bar = ProgressBar::new_spinner();
-            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
                 bar.set_style(style);
             }
             bar.set_message(line);
@@ -54,10 +54,15 @@ impl Progress {
             Status::Fail => "FAIL",
             Status::Skip => "SKIP",
         };
-        let line =
-            format!("[{}/{}] {} {status} ({} ms)", self.index, self.total, result.name, result.duration_ms);
         match self.bar.take() {
-            Some(bar) => bar.finish_with_message(line),
+            Some(bar) => {
+                // Cleared, then a plain line: the result stays, one line per check.
+                bar.finish_and_clear();
+                eprintln!(
+                    "{status} [{}/{}] {} ({} ms)",
+                    self.index, self.total, result.name, result.duration_ms
+                );
+            }
             None => eprintln!("      {status} ({} ms): {}", result.duration_ms, result.detail),
         }
     }
