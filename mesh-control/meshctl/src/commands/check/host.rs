@@ -195,7 +195,11 @@ pub fn cni(dir: &Path) -> Check {
             return Check::warn("CNI config", format!("{} does not exist", dir.display()), local);
         }
         Err(err) => {
-            return Check::fail("CNI config", format!("{}: {err}", dir.display()), "make it readable by root");
+            return Check::fail(
+                "CNI config",
+                format!("{}: {err}", dir.display()),
+                "make it readable by root",
+            );
         }
     };
     // The runtime's choice, as mesh-node chains into it: the first by name.
