@@ -185,6 +185,9 @@ spec:
 #[test]
 fn an_interrupted_run_removes_its_objects_probes_and_cgroups() {
     let topology = meshed("connectivity_interrupted", &[]);
+    // Without mesh-control the nodes keep serving (the pod checks pass) but never receive the
+    // test Service: the run waits on it, with its file written and its probes running.
+    topology.stop_control_plane().expect("stop mesh-control");
     let mut child = Command::new(find_binary("meshctl").expect("meshctl"))
         .arg("--context")
         .arg(topology.meshctl_context())
@@ -193,30 +196,28 @@ fn an_interrupted_run_removes_its_objects_probes_and_cgroups() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("meshctl");
-    // Interrupt once the deny check has written its policy: a Service was written and removed,
-    // servers run in two pods, the policy file is in place.
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     let mut seen = String::new();
-    let policy = topology.state_dir().join("meshctl-conntest-deny.yaml");
+    let service = topology.state_dir().join("meshctl-conntest.yaml");
     loop {
         let line =
             lines.next().and_then(Result::ok).unwrap_or_else(|| panic!("meshctl ended early:\n{seen}"));
         seen.push_str(&line);
         seen.push('\n');
-        if line.contains("writing AuthorizationPolicy") {
-            eventually("the policy file written", Duration::from_secs(5), || policy.exists().then_some(()));
+        if line.contains("waiting until node-a routes the Service") {
             break;
         }
     }
-    assert!(probe_cgroups(&topology) >= 2, "servers and their cgroups are in place before the interrupt");
+    assert!(service.exists(), "the Service file is written while the run waits:\n{seen}");
+    assert_eq!(probe_cgroups(&topology), 3, "a1's client, b1's and a2's servers have their cgroups");
     // SAFETY: signalling our own child by PID.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().expect("meshctl exits");
     assert_eq!(status.code(), Some(2), "an interrupted run is not a verdict:\n{seen}{}", rest.join("\n"));
     assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
-    assert!(!policy.exists());
+    assert!(!service.exists(), "the Service file is removed");
     assert_nothing_left(&topology);
 }
 
