@@ -194,7 +194,10 @@ fn render(report: &Value) -> String {
             ]);
         }
         if reachable {
-            pods.push(format!("  {name}: {}\n", cell(&node["pods"]["names"])));
+            let names: Vec<String> =
+                node["pods"]["names"].as_array().into_iter().flatten().map(cell).collect();
+            let names = if names.is_empty() { "-".to_owned() } else { names.join(", ") };
+            pods.push(format!("  {name}: {names}\n"));
         }
     }
     out.push('\n');
