@@ -9,6 +9,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -194,6 +195,8 @@ fn an_interrupted_run_removes_its_objects_probes_and_cgroups() {
         .args(["connectivity-test", "-o", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group, as a shell gives a foreground job: Ctrl-C reaches the group.
+        .process_group(0)
         .spawn()
         .expect("meshctl");
     let stderr = child.stderr.take().expect("stderr");
@@ -211,8 +214,9 @@ fn an_interrupted_run_removes_its_objects_probes_and_cgroups() {
     }
     assert!(service.exists(), "the Service file is written while the run waits:\n{seen}");
     assert_eq!(probe_cgroups(&topology), 3, "a1's client, b1's and a2's servers have their cgroups");
-    // SAFETY: signalling our own child by PID.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    // Ctrl-C: SIGINT to meshctl and its probes (the group of our own child).
+    // SAFETY: signalling our own child's process group.
+    unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGINT) };
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().expect("meshctl exits");
     assert_eq!(status.code(), Some(2), "an interrupted run is not a verdict:\n{seen}{}", rest.join("\n"));

@@ -165,7 +165,7 @@ pub fn run(context: &Context, args: Args, format: Format) -> anyhow::Result<Outc
         &mut progress,
     );
     let mut results: Vec<CheckResult> = Vec::new();
-    let mut outcome = Ok(());
+    let mut outcome: anyhow::Result<()> = Ok(());
     for name in CHECKS {
         if !args.keep_going && results.iter().any(|r| r.status == Status::Fail) {
             results.push(CheckResult {
@@ -192,11 +192,13 @@ pub fn run(context: &Context, args: Args, format: Format) -> anyhow::Result<Outc
             _ => runner.deny_policy(),
         };
         let verdict = match verdict {
-            Ok(verdict) => verdict,
-            Err(err) if err.is::<Interrupted>() => {
-                outcome = Err(err);
+            // A Ctrl-C on a terminal also reaches the probes: whatever the check saw then is
+            // not a verdict.
+            _ if interrupted() => {
+                outcome = Err(Interrupted.into());
                 break;
             }
+            Ok(verdict) => verdict,
             Err(err) => Verdict::Fail(crate::one_line(&err)),
         };
         let (status, detail) = match verdict {

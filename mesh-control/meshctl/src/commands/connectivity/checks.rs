@@ -203,7 +203,7 @@ impl<'a> Runner<'a> {
         let key = format!("{0}/{SERVICE}.{0}.svc.cluster.local", server.namespace);
         let endpoint = SocketAddr::from((server.ip, self.port)).to_string();
         self.progress.step(&format!("waiting until {} routes the Service", node.name));
-        let arrived = self.wait_config(&node.endpoint, |traffic| {
+        let arrived = self.wait_config(&node.endpoint, SERVICE, |traffic| {
             traffic["services"].as_array().into_iter().flatten().any(|s| {
                 s["service"]["key"] == key
                     && s["service"]["endpoints"][SERVICE_PORT.to_string()]
@@ -322,7 +322,7 @@ impl<'a> Runner<'a> {
             .step(&format!("writing AuthorizationPolicy {key}: DENY {principal} on port {}", self.port));
         let written = Instant::now();
         self.objects.write(DENY_POLICY, &yaml)?;
-        if let Err(why) = self.wait_config(&node.endpoint, has_policy)? {
+        if let Err(why) = self.wait_config(&node.endpoint, DENY_POLICY, has_policy)? {
             self.objects.remove(DENY_POLICY)?;
             return Ok(Verdict::Fail(format!("policy {key} never reached {}: {why}", node.name)));
         }
@@ -344,7 +344,7 @@ impl<'a> Runner<'a> {
             }
         };
         self.progress.step(&format!("policy removed: waiting until {} drops it", node.name));
-        if let Err(why) = self.wait_config(&node.endpoint, |t| !has_policy(t))? {
+        if let Err(why) = self.wait_config(&node.endpoint, DENY_POLICY, |t| !has_policy(t))? {
             return Ok(Verdict::Fail(format!(
                 "denied as expected, but the removed policy stayed on {}: {why}",
                 node.name
@@ -390,33 +390,43 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// Waits until a node's `/traffic` satisfies `ready`; fails at once if mesh-control refuses
-    /// the manifests because of a file of ours.
+    /// Waits until a node's `/traffic` satisfies `ready`. Fails early if mesh-control refuses
+    /// the manifests because of `object`'s file: a refusal lasts until the file goes, while an
+    /// error naming it that clears within a second was a reload racing a write or a removal.
     fn wait_config(
         &self,
         node: &Endpoint,
+        object: &str,
         ready: impl Fn(&serde_json::Value) -> bool,
     ) -> anyhow::Result<Result<(), String>> {
+        enum Waited {
+            Ready,
+            Refused(String),
+        }
         let control = self.control.clone();
-        let mut refused = None;
+        let file = format!("{object}.yaml");
+        let mut ours_since: Option<Instant> = None;
+        let mut ignoring = None;
         let outcome = poll(CONFIG_WAIT, || {
             if ready(&client::get_json(node, "/traffic")?) {
-                return Ok(Some(()));
+                return Ok(Some(Waited::Ready));
             }
             let config = client::get_json(&control, "/debug/config")?;
-            if let Some(error) = config["error"].as_str() {
-                refused = Some(error.to_owned());
-                if error.contains(objects::SERVICE) {
-                    return Ok(Some(()));
+            match config["error"].as_str() {
+                Some(error) if error.contains(&file) => {
+                    let since = *ours_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= Duration::from_secs(1) {
+                        return Ok(Some(Waited::Refused(error.to_owned())));
+                    }
                 }
+                Some(error) => (ours_since, ignoring) = (None, Some(error.to_owned())),
+                None => (ours_since, ignoring) = (None, None),
             }
             Ok(None)
         })?;
-        Ok(match (outcome, refused) {
-            (Ok(()), Some(error)) if error.contains(objects::SERVICE) => {
-                Err(format!("mesh-control refused it: {error}"))
-            }
-            (Ok(()), _) => Ok(()),
+        Ok(match (outcome, ignoring) {
+            (Ok(Waited::Ready), _) => Ok(()),
+            (Ok(Waited::Refused(error)), _) => Err(format!("mesh-control refused it: {error}")),
             (Err(last), Some(error)) => {
                 Err(format!("mesh-control is ignoring the manifests ({error}); last: {last}"))
             }
