@@ -57,7 +57,7 @@ pub struct Args {
     #[arg(long)]
     server: Option<String>,
     /// The port the probe servers listen on inside the pods (must be free there).
-    #[arg(long, default_value_t = DEFAULT_PORT)]
+    #[arg(long, default_value_t = DEFAULT_PORT, value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
     /// The cluster IP of the test Service (default: a free address near the Services').
     #[arg(long)]
