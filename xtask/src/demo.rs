@@ -31,7 +31,18 @@ pub fn run() -> anyhow::Result<()> {
     };
     Step::start("building mesh-node, mesh-control, meshctl and pod-app").run(
         "build-binaries",
-        cargo().args(["build", "-p", "mesh-node", "-p", "mesh-control", "-p", "meshctl", "-p", "nodemesh-testbed", "--bins"]),
+        cargo().args([
+            "build",
+            "-p",
+            "mesh-node",
+            "-p",
+            "mesh-control",
+            "-p",
+            "meshctl",
+            "-p",
+            "nodemesh-testbed",
+            "--bins",
+        ]),
     )?;
     // Its own invocation: building the xtask package with the feature beside other packages
     // would rebuild the running `xtask` binary with it too.
