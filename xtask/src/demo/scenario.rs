@@ -203,25 +203,77 @@ fn operate_with_meshctl(topology: &Topology) -> anyhow::Result<bool> {
     ];
     let mut passed = true;
     for (args, what) in commands {
-        println!("\n  $ meshctl --context {} {}    # {what}", context.display(), args.join(" "));
-        let step = Step::start(format!("meshctl {}", args.join(" ")));
-        let run = topology.meshctl(args)?;
-        step.done();
-        for line in run.stdout.lines() {
-            if line.is_empty() { println!() } else { println!("    {line}") }
-        }
-        if run.code != 0 {
-            // Exit 1: something it checked failed; 2: it could not do its job (says why).
-            for line in run.stderr.lines().filter(|l| l.starts_with("meshctl:")) {
-                println!("    {line}");
-            }
-            println!("    (exit code {})", run.code);
-        }
+        let ok = run_meshctl(topology, &context, args, what)?;
         if args[0] == "connectivity-test" {
-            passed = run.code == 0;
+            passed = ok;
         }
     }
+    // The traffic is over, so a policy may now deny what it sent: explain a request it denies.
+    println!(
+        "\n  Writing {DENY_ADMIN_FILE}.yaml (DENY GET/POST /admin* on pods labelled app: echo, i.e. b1):"
+    );
+    topology.write_config(DENY_ADMIN_FILE, DENY_ADMIN)?;
+    wait_for_policy(topology, NodeId::B, "demo/deny-admin")?;
+    let denied = ["explain", "demo/a1", "demo/b1", "--port", "8080", "--http", "GET /admin/users"];
+    run_meshctl(topology, &context, &denied, "a request the new policy denies (exit 1: denied)")?;
     Ok(passed)
+}
+
+const DENY_ADMIN_FILE: &str = "deny-admin";
+const DENY_ADMIN: &str = "apiVersion: nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-admin
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        methods: [GET, POST]
+        paths: [/admin*]
+";
+
+/// Waits until `node` enforces the policy `key` (it is in the node's `/traffic`).
+fn wait_for_policy(topology: &Topology, node: NodeId, key: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !topology.node_admin(node, "/traffic")?.contains(&format!("\"{key}\"")) {
+        if std::time::Instant::now() > deadline {
+            bail!("{} did not receive the policy {key} within 15 s", node.name());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Runs one meshctl command against the demo and prints it as a session; returns whether it
+/// exited 0.
+fn run_meshctl(
+    topology: &Topology,
+    context: &std::path::Path,
+    args: &[&str],
+    what: &str,
+) -> anyhow::Result<bool> {
+    let quoted: Vec<String> =
+        args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { (*a).to_owned() }).collect();
+    println!("\n  $ meshctl --context {} {}    # {what}", context.display(), quoted.join(" "));
+    let step = Step::start(format!("meshctl {}", args.join(" ")));
+    let run = topology.meshctl(args)?;
+    step.done();
+    for line in run.stdout.lines() {
+        if line.is_empty() { println!() } else { println!("    {line}") }
+    }
+    if run.code != 0 {
+        // Exit 1: something it checked failed; 2: it could not do its job (says why).
+        for line in run.stderr.lines().filter(|l| l.starts_with("meshctl:")) {
+            println!("    {line}");
+        }
+        println!("    (exit code {})", run.code);
+    }
+    Ok(run.code == 0)
 }
 
 /// Waits until both nodes hold a certificate for each of their enrolled pods.
