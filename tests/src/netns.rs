@@ -32,16 +32,26 @@ pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'sta
 
 /// Sends `GET path` over HTTP/1.0 from inside the netns; returns (status, body).
 pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    http_request(netns, addr, "GET", path)
+}
+
+/// Sends `METHOD path` (no body) over HTTP/1.0 from inside the netns; returns (status, body).
+pub fn http_request(
+    netns: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
+    let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
     let raw = run_in(netns, move || -> std::io::Result<String> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.write_all(request.as_bytes())?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         Ok(response)
     })?
-    .with_context(|| format!("GET http://{addr}{path} in netns {netns}"))?;
+    .with_context(|| format!("{method} http://{addr}{path} in netns {netns}"))?;
     let (head, body) = raw.split_once("\r\n\r\n").context("malformed HTTP response")?;
     let status = head
         .split_whitespace()

@@ -5,10 +5,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::Write,
+    net::SocketAddr,
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -131,32 +130,6 @@ pub fn dashboard_expressions(dashboard: &serde_json::Value) -> Vec<(String, Stri
     found
 }
 
-/// Sends `METHOD path` over HTTP/1.0 from inside the netns; returns (status, body).
-pub fn http_request(
-    netns: &str,
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-) -> anyhow::Result<(u16, String)> {
-    let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
-    let raw = netns::run_in(netns, move || -> std::io::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    })?
-    .with_context(|| format!("{method} http://{addr}{path} in netns {netns}"))?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("malformed HTTP response")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    Ok((status, body.to_owned()))
-}
-
 /// `METHOD path` on a node's admin endpoint (`127.0.0.1:15000` in its netns).
 pub fn node_admin(
     topology: &Topology,
@@ -164,12 +137,17 @@ pub fn node_admin(
     method: &str,
     path: &str,
 ) -> anyhow::Result<(u16, String)> {
-    http_request(&topology.node_netns(node), SocketAddr::from(([127, 0, 0, 1], 15000)), method, path)
+    netns::http_request(&topology.node_netns(node), SocketAddr::from(([127, 0, 0, 1], 15000)), method, path)
 }
 
 /// `METHOD path` on mesh-control's admin endpoint (`127.0.0.1:15014` in node-a's netns).
 pub fn control_admin(topology: &Topology, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    http_request(&topology.node_netns(NodeId::A), SocketAddr::from(([127, 0, 0, 1], 15014)), method, path)
+    netns::http_request(
+        &topology.node_netns(NodeId::A),
+        SocketAddr::from(([127, 0, 0, 1], 15014)),
+        method,
+        path,
+    )
 }
 
 /// Returns the JSON objects among a log's lines (a component run with `--log-format json`).
