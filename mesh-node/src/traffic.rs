@@ -17,7 +17,10 @@ use mesh_api::{
     workload::v1::{self as proto, AuthorizationScope, LoadBalancerMode},
 };
 use mesh_manifests::PodKey;
-use mesh_policy::{authz::Policy, route::Route};
+use mesh_policy::{
+    authz::{Policy, Scope},
+    route::Route,
+};
 
 /// A workload with an address, as an endpoint of services and a target of policies.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,6 +191,9 @@ pub struct Traffic {
     by_vip: HashMap<IpAddr, Arc<ServiceEntry>>,
     workloads: HashMap<IpAddr, WorkloadEntry>,
     policies: BTreeMap<String, Policy>,
+    /// Keys of the policies without a selector, by the namespace whose workloads they apply to
+    /// (`""`: mesh-wide), so a workload's policies are found without scanning them all.
+    unselected: HashMap<String, Vec<String>>,
     routes: Vec<Route>,
     root_namespace: String,
     /// Resources that did not compile (mesh-control validates them, so this is a bug or a
@@ -309,6 +315,14 @@ impl Traffic {
             }
             traffic.services.insert(key, entry);
         }
+        for policy in traffic.policies.values() {
+            let applies_to = match policy.scope() {
+                Scope::Global if policy.namespace() == traffic.root_namespace => "",
+                Scope::Global | Scope::WorkloadSelector => continue, // outside the root namespace: nowhere
+                Scope::Namespace => policy.namespace(),
+            };
+            traffic.unselected.entry(applies_to.to_owned()).or_default().push(policy.key().to_owned());
+        }
         traffic
     }
 
@@ -347,14 +361,15 @@ impl Traffic {
     /// ones (and a namespace's if it is given).
     pub fn policies_for(&self, ip: IpAddr, namespace: &str) -> Vec<&Policy> {
         let selected = self.workloads.get(&unmap(ip)).map(|w| w.policies.as_slice()).unwrap_or_default();
-        self.policies
-            .values()
-            .filter(|p| match p.scope() {
-                mesh_policy::authz::Scope::Global => p.namespace() == self.root_namespace,
-                mesh_policy::authz::Scope::Namespace => p.namespace() == namespace,
-                mesh_policy::authz::Scope::WorkloadSelector => selected.iter().any(|s| s == p.key()),
-            })
-            .collect()
+        let unselected = ["", namespace].into_iter().filter_map(|ns| self.unselected.get(ns)).flatten();
+        let selectors = selected
+            .iter()
+            .filter(|key| self.policies.get(*key).is_some_and(|p| p.scope() == Scope::WorkloadSelector));
+        let mut keys: Vec<&String> = unselected.chain(selectors).collect();
+        // In key order, as before: the first matching DENY names the decision.
+        keys.sort_unstable();
+        keys.dedup();
+        keys.into_iter().filter_map(|key| self.policies.get(key)).collect()
     }
 
     /// The workload at `ip`, if known.
