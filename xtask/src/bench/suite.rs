@@ -236,7 +236,7 @@ fn latency_run(
     let mut args: Vec<String> = [
         "load".into(),
         "--to".into(),
-        bed.server(port).to_string(),
+        bed.target(port).to_string(),
         "--rate".into(),
         rate.to_string(),
         "--conns".into(),
@@ -269,7 +269,7 @@ fn connect_run(bed: &Bed, plan: &Plan, round: u32) -> anyhow::Result<ConnectRun>
     let args: Vec<String> = [
         "connect".into(),
         "--to".into(),
-        bed.server(ECHO_PORT).to_string(),
+        bed.target(ECHO_PORT).to_string(),
         "--workers".into(),
         plan.connect_workers.to_string(),
         "--duration-ms".into(),
@@ -308,7 +308,7 @@ fn held_rss(bed: &Bed, conns: u32) -> anyhow::Result<u64> {
     let args = [
         "hold".to_owned(),
         "--to".into(),
-        bed.server(ECHO_PORT).to_string(),
+        bed.target(ECHO_PORT).to_string(),
         "--conns".into(),
         conns.to_string(),
     ];

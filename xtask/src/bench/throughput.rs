@@ -11,7 +11,7 @@ use super::{
 
 /// Runs one throughput measurement; fails unless every byte sent was verified.
 pub fn run(bed: &Bed, round: u32, streams: u32, duration: Duration) -> anyhow::Result<ThroughputRun> {
-    let report = bed.topology.send(bed.client(), bed.server(SINK_PORT), streams, duration)?;
+    let report = bed.topology.send(bed.client(), bed.target(SINK_PORT), streams, duration)?;
     anyhow::ensure!(
         report.ok && report.bytes_sent > 0 && report.bytes_verified == report.bytes_sent,
         "{}: {streams}-stream throughput run lost data: {} of {} bytes verified, {} of {} streams failed: {:?}",
