@@ -555,6 +555,47 @@ fn http1_keep_alive_carries_every_request_on_one_connection() {
 }
 
 #[test]
+fn max_requests_per_connection_makes_the_proxy_open_a_fresh_upstream_connection() {
+    let limited = service(
+        "web",
+        WEB_VIP,
+        &["app: web"],
+        &[(80, APP)],
+        &[("nodemesh.io/max-requests-per-connection", "2")],
+    );
+    let topology = meshed("l7_max_requests_per_conn", &[("b1", "app: web")], &[("web", limited)]);
+    let server = topology.http_serve("b1", APP, &[]).expect("b1");
+    // The server counts every connection, the stats queries' own too (one each).
+    let before = topology.http_stats(&server).expect("stats").connections;
+
+    let report = http(&topology, "a1", &web_url("/"), &["--requests", "6", "--concurrency", "1"]);
+    assert!(report.all(200), "{report:?}");
+    assert_eq!(report.connections_opened, 1, "the client's own connection is kept alive: {report:?}");
+    let stats = topology.http_stats(&server).expect("stats");
+    assert_eq!(stats.requests, 6, "{stats:?}");
+    assert_eq!(
+        stats.connections - before - 1,
+        3,
+        "two requests per upstream connection, then a new one: {stats:?}"
+    );
+
+    // Without the annotation the same six requests share one pooled upstream connection.
+    topology
+        .write_config("web", &service("web", WEB_VIP, &["app: web"], &[(80, APP)], &[]))
+        .expect("unlimited");
+    let unlimited = settle(&1, || {
+        let before = topology.http_stats(&server).expect("stats").connections;
+        let report = http(&topology, "a1", &web_url("/"), &["--requests", "6", "--concurrency", "1"]);
+        assert!(report.all(200), "{report:?}");
+        topology.http_stats(&server).expect("stats").connections - before - 1
+    });
+    assert!(
+        unlimited <= 1,
+        "no limit: at most one new upstream connection for six requests, got {unlimited}"
+    );
+}
+
+#[test]
 fn http2_multiplexes_concurrent_requests_over_one_connection() {
     let topology = meshed(
         "l7_http2",

@@ -228,7 +228,11 @@ async fn route_and_send(
         *upstream_request.method_mut() = parts.method.clone();
         *upstream_request.uri_mut() = uri;
         *upstream_request.headers_mut() = parts.headers.clone();
-        let sent = pod.upstream.send(upstream_request, protocol == Protocol::Http2);
+        let sent = pod.upstream.send(
+            upstream_request,
+            protocol == Protocol::Http2,
+            resilience.max_requests_per_connection,
+        );
         let result = match (per_try, deadline) {
             (None, None) => Ok(sent.await),
             (per_try, deadline) => {

@@ -7,7 +7,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::Weak,
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -16,7 +19,7 @@ use hyper::{Request, Response, Uri, body::Incoming};
 use hyper_util::{
     client::legacy::{
         Client,
-        connect::{Connected, Connection},
+        connect::{Connected, Connection, capture_connection},
     },
     rt::{TokioExecutor, TokioIo},
 };
@@ -55,20 +58,32 @@ impl Upstream {
     }
 
     /// Sends `request` (its URI names the endpoint: `http://ip:port/path`) in HTTP/2 or 1.1.
+    /// A connection that has carried `max_requests_per_connection` requests (0: no limit) is
+    /// not reused: it closes once its last response is done and the next request opens another.
     pub async fn send(
         &self,
-        request: Request<ProxyBody>,
+        mut request: Request<ProxyBody>,
         http2: bool,
+        max_requests_per_connection: usize,
     ) -> Result<Response<Incoming>, BoxError> {
         let client = if http2 { &self.http2 } else { &self.http1 };
-        client.request(request).await.map_err(|e| {
+        let captured = (max_requests_per_connection > 0).then(|| capture_connection(&mut request));
+        let response = client.request(request).await.map_err(|e| {
             // The legacy client wraps the interesting cause (connect refused, reset) one level down.
             let message = match std::error::Error::source(&e) {
                 Some(cause) => format!("{e}: {cause}"),
                 None => e.to_string(),
             };
             BoxError::from(message)
-        })
+        })?;
+        if let Some(captured) = captured
+            && let Some(count) = response.extensions().get::<RequestCount>()
+            && count.0.fetch_add(1, Ordering::Relaxed) + 1 >= max_requests_per_connection
+            && let Some(connection) = captured.connection_metadata().as_ref()
+        {
+            connection.poison();
+        }
+        Ok(response)
     }
 }
 
@@ -106,23 +121,40 @@ impl tower_service::Service<Uri> for PodConnector {
                         &TraceContext::start(),
                     )
                     .await?;
-                    Ok(UpstreamIo::Tunnel { io: stream.into_inner(), _slot: slot })
+                    Ok(UpstreamIo {
+                        io: Io::Tunnel { io: stream.into_inner(), _slot: slot },
+                        requests: RequestCount::default(),
+                    })
                 }
-                None => Ok(UpstreamIo::Plain(TokioIo::new(connect_from_pod(&pod, dst).await?))),
+                None => Ok(UpstreamIo {
+                    io: Io::Plain(TokioIo::new(connect_from_pod(&pod, dst).await?)),
+                    requests: RequestCount::default(),
+                }),
             }
         })
     }
 }
 
-/// A connection to an endpoint: an HBONE stream (holding its tunnel slot) or plain TCP.
-pub enum UpstreamIo {
+/// A connection to an endpoint, and how many requests it has carried.
+pub struct UpstreamIo {
+    io: Io,
+    requests: RequestCount,
+}
+
+/// An HBONE stream (holding its tunnel slot) or plain TCP.
+enum Io {
     Tunnel { io: hyper::upgrade::Upgraded, _slot: StreamSlot },
     Plain(TokioIo<TcpStream>),
 }
 
+/// Requests sent on one pooled connection: the pool hands it to every response on that
+/// connection (a connection "extra"), which is how [`Upstream::send`] counts per connection.
+#[derive(Clone, Debug, Default)]
+struct RequestCount(Arc<AtomicUsize>);
+
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(self.requests.clone())
     }
 }
 
@@ -132,32 +164,32 @@ impl hyper::rt::Read for UpstreamIo {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tunnel { io, .. } => Pin::new(io).poll_read(cx, buf),
-            UpstreamIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Tunnel { io, .. } => Pin::new(io).poll_read(cx, buf),
+            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
         }
     }
 }
 
 impl hyper::rt::Write for UpstreamIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Tunnel { io, .. } => Pin::new(io).poll_write(cx, buf),
-            UpstreamIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Tunnel { io, .. } => Pin::new(io).poll_write(cx, buf),
+            Io::Plain(io) => Pin::new(io).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tunnel { io, .. } => Pin::new(io).poll_flush(cx),
-            UpstreamIo::Plain(io) => Pin::new(io).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Tunnel { io, .. } => Pin::new(io).poll_flush(cx),
+            Io::Plain(io) => Pin::new(io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Tunnel { io, .. } => Pin::new(io).poll_shutdown(cx),
-            UpstreamIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Tunnel { io, .. } => Pin::new(io).poll_shutdown(cx),
+            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
         }
     }
 }
