@@ -225,7 +225,14 @@ pub fn explain(state: &NodeState<'_>, query: &Query) -> Result<Explanation, Expl
     let hbone_source = captured && state.mesh_ca;
     let caller =
         Caller::new(state.traffic, IpAddr::V4(source_ip), if hbone_source { source_identity } else { None });
-    let cx = Context { state, pods: &pods, caller: &caller, hbone_source, sniffed };
+    let cx = Context {
+        state,
+        pods: &pods,
+        caller: &caller,
+        hbone_source,
+        sniffed,
+        source_namespace: &source.key.namespace,
+    };
 
     let mut explanation = Explanation {
         node: state.node.to_owned(),

@@ -359,17 +359,24 @@ pub struct RouteMatch<'a> {
 /// Returns, among the routes attached to (`service`, `port`), the rule that takes the request,
 /// by Gateway API precedence: the most specific matching hostname (exact, then longest), then
 /// exact path, longest prefix, regex, a method, most header matches, most query matches; ties
-/// go to the oldest route, then by `<ns>/<name>`, then to the first rule of the route.
+/// go to the oldest route, then by `<ns>/<name>`, then to the first rule of the route. Routes
+/// from another namespace than the service's apply only to clients of `from_namespace`.
 pub fn select<'a>(
     routes: &'a [Route],
     service: &str,
     port: u16,
+    from_namespace: &str,
     request: &RouteRequest<'_>,
 ) -> Option<RouteMatch<'a>> {
     let host = request.host.to_ascii_lowercase();
     let host = host_without_port(&host);
     let mut best: Option<((usize, usize), Rank, &Route, usize)> = None;
-    for route in routes.iter().filter(|r| r.attaches_to(service, port)) {
+    let service_namespace = service.split_once('/').map_or("", |(ns, _)| ns);
+    // GAMMA (GEP-1294): a route in the service's namespace (producer) applies to every client; a
+    // route in another namespace (consumer) only to clients of its own namespace, so no
+    // namespace can reroute another's traffic.
+    let applies = |r: &&Route| r.namespace == service_namespace || r.namespace == from_namespace;
+    for route in routes.iter().filter(|r| r.attaches_to(service, port)).filter(applies) {
         let Some(host_rank) = route.host_rank(host) else { continue };
         for (index, matches) in route.matches.iter().enumerate() {
             let Some(rank) = matches.iter().filter(|m| m.matches(request)).map(Match::rank).max() else {

@@ -37,6 +37,9 @@ pub(super) struct Context<'a> {
     pub(super) caller: &'a Caller,
     pub(super) hbone_source: bool,
     pub(super) sniffed: Option<Protocol>,
+    /// The source pod's namespace (routes from other namespaces than a service's apply only to
+    /// their own namespace's clients).
+    pub(super) source_namespace: &'a str,
 }
 
 impl Context<'_> {
@@ -120,7 +123,7 @@ impl Context<'_> {
             host: &request.host,
             headers: &request.headers,
         };
-        let matched = route::select(traffic.routes(), &service.key, port, &attributes);
+        let matched = route::select(traffic.routes(), &service.key, port, self.source_namespace, &attributes);
         let mut upstream = request.headers.clone();
         upstream_headers(&mut upstream, matched.as_ref());
         let forwarded = Http {

@@ -71,7 +71,7 @@ fn pick(routes: &[Route], req: Req<'_>) -> Option<String> {
         host: req.host,
         headers: &headers,
     };
-    let m = select(routes, WEB, 80, &request)?;
+    let m = select(routes, WEB, 80, "demo", &request)?;
     Some(m.rule.backends.first().map_or("(parent)", |b| b.service.trim_start_matches("demo/")).to_owned())
 }
 
@@ -246,7 +246,7 @@ fn ties_go_to_the_oldest_route_then_the_name_then_rule_order() {
     let m = {
         let headers = HeaderMap::new();
         let request = RouteRequest { method: "GET", path: "/x", query: None, host: "h", headers: &headers };
-        select(&routes, WEB, 80, &request).map(|m| (m.route.key().to_owned(), m.rule_index))
+        select(&routes, WEB, 80, "demo", &request).map(|m| (m.route.key().to_owned(), m.rule_index))
     };
     assert_eq!(m, Some(("demo/r".to_owned(), 0)));
 }
@@ -265,8 +265,35 @@ fn routes_attach_to_their_parents_only() {
     assert_eq!(pick(std::slice::from_ref(&one_port), get("/anything")).as_deref(), Some("(parent)"));
     let headers = HeaderMap::new();
     let request = RouteRequest { method: "GET", path: "/", query: None, host: "x", headers: &headers };
-    assert!(select(std::slice::from_ref(&one_port), WEB, 81, &request).is_none(), "another port");
-    assert!(select(&[], WEB, 80, &request).is_none());
+    assert!(select(std::slice::from_ref(&one_port), WEB, 81, "demo", &request).is_none(), "another port");
+    assert!(select(&[], WEB, 80, "demo", &request).is_none());
+}
+
+#[test]
+fn a_route_from_another_namespace_reroutes_only_its_own_namespace_clients() {
+    // `demo/web` has a producer route (same namespace) to v1, and a consumer route from
+    // namespace `team` sends to `team/mirror`.
+    let producer = route("producer", "2026-01-01T00:00:00Z", vec![rule(vec![prefix("/")], "v1")]);
+    let mut consumer =
+        http_route("consumer", "2025-01-01T00:00:00Z", vec![rule(vec![prefix("/")], "mirror")]);
+    consumer.namespace = "team".into();
+    consumer.rules[0].backends[0].service = "team/mirror".into();
+    let consumer = Route::compile(&consumer).expect("compiles");
+    let routes = [producer, consumer];
+    let headers = HeaderMap::new();
+    let request = RouteRequest { method: "GET", path: "/", query: None, host: "web", headers: &headers };
+    let chosen = |from: &str| select(&routes, WEB, 80, from, &request).map(|m| m.route.key().to_owned());
+    assert_eq!(chosen("demo").as_deref(), Some("demo/producer"), "the service's own namespace");
+    assert_eq!(chosen("other").as_deref(), Some("demo/producer"), "any other client: the producer route");
+    assert_eq!(
+        chosen("team").as_deref(),
+        Some("team/consumer"),
+        "team's clients: its own (older, equally specific) route applies to them"
+    );
+    assert!(
+        select(&routes[1..], WEB, 80, "demo", &request).is_none(),
+        "never team's route for demo's clients"
+    );
 }
 
 fn backends(weights: &[u32]) -> RouteRule {

@@ -150,7 +150,7 @@ async fn route_and_send(
     if let Some(risk) = smuggling_risk(request.headers()) {
         return Err((StatusCode::BAD_REQUEST, "DPE", format!("malformed request: {risk}")));
     }
-    let target = target(traffic, parent, port, &request)?;
+    let target = target(traffic, parent, port, &pod.key.namespace, &request)?;
     let (mut parts, body) = request.into_parts();
     upstream_headers(&mut parts.headers, target.rule.as_ref());
     if let Ok(value) = HeaderValue::from_str(&trace.to_string()) {
@@ -317,6 +317,7 @@ fn target<'t>(
     traffic: &'t Traffic,
     parent: &Arc<ServiceEntry>,
     port: u16,
+    from_namespace: &str,
     request: &Request<Incoming>,
 ) -> Result<Target<'t>, Failure> {
     let host = request
@@ -332,7 +333,7 @@ fn target<'t>(
         host,
         headers: request.headers(),
     };
-    let matched = route::select(traffic.routes(), &parent.key, port, &attributes);
+    let matched = route::select(traffic.routes(), &parent.key, port, from_namespace, &attributes);
     let backend = match &matched {
         Some(m) if !m.rule.backends.is_empty() => {
             let Some(backend) = m.rule.pick_backend(fastrand::u32(..)) else {
