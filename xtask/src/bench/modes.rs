@@ -98,6 +98,16 @@ impl Bed {
             bed.topology.sink(SERVER, SINK_PORT)?;
             let check = bed.topology.client(CLIENT, bed.target(ECHO_PORT), 64 * 1024, 2)?;
             anyhow::ensure!(check.ok, "{}: the path does not work: {:?}", mode.label(), check.errors);
+            if mode == Mode::Envoy {
+                // The tunnel must be TLS: plaintext straight to node-b's Envoy gets no echo.
+                let tunnel = SocketAddr::from((NodeId::B.link_ip(), ECHO_PORT + envoy::TUNNEL_PORT_OFFSET));
+                let plain = bed.topology.client(CLIENT, tunnel, 1024, 1);
+                anyhow::ensure!(
+                    plain.as_ref().is_ok_and(|r| !r.ok),
+                    "{}: plaintext to node-b's Envoy at {tunnel} was not refused: {plain:?}",
+                    mode.label()
+                );
+            }
         }
         if mode != Mode::MtlsFreshTunnels {
             bed.start_http_server()?;

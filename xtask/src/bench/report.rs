@@ -192,7 +192,8 @@ pub fn tables(meta: &Meta, summary: &[ModeSummary]) -> Vec<Table> {
             rows: connect_rows,
             note: Some(
                 "HBONE mTLS reuses pooled tunnels; \"mTLS, new tunnel each\" runs mesh-node with \
-                 --hbone-tunnel-reuse=false, so every connection is a new mTLS tunnel."
+                 --hbone-tunnel-reuse=false, so every connection is a new mTLS tunnel; Envoy's tcp_proxy \
+                 opens a new mTLS connection per connection too."
                     .into(),
             ),
         });
@@ -226,7 +227,8 @@ pub fn tables(meta: &Meta, summary: &[ModeSummary]) -> Vec<Table> {
             header.push("MiB per 1k".into());
         }
         tables.push(Table {
-            title: "Proxy memory: both mesh-nodes' VmRSS together".into(),
+            title: "Proxy memory: both proxies' VmRSS together (the two mesh-nodes, or the two Envoys)"
+                .into(),
             header,
             rows: memory_rows,
             note: Some("MiB per 1k: growth over \"after runs\" per 1,000 open connections.".into()),

@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 use super::{connections::ConnectReport, latency::LoadReport};
 
 /// A way for the client pod's traffic to reach the server pod.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// No mesh: the same pods and links, no mesh-node at all.
@@ -25,12 +27,15 @@ pub enum Mode {
     /// Like [`Mode::Mtls`] with an ALLOW AuthorizationPolicy of 1 HTTP rule on the server pod:
     /// its node parses every request and checks it. Only the HTTP measurements use the L7 modes.
     #[serde(rename = "mtls-l7-1")]
+    #[value(name = "mtls-l7-1")]
     MtlsL7One,
     /// The same with 100 rules, the requests allowed only by the last.
     #[serde(rename = "mtls-l7-100")]
+    #[value(name = "mtls-l7-100")]
     MtlsL7Hundred,
     /// The same with 10,000 rules, the requests allowed only by the last.
     #[serde(rename = "mtls-l7-10000")]
+    #[value(name = "mtls-l7-10000")]
     MtlsL7TenThousand,
 }
 

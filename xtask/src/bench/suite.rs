@@ -21,8 +21,21 @@ use super::{
     throughput,
 };
 
+/// A measurement a run can be limited to (`--measure`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Measure {
+    /// Throughput, 1 and 4 streams.
+    Throughput,
+    /// Raw latency at fixed rates (and the proxies' CPU during it).
+    Latency,
+    /// HTTP latency at fixed rates (and the L7 modes).
+    Http,
+    /// New connections per second, and memory with connections held open.
+    Connect,
+}
+
 /// What to run.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Options {
     /// A couple of seconds per mode: checks the harness and that every byte arrives; the
     /// numbers mean nothing.
@@ -32,6 +45,10 @@ pub struct Options {
     /// Only the HTTP latency (every mode, L7 included) and the proxies' idle memory: skips
     /// throughput, raw latency, connection setup and held connections.
     pub http_only: bool,
+    /// Only these modes (direct, the baseline, always runs); empty: every mode.
+    pub modes: Vec<Mode>,
+    /// Only these measurements (memory at rest is always read); empty: every one.
+    pub measure: Vec<Measure>,
 }
 
 /// How long and how hard each measurement runs.
@@ -47,8 +64,12 @@ struct Plan {
     http_rates: Vec<u32>,
     http_conns: u32,
     http_body_bytes: usize,
+    /// The compared modes to start beds for, direct first.
+    compared: Vec<Mode>,
     /// The L7 modes to start beds for (they run the HTTP latency only).
     l7_modes: Vec<Mode>,
+    /// Whether the fresh-tunnel bed runs (with the connection measurement).
+    fresh_tunnels: bool,
     connect: Duration,
     connect_workers: u32,
     /// Cap on connections per connection-rate run (TIME_WAIT sockets pile up otherwise).
@@ -57,16 +78,31 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(options: Options) -> Plan {
-        let plan = Plan::sized(options);
-        if options.http_only {
-            Plan { streams: Vec::new(), rates: Vec::new(), held: Vec::new(), ..plan }
-        } else {
-            plan
+    fn new(options: &Options) -> Plan {
+        let mut plan = Plan::sized(options);
+        let measure = if options.http_only { vec![Measure::Http] } else { options.measure.clone() };
+        let wants = |m: Measure| measure.is_empty() || measure.contains(&m);
+        let listed = |m: &Mode| options.modes.is_empty() || options.modes.contains(m);
+        if !wants(Measure::Throughput) {
+            plan.streams.clear();
         }
+        if !wants(Measure::Latency) {
+            plan.rates.clear();
+        }
+        if !wants(Measure::Http) {
+            plan.http_rates.clear();
+            plan.l7_modes.clear();
+        }
+        if !wants(Measure::Connect) {
+            plan.held.clear();
+        }
+        plan.compared.retain(|m| *m == Mode::Direct || listed(m));
+        plan.l7_modes.retain(listed);
+        plan.fresh_tunnels = plan.connects() && listed(&Mode::MtlsFreshTunnels);
+        plan
     }
 
-    fn sized(options: Options) -> Plan {
+    fn sized(options: &Options) -> Plan {
         if options.smoke {
             Plan {
                 rounds: options.rounds.unwrap_or(1),
@@ -80,7 +116,9 @@ impl Plan {
                 http_conns: 16,
                 http_body_bytes: 1024,
                 // 10,000 rules take a while to load and to evaluate in a debug build.
+                compared: Mode::COMPARED.to_vec(),
                 l7_modes: vec![Mode::MtlsL7One, Mode::MtlsL7Hundred],
+                fresh_tunnels: true,
                 connect: Duration::from_millis(500),
                 connect_workers: 8,
                 connect_max: 2000,
@@ -98,7 +136,9 @@ impl Plan {
                 http_rates: vec![1000, 5000],
                 http_conns: 16,
                 http_body_bytes: 1024,
+                compared: Mode::COMPARED.to_vec(),
                 l7_modes: Mode::L7.to_vec(),
+                fresh_tunnels: true,
                 connect: Duration::from_secs(3),
                 connect_workers: 8,
                 connect_max: 8000,
@@ -114,15 +154,16 @@ impl Plan {
 
     /// The modes the HTTP latency runs in, in the order each round runs them.
     fn http_modes(&self) -> Vec<Mode> {
-        Mode::COMPARED.iter().chain(&self.l7_modes).copied().collect()
+        self.compared.iter().chain(&self.l7_modes).copied().collect()
     }
 
     /// The measurements the run makes, for the progress bar.
     fn steps(&self, modes: usize) -> u64 {
         let http = self.http_rates.len() * self.http_modes().len();
-        let connect = if self.connects() { modes + 1 } else { 0 };
+        let fresh = usize::from(self.fresh_tunnels);
+        let connect = if self.connects() { modes + fresh } else { 0 };
         let per_round = (self.streams.len() + self.rates.len()) * modes + http + connect;
-        let beds = modes + usize::from(self.connects()) + self.l7_modes.len();
+        let beds = modes + fresh + self.l7_modes.len();
         (u64::from(self.rounds) * per_round as u64)
             + beds as u64
             + (self.held.len() * (modes - 1)) as u64
@@ -358,7 +399,7 @@ pub(crate) fn lock(prefix: &str) -> anyhow::Result<std::fs::File> {
 }
 
 /// Runs the whole bench and writes its report.
-pub fn run(options: Options) -> anyhow::Result<()> {
+pub fn run(options: &Options) -> anyhow::Result<()> {
     if !crate::is_root() {
         bail!("the benchmarks need root (BPF, network namespaces, cgroups): run `sudo cargo xtask bench`");
     }
@@ -400,12 +441,20 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
     let prefix = if options.smoke { "bench-smoke" } else { "bench" };
     let _lock = lock(prefix)?;
-    let compared = Mode::COMPARED;
+    if !options.modes.is_empty() || !options.measure.is_empty() {
+        let names = |v: Vec<String>| if v.is_empty() { "all".to_owned() } else { v.join(", ") };
+        results.meta.notes.push(format!(
+            "a partial run: modes {}; measurements {}",
+            names(plan.compared.iter().chain(&plan.l7_modes).map(|m| m.label().to_owned()).collect()),
+            names(options.measure.iter().map(|m| format!("{m:?}").to_lowercase()).collect())
+        ));
+    }
+    let compared = plan.compared.clone();
     let http_modes = plan.http_modes();
     let mut progress = Progress::new(plan.steps(compared.len()));
 
     let mut beds = Vec::new();
-    let fresh = plan.connects().then_some(Mode::MtlsFreshTunnels);
+    let fresh = plan.fresh_tunnels.then_some(Mode::MtlsFreshTunnels);
     for mode in compared.iter().copied().chain(fresh).chain(plan.l7_modes.iter().copied()) {
         progress.start(&format!("starting the {} test bed", mode.label()));
         beds.push(

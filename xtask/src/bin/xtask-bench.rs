@@ -31,6 +31,12 @@ enum Cmd {
         /// Only the HTTP latency (direct, L4, mTLS and the L7 modes) and idle memory.
         #[arg(long)]
         http_only: bool,
+        /// Only these modes, comma-separated (direct, the baseline, always runs).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        modes: Vec<results::Mode>,
+        /// Only these measurements, comma-separated (memory at rest is always read).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        measure: Vec<suite::Measure>,
     },
     /// Measures mesh-control at scale: convergence and memory with 100 simulated nodes.
     Scale {
@@ -95,7 +101,9 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
-        Cmd::Run { smoke, rounds, http_only } => suite::run(suite::Options { smoke, rounds, http_only }),
+        Cmd::Run { smoke, rounds, http_only, modes, measure } => {
+            suite::run(&suite::Options { smoke, rounds, http_only, modes, measure })
+        }
         Cmd::Scale { smoke } => scale::run::run(smoke),
         Cmd::Render { json, svg } => render(&json, svg.as_deref()),
         Cmd::Load { to, rate, conns, duration_ms, size, http_path } => {
