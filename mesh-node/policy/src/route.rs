@@ -319,6 +319,15 @@ impl Route {
         self.parents.iter().any(|(s, p)| s == service && (*p == 0 || *p == port))
     }
 
+    /// Returns whether a route may send to `service` (`<ns>/<hostname>`): a Service of its own
+    /// namespace, or one of its parents (a consumer route sending on to the Service it
+    /// attaches to). Any other namespace's would need a Gateway API ReferenceGrant, which
+    /// nodemesh does not read yet, so it is refused.
+    pub fn may_send_to(&self, service: &str) -> bool {
+        service.split_once('/').is_some_and(|(ns, _)| ns == self.namespace)
+            || self.parents.iter().any(|(s, _)| s == service)
+    }
+
     /// Ranks how specifically the route's hostnames take `host` (lowercase, no port): characters
     /// of a matching exact hostname, then of any matching hostname; None if none matches.
     fn host_rank(&self, host: &str) -> Option<(usize, usize)> {

@@ -92,12 +92,23 @@ pub(super) fn translate(
         }
     }
     let mut missing_backends = Vec::new();
+    // Gateway API lets a route reach another namespace's Service (other than its parents) only
+    // through a ReferenceGrant, which nodemesh does not read yet: such backends are refused
+    // (the proxy answers 500 for them, see mesh-policy's `Route::may_send_to`).
+    let mut not_permitted = Vec::new();
     let mut rules = Vec::new();
     for (i, rule) in route.spec.rules.iter().enumerate() {
         let path = format!("rules[{i}]");
         let mut backends = Vec::new();
         for backend in &rule.backend_refs {
             let backend_namespace = backend.namespace.as_deref().unwrap_or(&namespace);
+            let backend_service = hostname(backend_namespace, &backend.name);
+            if backend_namespace != namespace && !parents.iter().any(|p| p.service == backend_service) {
+                not_permitted.push(format!(
+                    "Service {backend_namespace}/{} is in another namespace (ReferenceGrant is not supported)",
+                    backend.name
+                ));
+            }
             match services.get(&(backend_namespace.to_owned(), backend.name.clone())) {
                 None => missing_backends
                     .push(format!("Service {backend_namespace}/{} does not exist", backend.name)),
@@ -160,9 +171,12 @@ pub(super) fn translate(
     }
 
     let invalid = (!problems.is_empty()).then(|| problems.join("; "));
-    let resolved_refs = match missing_backends.is_empty() {
-        true => Acceptance::condition(true, "ResolvedRefs", "every backend Service exists"),
-        false => Acceptance::condition(false, "BackendNotFound", missing_backends.join("; ")),
+    let resolved_refs = if !not_permitted.is_empty() {
+        Acceptance::condition(false, "RefNotPermitted", not_permitted.join("; "))
+    } else if !missing_backends.is_empty() {
+        Acceptance::condition(false, "BackendNotFound", missing_backends.join("; "))
+    } else {
+        Acceptance::condition(true, "ResolvedRefs", "every backend Service exists")
     };
     let parent_status = service_parents
         .iter()

@@ -296,6 +296,20 @@ fn a_route_from_another_namespace_reroutes_only_its_own_namespace_clients() {
     );
 }
 
+#[test]
+fn a_route_sends_only_to_its_namespace_or_its_parents() {
+    let mut consumer = http_route("consumer", "", vec![]);
+    consumer.namespace = "team".into();
+    let consumer = Route::compile(&consumer).expect("compiles");
+    assert!(consumer.may_send_to("team/mirror.team.svc.cluster.local"), "its own namespace");
+    assert!(consumer.may_send_to(WEB), "the Service it attaches to");
+    assert!(
+        !consumer.may_send_to("demo/db.demo.svc.cluster.local"),
+        "another of demo's: needs a ReferenceGrant"
+    );
+    assert!(!consumer.may_send_to("bank/payments.bank.svc.cluster.local"));
+}
+
 fn backends(weights: &[u32]) -> RouteRule {
     let backends = weights
         .iter()

@@ -353,7 +353,9 @@ fn target<'t>(
 
 /// Returns the service and port a request goes to: the parent's (no route, or a rule without
 /// backends) or those of `backend`, a backend of the matched rule (port 0: the requested one).
-/// A backend naming a service that does not exist answers 500, as Gateway API says.
+/// A backend naming a service that does not exist answers 500, as Gateway API says; so does one
+/// the route may not send to ([`route::Route::may_send_to`]: another namespace's Service
+/// needs a ReferenceGrant, which nodemesh does not read yet).
 pub fn backend_target(
     traffic: &Traffic,
     parent: &Arc<ServiceEntry>,
@@ -364,6 +366,17 @@ pub fn backend_target(
     let (Some(matched), Some(backend)) = (matched, backend) else {
         return Ok((parent.clone(), port));
     };
+    if !matched.route.may_send_to(&backend.service) {
+        return Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "NR",
+            format!(
+                "route {}: backend service {} is in another namespace (RefNotPermitted: no ReferenceGrant support)",
+                matched.route.key(),
+                backend.service
+            ),
+        ));
+    }
     let Some(service) = traffic.service(&backend.service) else {
         return Err((
             StatusCode::INTERNAL_SERVER_ERROR,

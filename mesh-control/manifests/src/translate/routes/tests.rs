@@ -276,6 +276,18 @@ fn missing_services_are_reported_in_the_status_and_the_route_still_distributed()
             (true, "Accepted", "applied to traffic for this Service"),
             (false, "BackendNotFound", "Service demo/reviews-v1 has no port 81"),
         ),
+        (
+            "a backend in another namespace (no ReferenceGrant support: refused)",
+            json!({
+            "parentRefs": [{"kind": "Service", "name": "reviews"}],
+            "rules": [{"backendRefs": [{"name": "payments", "namespace": "bank", "port": 80}]}]}),
+            (true, "Accepted", "applied to traffic for this Service"),
+            (
+                false,
+                "RefNotPermitted",
+                "Service bank/payments is in another namespace (ReferenceGrant is not supported)",
+            ),
+        ),
     ];
     for (case, spec, accepted, resolved) in cases {
         let model = translate_routes(vec![route(spec)]);
