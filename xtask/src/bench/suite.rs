@@ -1,5 +1,5 @@
 //! The bench run itself (`xtask-bench run`): starts a test bed per mode, runs every measurement
-//! round after round with the modes interleaved (direct, L4, mTLS, direct, L4, mTLS, …; the
+//! round after round with the modes interleaved (direct, L4, mTLS, Envoy, direct, …; the
 //! HTTP latency also through the L7 modes), then the memory measurements, and writes the report.
 
 use std::{
