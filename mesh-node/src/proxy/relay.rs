@@ -9,8 +9,12 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-/// Per-direction buffer; small enough that thousands of idle connections stay cheap.
+/// Per-direction buffer a connection starts with; small enough that thousands of idle
+/// connections stay cheap.
 const BUFFER_SIZE: usize = 16 * 1024;
+/// What a direction's buffer grows to once a read fills it (the stream is busy): fewer, larger
+/// reads and writes per byte (syscalls, wake-ups, HTTP/2 frames and full-size TLS records).
+const BULK_BUFFER_SIZE: usize = 256 * 1024;
 
 /// Counts the bytes of one direction as they are copied (atomics only: called per chunk).
 pub trait Meter: Sync {
@@ -56,6 +60,9 @@ where
         to.write_all(&buf[..n]).await?;
         counter.add(n as u64);
         total += n as u64;
+        if n == buf.len() && buf.len() < BULK_BUFFER_SIZE {
+            buf.resize(BULK_BUFFER_SIZE, 0);
+        }
     }
 }
 
