@@ -38,6 +38,22 @@ enum Cmd {
         #[arg(long, value_enum, value_delimiter = ',')]
         measure: Vec<suite::Measure>,
     },
+    /// Throughput only (direct, L4, mTLS), for profiling the data path: prints Gbit/s per run
+    /// and the median per mode, and the ratio to direct. Keeps no report.
+    #[command(hide = true)]
+    Throughput {
+        /// Streams per run.
+        #[arg(long, default_value_t = 1)]
+        streams: u32,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Before each run, print the proxies' PIDs and wait this long (to attach a profiler).
+        #[arg(long, default_value_t = 0)]
+        pause_secs: u64,
+    },
     /// Measures mesh-control at scale: convergence and memory with 100 simulated nodes.
     Scale {
         /// 100 workloads, 5 nodes, 10 changes: checks that every change converges, no timing.
@@ -104,6 +120,9 @@ fn main() -> std::process::ExitCode {
         Cmd::Run { smoke, rounds, http_only, modes, measure } => {
             suite::run(&suite::Options { smoke, rounds, http_only, modes, measure })
         }
+        Cmd::Throughput { streams, secs, rounds, pause_secs } => {
+            throughput_only(streams, secs, rounds, pause_secs)
+        }
         Cmd::Scale { smoke } => scale::run::run(smoke),
         Cmd::Render { json, svg } => render(&json, svg.as_deref()),
         Cmd::Load { to, rate, conns, duration_ms, size, http_path } => {
@@ -126,6 +145,43 @@ fn main() -> std::process::ExitCode {
         }
     };
     xtask::exit_code(result)
+}
+
+/// Runs only the throughput measurement, interleaving the modes round after round.
+fn throughput_only(streams: u32, secs: u64, rounds: u32, pause_secs: u64) -> anyhow::Result<()> {
+    use xtask::bench::{modes::Bed, results::Mode, throughput};
+    // Its own bed names ("tput-…"): a full bench run may be going on beside it.
+    let beds = [Mode::Direct, Mode::L4, Mode::Mtls]
+        .iter()
+        .map(|&mode| Bed::start(mode, "tput").with_context(|| format!("starting the {} bed", mode.label())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut rates: Vec<(Mode, Vec<f64>)> = beds.iter().map(|b| (b.mode, Vec::new())).collect();
+    for round in 0..rounds {
+        for (bed, (_, got)) in beds.iter().zip(rates.iter_mut()) {
+            if pause_secs > 0 && bed.mode.has_proxies() {
+                eprintln!("{}: proxies {:?}", bed.mode.label(), bed.proxy_pids());
+                std::thread::sleep(Duration::from_secs(pause_secs));
+            }
+            let run = throughput::run(bed, round, streams, Duration::from_secs(secs))?;
+            eprintln!("round {}: {} {:.2} Gbit/s", round + 1, bed.mode.label(), run.gbit_per_s);
+            got.push(run.gbit_per_s);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let direct = median(&rates[0].1);
+    for (mode, got) in &rates {
+        let m = median(got);
+        println!(
+            "{:<8} {streams} stream(s): median {m:.2} Gbit/s ({:.2}x direct) runs {got:.2?}",
+            mode.label(),
+            m / direct
+        );
+    }
+    Ok(())
 }
 
 /// Re-renders a saved run: the Markdown on standard output, the chart to `svg`.
