@@ -169,6 +169,36 @@ fn tcp_proxy(out: &mut String, name: &str, cluster: &str) {
     );
 }
 
+/// An HTTP connection manager (HTTP/1.1 and HTTP/2 downstream, auto-detected) routing every
+/// request to `cluster` with the router filter: what an L7 Envoy does per request.
+fn http_proxy(out: &mut String, name: &str, cluster: &str) {
+    let _ = write!(
+        out,
+        "      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: [\"*\"]
+              routes:
+              - match: {{ prefix: \"/\" }}
+                route: {{ cluster: {cluster} }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"
+    );
+}
+
+/// Writes the listener's filters: `tcp_proxy`, or the HTTP connection manager for `http` ports.
+fn proxy(out: &mut String, name: &str, cluster: &str, http: bool) {
+    if http { http_proxy(out, name, cluster) } else { tcp_proxy(out, name, cluster) }
+}
+
 fn cluster(out: &mut String, name: &str, to: Ipv4Addr, port: u16) {
     let _ = write!(
         out,
@@ -187,8 +217,9 @@ fn cluster(out: &mut String, name: &str, to: Ipv4Addr, port: u16) {
 }
 
 /// Returns node-a's Envoy bootstrap: for each server port, a listener on `listen` at that port
-/// whose TCP proxy goes over mutual TLS 1.3 to node-b's Envoy at `peer`.
-pub fn client_config(listen: Ipv4Addr, peer: Ipv4Addr, ports: &[u16], certs: &Certs) -> String {
+/// whose TCP proxy (HTTP connection manager for the ports in `http`) goes over mutual TLS 1.3 to
+/// node-b's Envoy at `peer`.
+pub fn client_config(listen: Ipv4Addr, peer: Ipv4Addr, ports: &[u16], http: &[u16], certs: &Certs) -> String {
     let mut out = String::from("static_resources:\n  listeners:\n");
     for &port in ports {
         let _ = write!(
@@ -200,7 +231,7 @@ pub fn client_config(listen: Ipv4Addr, peer: Ipv4Addr, ports: &[u16], certs: &Ce
     - name: plaintext
 "
         );
-        tcp_proxy(&mut out, &format!("out_{port}"), &format!("tunnel-{port}"));
+        proxy(&mut out, &format!("out_{port}"), &format!("tunnel-{port}"), http.contains(&port));
     }
     out.push_str("  clusters:\n");
     for &port in ports {
@@ -219,8 +250,15 @@ pub fn client_config(listen: Ipv4Addr, peer: Ipv4Addr, ports: &[u16], certs: &Ce
 
 /// Returns node-b's Envoy bootstrap: for each server port, a listener on `listen` at the port
 /// plus [`TUNNEL_PORT_OFFSET`] that requires a client certificate, terminates TLS 1.3 and
-/// proxies plaintext to the server pod `server` at the port.
-pub fn server_config(listen: Ipv4Addr, server: Ipv4Addr, ports: &[u16], certs: &Certs) -> String {
+/// proxies plaintext to the server pod `server` at the port (the ports in `http` through the HTTP
+/// connection manager).
+pub fn server_config(
+    listen: Ipv4Addr,
+    server: Ipv4Addr,
+    ports: &[u16],
+    http: &[u16],
+    certs: &Certs,
+) -> String {
     let mut out = String::from("static_resources:\n  listeners:\n");
     for &port in ports {
         let _ = write!(
@@ -243,7 +281,7 @@ pub fn server_config(listen: Ipv4Addr, server: Ipv4Addr, ports: &[u16], certs: &
         for line in tls.lines() {
             let _ = writeln!(out, "  {line}");
         }
-        tcp_proxy(&mut out, &format!("in_{port}"), &format!("pod-{port}"));
+        proxy(&mut out, &format!("in_{port}"), &format!("pod-{port}"), http.contains(&port));
     }
     out.push_str("  clusters:\n");
     for &port in ports {
@@ -293,14 +331,25 @@ mod tests {
     #[test]
     fn configs_pair_up_the_tunnel_ports_and_identities() {
         let certs = Certs::in_dir(Path::new("/c"));
-        let a = client_config(Ipv4Addr::new(10, 1, 1, 1), Ipv4Addr::new(10, 0, 0, 2), &[8080, 9000], &certs);
+        let a =
+            client_config(Ipv4Addr::new(10, 1, 1, 1), Ipv4Addr::new(10, 0, 0, 2), &[8080, 9000], &[], &certs);
         assert!(a.contains("address: 10.1.1.1, port_value: 9000"), "{a}");
         assert!(a.contains("address: 10.0.0.2, port_value: 19000"), "{a}");
         assert!(a.contains("UpstreamTlsContext") && a.contains(SERVER_ID) && a.contains("/c/node-a-key.pem"));
-        let b = server_config(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 1, 2, 2), &[8080], &certs);
+        let b = server_config(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 1, 2, 2), &[8080], &[], &certs);
         assert!(b.contains("port_value: 18080") && b.contains("address: 10.1.2.2, port_value: 8080"), "{b}");
         assert!(b.contains("require_client_certificate: true") && b.contains(CLIENT_ID));
         assert!(b.contains("tls_minimum_protocol_version: TLSv1_3"));
+        assert!(!a.contains("http_connection_manager") && !b.contains("http_connection_manager"));
+        let h = server_config(
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(10, 1, 2, 2),
+            &[8080, 8081],
+            &[8081],
+            &certs,
+        );
+        assert_eq!(h.matches("v3.HttpConnectionManager").count(), 1, "{h}");
+        assert_eq!(h.matches("v3.TcpProxy").count(), 1, "{h}");
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl Bed {
                 bed.topology.start_meshed(&[])?;
             }
             Mode::MtlsFreshTunnels => bed.topology.start_meshed_with(&[], &["--hbone-tunnel-reuse=false"])?,
-            Mode::Envoy => bed.start_envoys()?,
+            Mode::Envoy | Mode::EnvoyHttp => bed.start_envoys()?,
         }
         for pod in [CLIENT, SERVER] {
             // Connection-rate runs leave many sockets in TIME_WAIT: widen the ports of these
@@ -98,7 +98,7 @@ impl Bed {
             bed.topology.sink(SERVER, SINK_PORT)?;
             let check = bed.topology.client(CLIENT, bed.target(ECHO_PORT), 64 * 1024, 2)?;
             anyhow::ensure!(check.ok, "{}: the path does not work: {:?}", mode.label(), check.errors);
-            if mode == Mode::Envoy {
+            if mode.is_envoy() {
                 // The tunnel must be TLS: plaintext straight to node-b's Envoy gets no echo.
                 let tunnel = SocketAddr::from((NodeId::B.link_ip(), ECHO_PORT + envoy::TUNNEL_PORT_OFFSET));
                 let plain = bed.topology.client(CLIENT, tunnel, 1024, 1);
@@ -150,8 +150,9 @@ impl Bed {
         let certs = envoy::write_certs(&dir)?;
         let ports = [ECHO_PORT, SINK_PORT, HTTP_PORT];
         let peer = NodeId::B.link_ip();
-        let server = envoy::server_config(peer, self.topology.pod(SERVER).ip, &ports, &certs);
-        let client = envoy::client_config(self.client_gateway(), peer, &ports, &certs);
+        let http: &[u16] = if self.mode == Mode::EnvoyHttp { &[HTTP_PORT] } else { &[] };
+        let server = envoy::server_config(peer, self.topology.pod(SERVER).ip, &ports, http, &certs);
+        let client = envoy::client_config(self.client_gateway(), peer, &ports, http, &certs);
         for (node, config) in [(NodeId::B, server), (NodeId::A, client)] {
             let name = node.name();
             let config_path = dir.join(format!("{name}.yaml"));
@@ -298,15 +299,12 @@ impl Bed {
     /// Returns where the client connects to reach the server pod at `port`: the server pod's
     /// address, or in the Envoy bed node-a's Envoy listener for that port.
     pub fn target(&self, port: u16) -> SocketAddr {
-        match self.mode {
-            Mode::Envoy => SocketAddr::from((self.client_gateway(), port)),
-            _ => self.server(port),
-        }
+        if self.mode.is_envoy() { SocketAddr::from((self.client_gateway(), port)) } else { self.server(port) }
     }
 
     /// Returns the PIDs of the mode's proxies: its mesh-nodes, or its Envoys (none for direct).
     pub fn proxy_pids(&self) -> Vec<u32> {
-        if self.mode == Mode::Envoy {
+        if self.mode.is_envoy() {
             return self.envoys.iter().map(Child::id).collect();
         }
         NodeId::ALL.iter().filter_map(|n| self.topology.node_pid(*n)).collect()

@@ -157,8 +157,9 @@ pub fn tables(meta: &Meta, summary: &[ModeSummary]) -> Vec<Table> {
             note: Some(
                 "mTLS+L7 (N rules): HBONE mTLS with one ALLOW AuthorizationPolicy of N rules (POST and a \
                  distinct path prefix each) on the server pod; the requests match only the last rule, so its \
-                 node parses every request and evaluates every rule. The other modes carry the same requests \
-                 as bytes (L4). Every response is checked: 200 and the body echoed. CPU × mTLS: proxy CPU per \
+                 node parses every request and evaluates every rule. Envoy mTLS (HTTP router): both Envoys \
+                 parse and route every request (HTTP connection manager, router filter; no authorization). \
+                 The other modes carry the same requests as bytes (L4). Every response is checked: 200 and the body echoed. CPU × mTLS: proxy CPU per \
                  request over HBONE mTLS's at the same rate, same run. Runs discarded as for the raw \
                  latency, and when a response is not 200 or responses stall; \"saturated\": the last \
                  response came over 1 s after the last request was due (requests queued: the path does not \

@@ -21,6 +21,10 @@ pub enum Mode {
     /// client pointed at node-a's, which tunnels over mutual TLS 1.3 to node-b's (one TLS
     /// connection per client connection), which forwards plaintext to the server pod.
     Envoy,
+    /// Like [`Mode::Envoy`], with both Envoys' HTTP port behind the HTTP connection manager and
+    /// its router (HTTP/1.1, parsed and routed per request on both nodes) instead of
+    /// `tcp_proxy`: the Envoy peer of the L7 modes. Only the HTTP measurements use it.
+    EnvoyHttp,
     /// Like [`Mode::Mtls`] with `--hbone-tunnel-reuse=false`: a new mTLS tunnel per connection.
     /// Only the connection-setup measurement uses it.
     MtlsFreshTunnels,
@@ -44,8 +48,10 @@ impl Mode {
     /// the baseline. Envoy is the peer (its test bed is in `modes.rs`).
     pub const COMPARED: [Mode; 4] = [Mode::Direct, Mode::L4, Mode::Mtls, Mode::Envoy];
 
-    /// The L7 modes, which only the HTTP latency measurement runs (beside [`Mode::COMPARED`]).
-    pub const L7: [Mode; 3] = [Mode::MtlsL7One, Mode::MtlsL7Hundred, Mode::MtlsL7TenThousand];
+    /// The L7 modes, which only the HTTP latency measurement runs (beside [`Mode::COMPARED`]):
+    /// ours with policies, and Envoy's HTTP router.
+    pub const L7: [Mode; 4] =
+        [Mode::MtlsL7One, Mode::MtlsL7Hundred, Mode::MtlsL7TenThousand, Mode::EnvoyHttp];
 
     /// Returns the short name used in tables.
     pub fn label(self) -> &'static str {
@@ -54,6 +60,7 @@ impl Mode {
             Mode::L4 => "L4 plaintext",
             Mode::Mtls => "HBONE mTLS",
             Mode::Envoy => "Envoy mTLS (tcp_proxy)",
+            Mode::EnvoyHttp => "Envoy mTLS (HTTP router)",
             Mode::MtlsFreshTunnels => "mTLS, new tunnel each",
             Mode::MtlsL7One => "mTLS+L7 (1 rule)",
             Mode::MtlsL7Hundred => "mTLS+L7 (100 rules)",
@@ -68,6 +75,7 @@ impl Mode {
             Mode::L4 => "L4",
             Mode::Mtls => "mTLS",
             Mode::Envoy => "Envoy",
+            Mode::EnvoyHttp => "Envoy L7",
             Mode::MtlsFreshTunnels => "mTLS new",
             Mode::MtlsL7One => "L7 ×1",
             Mode::MtlsL7Hundred => "L7 ×100",
@@ -82,6 +90,7 @@ impl Mode {
             Mode::L4 => "l4",
             Mode::Mtls => "mtls",
             Mode::Envoy => "envoy",
+            Mode::EnvoyHttp => "envoy-http",
             Mode::MtlsFreshTunnels => "mtls-fresh",
             Mode::MtlsL7One => "mtls-l7-1",
             Mode::MtlsL7Hundred => "mtls-l7-100",
@@ -95,8 +104,15 @@ impl Mode {
             Mode::MtlsL7One => 1,
             Mode::MtlsL7Hundred => 100,
             Mode::MtlsL7TenThousand => 10_000,
-            Mode::Direct | Mode::L4 | Mode::Mtls | Mode::Envoy | Mode::MtlsFreshTunnels => 0,
+            Mode::Direct | Mode::L4 | Mode::Mtls | Mode::Envoy | Mode::EnvoyHttp | Mode::MtlsFreshTunnels => {
+                0
+            }
         }
+    }
+
+    /// Returns whether the mode's proxies are Envoys (no mesh-node).
+    pub fn is_envoy(self) -> bool {
+        matches!(self, Mode::Envoy | Mode::EnvoyHttp)
     }
 
     /// Returns whether proxies (mesh-nodes, or Envoys) are on the path (and so have CPU and
@@ -113,7 +129,7 @@ impl Mode {
     pub fn files_to_hold(self, conns: u32) -> u64 {
         let conns = u64::from(conns);
         let per_process = match self {
-            Mode::L4 | Mode::Envoy => 2 * conns,
+            Mode::L4 | Mode::Envoy | Mode::EnvoyHttp => 2 * conns,
             Mode::Direct => conns,
             Mode::Mtls
             | Mode::MtlsFreshTunnels
@@ -587,6 +603,6 @@ mod tests {
         let results: Results = serde_json::from_str(old).expect("an old run parses");
         assert!(results.http_latency.is_empty());
         let modes: Vec<String> = Mode::L7.iter().map(|m| serde_json::to_string(m).unwrap()).collect();
-        assert_eq!(modes, ["\"mtls-l7-1\"", "\"mtls-l7-100\"", "\"mtls-l7-10000\""]);
+        assert_eq!(modes, ["\"mtls-l7-1\"", "\"mtls-l7-100\"", "\"mtls-l7-10000\"", "\"envoy-http\""]);
     }
 }

@@ -117,7 +117,7 @@ impl Plan {
                 http_body_bytes: 1024,
                 // 10,000 rules take a while to load and to evaluate in a debug build.
                 compared: Mode::COMPARED.to_vec(),
-                l7_modes: vec![Mode::MtlsL7One, Mode::MtlsL7Hundred],
+                l7_modes: vec![Mode::MtlsL7One, Mode::MtlsL7Hundred, Mode::EnvoyHttp],
                 fresh_tunnels: true,
                 connect: Duration::from_millis(500),
                 connect_workers: 8,
@@ -553,7 +553,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         bed.settle(Duration::from_secs(3));
         let before_hold_kib = bed.sample_proxies()?.iter().map(|s| s.rss_kib).sum();
         let mut held = Vec::new();
-        let to_hold = if mode.l7_rules() > 0 { &[][..] } else { plan.held.as_slice() };
+        let http_only_mode = plan.l7_modes.contains(&mode);
+        let to_hold = if http_only_mode { &[][..] } else { plan.held.as_slice() };
         for &conns in to_hold {
             progress.start(&format!(
                 "memory with {} open connections, {}",
@@ -578,7 +579,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             }
             progress.finish_one();
         }
-        if mode.l7_rules() > 0 {
+        if http_only_mode {
             progress.start(&format!("memory at rest, {}", mode.label()));
             progress.finish_one();
         }
