@@ -182,6 +182,8 @@ struct WorkloadEntry {
     policies: Vec<String>,
     /// Target port → declared protocol, from the service ports it serves.
     protocols: HashMap<u16, AppProtocol>,
+    /// Target port → the services (`ns/hostname`) it serves there, sorted.
+    services: HashMap<u16, Vec<String>>,
 }
 
 /// The compiled traffic config.
@@ -266,8 +268,13 @@ impl Traffic {
                 continue; // no valid identity: never reachable through the mesh
             }
             let mut workload_protocols = HashMap::new();
+            let mut workload_services: HashMap<u16, Vec<String>> = HashMap::new();
             for (service, ports) in &endpoint.services {
                 for &(service_port, target_port) in ports {
+                    let served = workload_services.entry(target_port).or_default();
+                    if !served.contains(service) {
+                        served.push(service.clone());
+                    }
                     endpoints.entry(service.as_str()).or_default().entry(service_port).or_default().push(
                         Endpoint {
                             workload: endpoint.key.to_string(),
@@ -286,6 +293,7 @@ impl Traffic {
                     key: endpoint.key.clone(),
                     policies: endpoint.policies.clone(),
                     protocols: workload_protocols,
+                    services: workload_services,
                 },
             );
         }
@@ -370,6 +378,16 @@ impl Traffic {
         keys.sort_unstable();
         keys.dedup();
         keys.into_iter().filter_map(|key| self.policies.get(key)).collect()
+    }
+
+    /// The service (`ns/hostname`) the workload at `ip` serves on `port`, when exactly one does:
+    /// how the destination side names the service a connection came for (the caller's choice
+    /// of cluster IP never reaches it), for Istio's `destination_service` label.
+    pub fn service_serving(&self, ip: IpAddr, port: u16) -> Option<&str> {
+        match self.workloads.get(&unmap(ip))?.services.get(&port)?.as_slice() {
+            [only] => Some(only),
+            _ => None,
+        }
     }
 
     /// The workload at `ip`, if known.
@@ -531,6 +549,9 @@ mod tests {
         assert_eq!(traffic.declared_protocol("10.1.2.2".parse().unwrap(), 8080), AppProtocol::Http1);
         assert_eq!(traffic.declared_protocol("10.1.2.2".parse().unwrap(), 9999), AppProtocol::Detect);
         assert!(traffic.service_at("10.96.0.11".parse().unwrap()).is_none());
+        let b1: IpAddr = "10.1.2.2".parse().unwrap();
+        assert_eq!(traffic.service_serving(b1, 8080), Some("demo/web.demo.svc.cluster.local"));
+        assert_eq!(traffic.service_serving(b1, 9999), None, "a port no service targets");
         let mapped: IpAddr = "::ffff:10.96.0.10".parse().unwrap();
         assert!(traffic.service_at(mapped).is_some(), "IPv4-mapped addresses resolve too");
     }

@@ -683,6 +683,8 @@ fn the_destination_node_counts_requests_by_response_code_istio_style() {
             ("reporter", "destination"),
             ("source_workload", "a1"),
             ("destination_workload", "b1"),
+            // b1 serves port APP for exactly one Service: the destination side names it.
+            ("destination_service", "b1.demo.svc.cluster.local"),
             ("response_code", code),
         ];
         prometheus::sum(&text, "istio_requests_total", &wanted)

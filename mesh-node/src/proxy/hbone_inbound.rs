@@ -161,6 +161,9 @@ async fn stream(
     let traffic = pod.mesh.traffic();
     let caller = Caller::new(&traffic, tunnel_peer.ip(), Some(client_identity.clone()));
     conn.set_remote_workload(caller.workload.clone());
+    if let Some(service) = traffic.service_serving(target.ip(), target.port()) {
+        conn.set_service(service);
+    }
     let port = target.port();
     let parsing = authz::inbound_parsing(&traffic, authz::Workload::of(&pod), port);
     let parse = parsing.is_some();

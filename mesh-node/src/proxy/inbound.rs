@@ -98,6 +98,9 @@ async fn deliver_and_relay(
     let traffic = pod.mesh.traffic();
     let caller = Caller::new(&traffic, peer.ip(), None);
     conn.set_remote_workload(caller.workload.clone());
+    if let Some(service) = traffic.service_serving(orig.ip(), orig.port()) {
+        conn.set_service(service);
+    }
     let parsing = authz::inbound_parsing(&traffic, authz::Workload::of(pod), orig.port());
     let _ = client.set_nodelay(true);
     let (protocol, client) = match parsing {

@@ -103,7 +103,12 @@ impl Connection {
             destination_workload: pod.key.name.clone(),
             destination_workload_namespace: pod.key.namespace.clone(),
             destination_principal: pod.identity.to_string(),
-            destination_service: "unknown".into(),
+            destination_service: pod
+                .mesh
+                .traffic()
+                .service_serving(self.target.ip(), self.target.port())
+                .map_or("unknown", |key| key.split_once('/').map_or(key, |(_, host)| host))
+                .to_owned(),
             request_protocol: self.protocol.label(),
             response_code: 0,
             response_flags: "-",
