@@ -120,13 +120,28 @@ impl RogueServer {
     /// Listens on `addr` in `netns_name` and answers handshakes with `cert` (ALPN h2, TLS 1.3).
     pub fn start(netns_name: &str, addr: SocketAddr, cert: RogueCert) -> anyhow::Result<Self> {
         // SO_REUSEADDR: the killed node's closed tunnels may linger in TIME_WAIT on this port.
+        // Those still closing (FIN_WAIT, their peer not done yet) were accepted without it and
+        // block the port until node-a closes its end, a moment later: bind is retried for 5 s.
         let listener = netns::run_in(netns_name, move || -> std::io::Result<TcpListener> {
-            let socket =
-                socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&addr.into())?;
-            socket.listen(128)?;
-            Ok(socket.into())
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+                socket.set_reuse_address(true)?;
+                match socket.bind(&addr.into()) {
+                    Err(err)
+                        if err.kind() == std::io::ErrorKind::AddrInUse
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(err) => return Err(err),
+                    Ok(()) => {
+                        socket.listen(128)?;
+                        return Ok(socket.into());
+                    }
+                }
+            }
         })?
         .with_context(|| format!("rogue listening on {addr} in {netns_name}"))?;
         let mut config = ServerConfig::builder_with_provider(provider())
