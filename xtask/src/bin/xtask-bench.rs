@@ -38,7 +38,7 @@ enum Cmd {
         #[arg(long, value_enum, value_delimiter = ',')]
         measure: Vec<suite::Measure>,
     },
-    /// Throughput only (direct, L4, mTLS), for profiling the data path: prints Gbit/s per run
+    /// Throughput only (every compared mode: direct, L4, mTLS, Envoy), for profiling the data path: prints Gbit/s per run
     /// and the median per mode, and the ratio to direct. Keeps no report.
     #[command(hide = true)]
     Throughput {
