@@ -26,6 +26,32 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the proxy hands to hyper: streamed from a peer, buffered, or its own.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
+/// Serves one client connection with `handler`, in HTTP/2 or HTTP/1.1 (kept alive) as
+/// detected; `side` names it in the log when the connection ends with an error.
+pub async fn serve_connection<S, H, F>(client: S, protocol: super::protocol::Protocol, handler: H, side: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let handler = hyper::service::service_fn(move |request| {
+        let response = handler(request);
+        async move { Ok::<_, std::convert::Infallible>(response.await) }
+    });
+    let io = hyper_util::rt::TokioIo::new(client);
+    let served = match protocol {
+        super::protocol::Protocol::Http2 => {
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(io, handler)
+                .await
+        }
+        _ => hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(io, handler).await,
+    };
+    if let Err(err) = served {
+        tracing::debug!(error = %err, side, "HTTP connection ended");
+    }
+}
+
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed()
 }

@@ -3,7 +3,7 @@
 //! gets 403 naming the policy, the connection stays open for the next one. Allowed requests go
 //! to the app over one connection delivered from the caller's address, like L4 traffic.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use http_body_util::BodyExt as _;
 use hyper::{
@@ -11,7 +11,6 @@ use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
     header::{self, HeaderValue},
-    service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_policy::authz::{self, Verdict};
@@ -42,8 +41,40 @@ struct Connection {
     /// The address the client connected to (the pod's IP and the app's port).
     target: SocketAddr,
     protocol: Protocol,
-    mtls: bool,
+    /// Istio's request labels of this connection (the response code and flags are filled
+    /// per request): who calls whom does not change between its requests.
+    labels: RequestLabels,
     app: Mutex<AppSender>,
+}
+
+/// The destination side's request labels for a connection from `caller` to `pod`'s `target`.
+fn connection_labels(
+    pod: &PodContext,
+    caller: &Caller,
+    target: SocketAddr,
+    protocol: Protocol,
+    mtls: bool,
+) -> RequestLabels {
+    let caller_workload = caller.workload.as_deref().and_then(|w| w.split_once('/'));
+    RequestLabels {
+        reporter: "destination",
+        source_workload: caller_workload.map_or("unknown", |(_, name)| name).to_owned(),
+        source_workload_namespace: caller_workload.map_or("unknown", |(ns, _)| ns).to_owned(),
+        source_principal: caller.identity.as_ref().map_or_else(|| "unknown".to_owned(), ToString::to_string),
+        destination_workload: pod.key.name.clone(),
+        destination_workload_namespace: pod.key.namespace.clone(),
+        destination_principal: pod.identity.to_string(),
+        destination_service: pod
+            .mesh
+            .traffic()
+            .service_serving(target.ip(), target.port())
+            .map_or("unknown", |key| key.split_once('/').map_or(key, |(_, host)| host))
+            .to_owned(),
+        request_protocol: protocol.label(),
+        response_code: 0,
+        response_flags: "-",
+        connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+    }
 }
 
 /// Serves one inbound HTTP connection.
@@ -57,63 +88,21 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let labels = connection_labels(&pod, &caller, target, protocol, mtls);
     let connection =
-        Arc::new(Connection { pod, caller, target, protocol, mtls, app: Mutex::new(AppSender::None) });
-    let handler = service_fn(move |request| {
+        Arc::new(Connection { pod, caller, target, protocol, labels, app: Mutex::new(AppSender::None) });
+    let handler = move |request| {
         let connection = connection.clone();
-        async move { Ok::<_, Infallible>(connection.handle(request).await) }
-    });
-    let io = TokioIo::new(client);
-    let served = match protocol {
-        Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, handler).await
-        }
-        _ => hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(io, handler).await,
+        async move { connection.handle(request).await }
     };
-    if let Err(err) = served {
-        tracing::debug!(error = %err, "inbound HTTP connection ended");
-    }
+    super::serve_connection(client, protocol, handler, "inbound").await;
 }
 
 impl Connection {
     async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
         let pod = &self.pod;
-        let mut labels = RequestLabels {
-            reporter: "destination",
-            source_workload: self
-                .caller
-                .workload
-                .as_deref()
-                .and_then(|w| w.split('/').nth(1))
-                .unwrap_or("unknown")
-                .to_owned(),
-            source_workload_namespace: self
-                .caller
-                .workload
-                .as_deref()
-                .and_then(|w| w.split('/').next())
-                .unwrap_or("unknown")
-                .to_owned(),
-            source_principal: self
-                .caller
-                .identity
-                .as_ref()
-                .map_or_else(|| "unknown".to_owned(), ToString::to_string),
-            destination_workload: pod.key.name.clone(),
-            destination_workload_namespace: pod.key.namespace.clone(),
-            destination_principal: pod.identity.to_string(),
-            destination_service: pod
-                .mesh
-                .traffic()
-                .service_serving(self.target.ip(), self.target.port())
-                .map_or("unknown", |key| key.split_once('/').map_or(key, |(_, host)| host))
-                .to_owned(),
-            request_protocol: self.protocol.label(),
-            response_code: 0,
-            response_flags: "-",
-            connection_security_policy: if self.mtls { "mutual_tls" } else { "none" },
-        };
+        let mut labels = self.labels.clone();
         let method = request.method().to_string();
         let path = request.uri().path().to_owned();
         let trace = TraceContext::continue_from(request.headers());

@@ -4,7 +4,6 @@
 //! may go to different endpoints.
 
 use std::{
-    convert::Infallible,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -15,9 +14,7 @@ use hyper::{
     Request, Response, StatusCode, Uri,
     body::Incoming,
     header::{self, HeaderValue},
-    service::service_fn,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_policy::route::{self, RouteRequest};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument as _;
@@ -52,23 +49,11 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let handler = {
-        let pod = pod.clone();
-        service_fn(move |request| {
-            let (pod, service) = (pod.clone(), service.clone());
-            async move { Ok::<_, Infallible>(handle(pod, service, port, protocol, request).await) }
-        })
+    let handler = move |request| {
+        let (pod, service) = (pod.clone(), service.clone());
+        async move { handle(pod, service, port, protocol, request).await }
     };
-    let io = TokioIo::new(client);
-    let served = match protocol {
-        Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, handler).await
-        }
-        _ => hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(io, handler).await,
-    };
-    if let Err(err) = served {
-        tracing::debug!(error = %err, "outbound HTTP connection ended");
-    }
+    super::serve_connection(client, protocol, handler, "outbound").await;
 }
 
 /// Where a request goes: the backend service and port, and the route rule that said so.
