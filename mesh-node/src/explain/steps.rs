@@ -248,7 +248,7 @@ impl Context<'_> {
             node: self.state.node.to_owned(),
             enforced: false,
             caller_ip: self.caller.ip,
-            caller_principal: caller_principal.clone(),
+            caller_principal: caller_principal.map(str::to_owned),
             mtls_mode: pod.and_then(|p| p.mtls_mode).map(|m| match m {
                 MtlsMode::Strict => "STRICT",
                 MtlsMode::Permissive => "PERMISSIVE",
@@ -263,11 +263,7 @@ impl Context<'_> {
             return (view, VerdictView::allowed("the destination is outside the mesh: delivered as is"));
         };
         view.enforced = true;
-        let caller = Caller {
-            ip: self.caller.ip,
-            identity: if hbone { self.caller.identity.clone() } else { None },
-            workload: self.caller.workload.clone(),
-        };
+        let caller = if hbone { self.caller.clone() } else { self.caller.in_plaintext() };
         if !hbone && refuses_plaintext(self.state.mesh_ca, pod.mtls_mode.unwrap_or_default()) {
             view.notes.push("plaintext reaches a STRICT pod's inbound listener: refused".into());
             let reason = format!(

@@ -23,20 +23,33 @@ pub struct Caller {
     /// `ns/name` of the workload at `ip`, when the node knows it (for telemetry only: never
     /// trusted for authorization, which uses the identity).
     pub workload: Option<String>,
+    /// The identity in Istio's principal form, formatted once (every request is checked).
+    principal: Option<String>,
 }
 
 impl Caller {
     pub fn new(traffic: &Traffic, ip: IpAddr, identity: Option<SpiffeId>) -> Self {
         let workload = traffic.workload_at(ip).map(ToString::to_string);
-        Caller { ip, identity, workload }
+        let principal = identity.as_ref().map(|id| {
+            let uri = id.to_string();
+            mesh_policy::principal_of(&uri).unwrap_or(&uri).to_owned()
+        });
+        Caller { ip, identity, workload, principal }
     }
 
     /// Istio's principal form: the SPIFFE ID without `spiffe://`.
-    pub fn principal(&self) -> Option<String> {
-        self.identity.as_ref().map(|id| {
-            let uri = id.to_string();
-            mesh_policy::principal_of(&uri).unwrap_or(&uri).to_owned()
-        })
+    pub fn principal(&self) -> Option<&str> {
+        self.principal.as_deref()
+    }
+
+    /// The same source arriving in plaintext: it proves no identity.
+    pub fn in_plaintext(&self) -> Caller {
+        Caller { identity: None, principal: None, ..self.clone() }
+    }
+
+    /// The caller as the policy decisions see it.
+    fn peer(&self) -> Peer<'_> {
+        Peer { ip: self.ip, principal: self.principal(), namespace: self.namespace() }
     }
 
     /// The namespace the caller's identity proves (never the address's: that is not proof).
@@ -76,8 +89,7 @@ pub fn decide_connection(
     detail: Detail,
 ) -> Decision {
     let policies = traffic.policies_for(workload.ip, workload.namespace);
-    let principal = caller.principal();
-    let peer = Peer { ip: caller.ip, principal: principal.as_deref(), namespace: caller.namespace() };
+    let peer = caller.peer();
     match detail {
         Detail::Verdict => authz::check_connection(&policies, &peer, port, http),
         Detail::Explained => authz::explain_connection(&policies, &peer, port, http),
@@ -94,8 +106,7 @@ pub fn decide_request(
     detail: Detail,
 ) -> Decision {
     let policies = traffic.policies_for(workload.ip, workload.namespace);
-    let principal = caller.principal();
-    let peer = Peer { ip: caller.ip, principal: principal.as_deref(), namespace: caller.namespace() };
+    let peer = caller.peer();
     match detail {
         Detail::Verdict => authz::check_request(&policies, &peer, port, request),
         Detail::Explained => authz::explain_request(&policies, &peer, port, request),
