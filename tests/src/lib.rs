@@ -20,6 +20,7 @@ pub mod http_app;
 pub mod kube_apiserver;
 pub mod manifest;
 pub mod netns;
+pub mod objects;
 pub mod payload;
 pub mod process;
 pub mod prometheus;

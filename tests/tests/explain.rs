@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 
-use nodemesh_testbed::Topology;
+use nodemesh_testbed::{Topology, objects};
 use serde_json::Value;
 
 const APP: u16 = 8080;
@@ -20,44 +20,12 @@ const ECHO_VIP: &str = "10.96.0.20";
 const WEB_HOST: &str = "web.demo.svc.cluster.local";
 
 fn service(name: &str, vip: &str, selector: &[&str], port: u16, target: u16, protocol: &str) -> String {
-    let selector: String = selector.iter().map(|label| format!("    {label}\n")).collect();
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: demo
-spec:
-  type: ClusterIP
-  clusterIP: {vip}
-  clusterIPs:
-  - {vip}
-  selector:
-{selector}  ports:
-  - name: {protocol}-{port}
-    protocol: TCP
-    appProtocol: {protocol}
-    port: {port}
-    targetPort: {target}
-"
-    )
+    objects::service(name, vip, selector, &[(port, target)], protocol, &[])
 }
 
+/// A policy on the `app: web` pods.
 fn policy(name: &str, action: &str, rules: &str) -> String {
-    format!(
-        "apiVersion: nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: {name}
-  namespace: demo
-spec:
-  selector:
-    matchLabels:
-      app: web
-  action: {action}
-  rules:
-{rules}"
-    )
+    objects::policy(name, "web", action, rules)
 }
 
 fn config() -> Vec<(&'static str, String)> {

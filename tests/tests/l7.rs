@@ -17,7 +17,10 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    HttpReport, NodeId, RawReport, ServerHandle, Topology, eventually, http_app::raw, prometheus,
+    HttpReport, NodeId, RawReport, ServerHandle, Topology, eventually,
+    http_app::raw,
+    objects::{self, policy, route},
+    prometheus,
 };
 
 /// Where every pod-app HTTP server listens (the Services' target port).
@@ -71,8 +74,7 @@ fn mesh_control_log(topology: &Topology) -> String {
 
 // ---- the objects the tests write ---------------------------------------------------------
 
-/// A Service in `demo` with one cluster IP, selecting pods by `selector` (`key: value`s), with
-/// `ports` (service port → target port, all `appProtocol: http`) and `annotations`.
+/// A Service in `demo` whose ports all declare `appProtocol: http` (see [`objects::service`]).
 fn service(
     name: &str,
     vip: &str,
@@ -80,75 +82,7 @@ fn service(
     ports: &[(u16, u16)],
     annotations: &[(&str, &str)],
 ) -> String {
-    let selector: String = selector.iter().map(|label| format!("    {label}\n")).collect();
-    let ports: String = ports
-        .iter()
-        .map(|(port, target)| {
-            format!(
-                "  - name: http-{port}\n    protocol: TCP\n    appProtocol: http\n    port: {port}\n    targetPort: {target}\n"
-            )
-        })
-        .collect();
-    let annotations = if annotations.is_empty() {
-        String::new()
-    } else {
-        let lines: String = annotations.iter().map(|(k, v)| format!("    {k}: \"{v}\"\n")).collect();
-        format!("  annotations:\n{lines}")
-    };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: demo
-{annotations}spec:
-  type: ClusterIP
-  clusterIP: {vip}
-  clusterIPs:
-  - {vip}
-  selector:
-{selector}  ports:
-{ports}"
-    )
-}
-
-/// An AuthorizationPolicy in `demo` on the pods labelled `app: <app>`; `rules` is the YAML list
-/// under `rules:`, indented by two.
-fn policy(name: &str, app: &str, action: &str, rules: &str) -> String {
-    format!(
-        "apiVersion: nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: {name}
-  namespace: demo
-spec:
-  selector:
-    matchLabels:
-      app: {app}
-  action: {action}
-  rules:
-{rules}"
-    )
-}
-
-/// An HTTPRoute in `demo` attached to the Service `parent` port 80 (GAMMA); `rules` is the
-/// YAML list under `rules:`, indented by two.
-fn route(name: &str, parent: &str, rules: &str) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: {name}
-  namespace: demo
-spec:
-  parentRefs:
-  - group: \"\"
-    kind: Service
-    name: {parent}
-    port: 80
-  rules:
-{rules}"
-    )
+    objects::service(name, vip, selector, ports, "http", annotations)
 }
 
 /// The Service `b1` (all of b1's HTTP port), so both nodes know the port speaks HTTP even
