@@ -5,11 +5,13 @@ pub mod balancer;
 pub mod hbone;
 pub mod hbone_inbound;
 pub mod hbone_outbound;
+pub mod hbone_stream;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod protocol;
 pub mod relay;
+pub mod splice;
 pub mod trace_context;
 
 use std::{io, net::SocketAddr, time::Duration};

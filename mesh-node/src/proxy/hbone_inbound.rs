@@ -3,10 +3,11 @@
 //! CONNECT stream into a connection to the app, delivered from the tunnel's source address (the
 //! source pod's IP) like captured plaintext.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use mesh_api::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -16,10 +17,11 @@ use mesh_policy::authz::Verdict;
 
 use super::{
     authz::{self, Caller},
-    hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_TUNNEL, STREAM_WINDOW, TunnelBody},
+    hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_STREAMS_PER_TUNNEL, STREAM_WINDOW},
+    hbone_stream::{HboneStream, relay_hbone},
     inbound::deliver,
     protocol::{Prefixed, detect},
-    relay::{Metered, relay},
+    relay::Metered,
     trace_context::TraceContext,
 };
 use crate::{
@@ -93,19 +95,34 @@ async fn serve_tunnel(pod: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
         src.identity = %client_identity, src.addr = %peer, src.serial = %tls::serial_of(&client_cert),
         dst.identity = %pod.identity, "HBONE tunnel accepted"
     );
-    let service = {
-        let pod = pod.clone();
-        service_fn(move |request| stream(pod.clone(), client_identity.clone(), peer, request))
-    };
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(MAX_STREAMS_PER_TUNNEL)
-        .serve_connection(TokioIo::new(tls), service)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .handshake::<_, Bytes>(tls)
         .await;
-    if let Err(err) = served {
-        tracing::debug!(error = %err, "HBONE tunnel ended");
+    let mut connection = match handshake {
+        Ok(connection) => connection,
+        Err(err) => {
+            tracing::warn!(src.addr = %peer, error = %err, "HBONE HTTP/2 handshake failed");
+            return;
+        }
+    };
+    // Accepting also drives the connection (every stream's frames), so it runs until the
+    // tunnel ends; each stream is served on a task of its own.
+    while let Some(accepted) = connection.accept().await {
+        match accepted {
+            Ok((request, respond)) => {
+                let serve = stream(pod.clone(), client_identity.clone(), peer, request, respond);
+                tokio::spawn(serve.in_current_span());
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "HBONE tunnel ended");
+                return;
+            }
+        }
     }
 }
 
@@ -114,8 +131,8 @@ const MAX_LOGGED_BAGGAGE: usize = 256;
 
 /// Returns the stream's trace ID and the client's baggage, for logs. A malformed
 /// `traceparent` is logged and ignored: it is telemetry, the tunnel is already authenticated.
-fn trace_of(request: &Request<Incoming>) -> (String, String) {
-    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+fn trace_of(headers: &HeaderMap) -> (String, String) {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let trace_id = match header("traceparent").map(TraceContext::parse) {
         Some(Ok(context)) => context.trace_id_hex(),
         Some(Err(err)) => {
@@ -128,10 +145,13 @@ fn trace_of(request: &Request<Incoming>) -> (String, String) {
     (trace_id, baggage)
 }
 
-fn respond(status: StatusCode) -> Result<Response<TunnelBody>, Infallible> {
-    let mut response = Response::new(TunnelBody::new());
+/// Answers a CONNECT that is refused: the status, and the end of the stream.
+fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
     *response.status_mut() = status;
-    Ok(response)
+    if let Err(err) = respond.send_response(response, true) {
+        tracing::debug!(error = %err, "the refused stream was already gone");
+    }
 }
 
 /// Handles one CONNECT stream of a tunnel.
@@ -139,25 +159,26 @@ async fn stream(
     pod: Arc<PodContext>,
     client_identity: SpiffeId,
     tunnel_peer: SocketAddr,
-    request: Request<Incoming>,
-) -> Result<Response<TunnelBody>, Infallible> {
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     if request.method() != Method::CONNECT {
-        return respond(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     }
     let Some(target) = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
-        return respond(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     };
     if target.ip() != std::net::IpAddr::V4(pod.ip) {
         // A tunnel to this pod only reaches this pod.
         tracing::warn!(src.identity = %client_identity, dst.addr = %target, "CONNECT for another address refused");
-        return respond(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     }
     let active = pod.inbound.open();
     // Each stream is a connection: listed, counted and logged (once, when it ends) via `conn`.
     let conn = pod.inbound.track(tunnel_peer);
     conn.set_destination(target);
     conn.set_mtls(pod.identity.to_string(), client_identity.to_string());
-    let (trace_id, baggage) = trace_of(&request);
+    let (trace_id, baggage) = trace_of(request.headers());
     let traffic = pod.mesh.traffic();
     let caller = Caller::new(&traffic, tunnel_peer.ip(), Some(client_identity.clone()));
     conn.set_remote_workload(caller.workload.clone());
@@ -176,7 +197,7 @@ async fn stream(
         if decision.verdict == Verdict::Deny {
             pod.denied_connections.inc();
             conn.fail(&ProxyError::Denied(decision.reason));
-            return respond(StatusCode::FORBIDDEN);
+            return refuse(respond, StatusCode::FORBIDDEN);
         }
         conn.set_policy(PolicyResult::Allow);
     }
@@ -194,7 +215,7 @@ async fn stream(
                 pod.inbound.failed.inc();
                 tracing::warn!(src.identity = %client_identity, dst.addr = %target, error = %err, "app unreachable");
                 conn.fail(&err);
-                return respond(StatusCode::SERVICE_UNAVAILABLE);
+                return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
             }
         }
     };
@@ -202,34 +223,31 @@ async fn stream(
         src.identity = %client_identity, dst.identity = %pod.identity, src.addr = %tunnel_peer.ip(), dst.addr = %target,
         trace_id = %trace_id, baggage = %baggage, "HBONE stream accepted"
     );
-    let on_upgrade = hyper::upgrade::on(request);
-    tokio::spawn(async move {
-        let _active = active;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => TokioIo::new(upgraded),
-            Err(err) => {
-                pod.inbound.failed.inc();
-                tracing::debug!(error = %err, "HBONE stream failed before it opened");
-                conn.fail_with("UF", format!("HBONE stream failed before it opened: {err}"));
-                return;
-            }
-        };
-        let served = tokio::select! {
-            r = serve_stream(&pod, &conn, upgraded, app, caller, target, declared) => r,
-            () = pod.withdrawn.cancelled() => Ok(None),
-        };
-        match served {
-            Ok(Some((received, sent))) => {
-                tracing::debug!(bytes.received = received, bytes.sent = sent, "HBONE stream closed")
-            }
-            Ok(None) => {}
-            Err(err) => {
-                pod.inbound.failed.inc();
-                conn.fail_with("UF", err.to_string());
-            }
+    let _active = active;
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(err) => {
+            pod.inbound.failed.inc();
+            tracing::debug!(error = %err, "HBONE stream failed before it opened");
+            conn.fail_with("UF", format!("HBONE stream failed before it opened: {err}"));
+            return;
         }
-    });
-    respond(StatusCode::OK)
+    };
+    let stream = HboneStream::new(send, request.into_body());
+    let served = tokio::select! {
+        r = serve_stream(&pod, &conn, stream, app, caller, target, declared) => r,
+        () = pod.withdrawn.cancelled() => Ok(None),
+    };
+    match served {
+        Ok(Some((received, sent))) => {
+            tracing::debug!(bytes.received = received, bytes.sent = sent, "HBONE stream closed")
+        }
+        Ok(None) => {}
+        Err(err) => {
+            pod.inbound.failed.inc();
+            conn.fail_with("UF", err.to_string());
+        }
+    }
 }
 
 /// Carries one opened stream: parsed as HTTP when policies or the port call for it, else
@@ -238,7 +256,7 @@ async fn stream(
 async fn serve_stream(
     pod: &Arc<PodContext>,
     conn: &Tracked,
-    stream: TokioIo<hyper::upgrade::Upgraded>,
+    stream: HboneStream,
     app: Option<TcpStream>,
     caller: Caller,
     target: SocketAddr,
@@ -246,7 +264,7 @@ async fn serve_stream(
 ) -> std::io::Result<Option<(u64, u64)>> {
     let port = target.port();
     let (stream, app) = match app {
-        Some(app) => (Prefixed::new(bytes::Bytes::new(), stream), app),
+        Some(app) => (Prefixed::new(Bytes::new(), stream), app),
         None => {
             let (protocol, stream) = detect(stream, declared).await?;
             conn.set_protocol(protocol);
@@ -277,7 +295,9 @@ async fn serve_stream(
     };
     let (pod_sent, pod_received) = conn.meters();
     tokio::select! {
-        relayed = relay(stream, app, &pod_received, &pod_sent) => relayed.map(Some),
+        relayed = relay_hbone(Prefixed::new(Bytes::new(), app), stream, &pod_sent, &pod_received) => {
+            relayed.map(|(sent, received)| Some((received, sent)))
+        }
         decision = authz::until_revoked(pod, &caller, port) => {
             pod.denied_connections.inc();
             tracing::warn!(reason = %decision.reason, "open connection closed: a policy change denies it");

@@ -15,8 +15,9 @@ use super::{
     authz::{self, Caller},
     connect,
     protocol::{Prefixed, Protocol, detect},
-    relay::{Metered, relay},
+    relay::Metered,
     reset, set_reset_on_close,
+    splice::relay_tcp,
 };
 use crate::{
     capture::ip_addr,
@@ -129,7 +130,7 @@ async fn deliver_and_relay(
     let app = deliver(pod, peer, orig).await?;
     let (pod_sent, pod_received) = conn.meters();
     let relayed = tokio::select! {
-        relayed = relay(client, app, &pod_received, &pod_sent) => relayed,
+        relayed = relay_tcp(client, app, &pod_received, &pod_sent) => relayed,
         decision = authz::until_revoked(pod, &caller, orig.port()) => {
             pod.denied_connections.inc();
             // The relay future (owning the sockets) is dropped here: the client sees a close.

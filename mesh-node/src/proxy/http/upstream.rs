@@ -28,7 +28,10 @@ use tokio::net::TcpStream;
 use super::{BoxError, ProxyBody};
 use crate::{
     pod::PodContext,
-    proxy::{ProxyError, connect_from_pod, hbone_outbound::StreamSlot, trace_context::TraceContext},
+    proxy::{
+        ProxyError, connect_from_pod, hbone_outbound::StreamSlot, hbone_stream::HboneStream,
+        trace_context::TraceContext,
+    },
 };
 
 /// Idle pooled connections are closed after this.
@@ -122,7 +125,7 @@ impl tower_service::Service<Uri> for PodConnector {
                     )
                     .await?;
                     Ok(UpstreamIo {
-                        io: Io::Tunnel { io: stream.into_inner(), _slot: slot },
+                        io: Io::Tunnel { io: TokioIo::new(stream), _slot: slot },
                         requests: RequestCount::default(),
                     })
                 }
@@ -143,7 +146,7 @@ pub struct UpstreamIo {
 
 /// An HBONE stream (holding its tunnel slot) or plain TCP.
 enum Io {
-    Tunnel { io: hyper::upgrade::Upgraded, _slot: StreamSlot },
+    Tunnel { io: TokioIo<HboneStream>, _slot: StreamSlot },
     Plain(TokioIo<TcpStream>),
 }
 

@@ -1,0 +1,219 @@
+//! Relays plain TCP to plain TCP (the L4 plaintext path) without copying the bytes through the
+//! proxy: once a direction is busy, `splice(2)` moves them socket → pipe → socket inside the
+//! kernel.
+//!
+//! A direction starts with a small buffer and a read/write copy, like [`super::relay`], so the
+//! thousands of idle or chatty connections a node holds cost no pipes (two file descriptors
+//! each); only when a read fills the buffer does the direction take a pipe. Without one (the
+//! process is out of file descriptors) it goes on copying.
+
+use std::{
+    io,
+    net::Shutdown,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+};
+
+use tokio::{io::Interest, net::TcpStream};
+
+use super::{protocol::Prefixed, relay::Meter};
+
+/// Buffer of a direction before it is busy.
+const BUFFER_SIZE: usize = 16 * 1024;
+/// A busy direction's pipe capacity: the most one splice moves (fewer, larger moves per byte).
+const PIPE_SIZE: usize = 256 * 1024;
+
+/// Relays until both directions have ended, like [`super::relay::relay`] (half-closes passed
+/// on, an error in either direction ends both). Returns (a→b, b→a) byte counts.
+pub async fn relay_tcp<M: Meter, N: Meter>(
+    a: Prefixed<TcpStream>,
+    b: TcpStream,
+    a_to_b: &M,
+    b_to_a: &N,
+) -> io::Result<(u64, u64)> {
+    let (prefix, a) = a.into_parts();
+    write_all(&b, &prefix).await?;
+    a_to_b.add(prefix.len() as u64);
+    let (sent, received) = tokio::try_join!(copy(&a, &b, a_to_b), copy(&b, &a, b_to_a))?;
+    Ok((sent + prefix.len() as u64, received))
+}
+
+/// Copies one direction until its end, which is passed on as a half-close.
+async fn copy<M: Meter>(from: &TcpStream, to: &TcpStream, meter: &M) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    let mut pipe = None;
+    loop {
+        let n = match &pipe {
+            Some(pipe) => splice_chunk(from, to, pipe).await?,
+            None => copy_chunk(from, to, &mut buf).await?,
+        };
+        if n == 0 {
+            // The peer may already be gone, which is not an error here.
+            let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+            return Ok(total);
+        }
+        meter.add(n as u64);
+        total += n as u64;
+        if pipe.is_none() && n == buf.len() {
+            match Pipe::new() {
+                Ok(busy) => {
+                    pipe = Some(busy);
+                    buf = Vec::new();
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "no pipe for splice; copying instead");
+                    buf.resize(PIPE_SIZE, 0);
+                }
+            }
+        }
+    }
+}
+
+/// Reads once into `buf` and writes it all on; returns the bytes moved (0 at the end).
+async fn copy_chunk(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let n = loop {
+        from.readable().await?;
+        match from.try_read(buf) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            read => break read?,
+        }
+    };
+    write_all(to, &buf[..n]).await?;
+    Ok(n)
+}
+
+/// Splices what `from` has (up to the pipe's size) into the pipe, then all of it out to `to`;
+/// returns the bytes moved (0 at the end).
+async fn splice_chunk(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
+    let n = loop {
+        from.readable().await?;
+        match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE))
+        {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            moved => break moved?,
+        }
+    };
+    let mut left = n;
+    while left > 0 {
+        to.writable().await?;
+        match to.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            moved => left -= moved?,
+        }
+    }
+    Ok(n)
+}
+
+pub(super) async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            written => data = &data[written?..],
+        }
+    }
+    Ok(())
+}
+
+/// One `splice(2)` call, never blocking (the sockets are non-blocking, and so is the pipe).
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    // SAFETY: both descriptors are open for the call (owned by the caller's sockets and pipe);
+    // null offsets are required for sockets and pipes.
+    let moved = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags) };
+    usize::try_from(moved).map_err(|_| io::Error::last_os_error())
+}
+
+/// A non-blocking pipe, both ends closed on drop.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both are fresh descriptors owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A larger pipe moves more per call; the default (64 KiB) still works if this fails.
+        // SAFETY: F_SETPIPE_SZ on a pipe we own.
+        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        Ok(Pipe { read, write })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use prometheus_client::metrics::counter::Counter;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (c.expect("connect"), s.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn splices_a_busy_direction_with_prefix_half_close_and_counts() {
+        let (mut client, proxy_a) = pair().await;
+        let (proxy_b, mut server) = pair().await;
+        let (up, down) = (Counter::default(), Counter::default());
+        let relay = tokio::spawn({
+            let (up, down) = (up.clone(), down.clone());
+            let a = Prefixed::new(Bytes::from_static(b"sniffed:"), proxy_a);
+            async move { relay_tcp(a, proxy_b, &up, &down).await }
+        });
+        // Several megabytes: past the first full buffer, so most of it is spliced.
+        let payload: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = tokio::spawn({
+            let payload = payload.clone();
+            async move {
+                client.write_all(&payload).await.expect("write");
+                client.shutdown().await.expect("half-close");
+                client
+            }
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("server reads to EOF");
+        assert_eq!(&got[..8], b"sniffed:");
+        assert!(got[8..] == payload[..], "every byte, in order");
+        server.write_all(b"reply after half-close").await.expect("write back");
+        drop(server);
+        let mut client = writer.await.expect("writer");
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.expect("client reads reply");
+        assert_eq!(reply, b"reply after half-close");
+        let (sent, received) = relay.await.expect("join").expect("relay");
+        assert_eq!((sent, received), (5_000_008, 22));
+        assert_eq!((up.get(), down.get()), (5_000_008, 22));
+    }
+
+    #[tokio::test]
+    async fn a_reset_peer_ends_the_relay_with_an_error() {
+        let (mut client, proxy_a) = pair().await;
+        let (proxy_b, server) = pair().await;
+        let relay = tokio::spawn(async move {
+            let (up, down) = (Counter::default(), Counter::default());
+            relay_tcp(Prefixed::new(Bytes::new(), proxy_a), proxy_b, &up, &down).await
+        });
+        socket2::SockRef::from(&server).set_linger(Some(std::time::Duration::ZERO)).expect("linger");
+        drop(server); // RST
+        let _ = client.write_all(&[7u8; 1 << 20]).await;
+        let result =
+            tokio::time::timeout(std::time::Duration::from_secs(5), relay).await.expect("relay ends");
+        assert!(result.expect("join").is_err(), "a reset is an error, not a clean end");
+    }
+}
