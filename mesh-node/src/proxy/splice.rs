@@ -9,11 +9,16 @@
 
 use std::{
     io,
-    net::Shutdown,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
 
 use super::{protocol::Prefixed, relay::Meter};
 
@@ -26,30 +31,38 @@ const PIPE_SIZE: usize = 256 * 1024;
 /// on, an error in either direction ends both). Returns (a→b, b→a) byte counts.
 pub async fn relay_tcp<M: Meter, N: Meter>(
     a: Prefixed<TcpStream>,
-    b: TcpStream,
+    mut b: TcpStream,
     a_to_b: &M,
     b_to_a: &N,
 ) -> io::Result<(u64, u64)> {
-    let (prefix, a) = a.into_parts();
-    write_all(&b, &prefix).await?;
+    let (prefix, mut a) = a.into_parts();
+    b.write_all(&prefix).await?;
     a_to_b.add(prefix.len() as u64);
-    let (sent, received) = tokio::try_join!(copy(&a, &b, a_to_b), copy(&b, &a, b_to_a))?;
+    let (a_read, a_write) = a.split();
+    let (b_read, b_write) = b.split();
+    let (sent, received) = tokio::try_join!(copy(a_read, b_write, a_to_b), copy(b_read, a_write, b_to_a))?;
     Ok((sent + prefix.len() as u64, received))
 }
 
 /// Copies one direction until its end, which is passed on as a half-close.
-async fn copy<M: Meter>(from: &TcpStream, to: &TcpStream, meter: &M) -> io::Result<u64> {
+async fn copy<M: Meter>(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, meter: &M) -> io::Result<u64> {
     let mut total = 0u64;
     let mut buf = vec![0u8; BUFFER_SIZE];
     let mut pipe = None;
     loop {
         let n = match &pipe {
-            Some(pipe) => splice_chunk(from, to, pipe).await?,
-            None => copy_chunk(from, to, &mut buf).await?,
+            Some(pipe) => splice_chunk(from.as_ref(), to.as_ref(), pipe).await?,
+            None => {
+                // `read` (not `try_read`): a short read tells tokio the socket is drained, which
+                // saves a system call per chunk of request/response traffic.
+                let n = from.read(&mut buf).await?;
+                to.write_all(&buf[..n]).await?;
+                n
+            }
         };
         if n == 0 {
             // The peer may already be gone, which is not an error here.
-            let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+            let _ = to.shutdown().await;
             return Ok(total);
         }
         meter.add(n as u64);
@@ -67,19 +80,6 @@ async fn copy<M: Meter>(from: &TcpStream, to: &TcpStream, meter: &M) -> io::Resu
             }
         }
     }
-}
-
-/// Reads once into `buf` and writes it all on; returns the bytes moved (0 at the end).
-async fn copy_chunk(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    let n = loop {
-        from.readable().await?;
-        match from.try_read(buf) {
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            read => break read?,
-        }
-    };
-    write_all(to, &buf[..n]).await?;
-    Ok(n)
 }
 
 /// Splices what `from` has (up to the pipe's size) into the pipe, then all of it out to `to`;
@@ -103,18 +103,6 @@ async fn splice_chunk(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Resu
         }
     }
     Ok(n)
-}
-
-pub(super) async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            written => data = &data[written?..],
-        }
-    }
-    Ok(())
 }
 
 /// One `splice(2)` call, never blocking (the sockets are non-blocking, and so is the pipe).
@@ -152,10 +140,7 @@ impl Pipe {
 mod tests {
     use bytes::Bytes;
     use prometheus_client::metrics::counter::Counter;
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-    };
+    use tokio::net::TcpListener;
 
     use super::*;
 
