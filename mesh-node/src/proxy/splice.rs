@@ -2,16 +2,18 @@
 //! proxy: once a direction is busy, `splice(2)` moves them socket → pipe → socket inside the
 //! kernel.
 //!
-//! A direction starts with a small buffer and a read/write copy, like [`super::relay`], so the
-//! thousands of idle or chatty connections a node holds cost no pipes (two file descriptors
-//! each); only when a read fills the buffer does the direction take a pipe. Without one (the
-//! process is out of file descriptors) it goes on copying.
+//! A direction starts with a read/write copy through a small buffer, taken only while there are
+//! bytes to move, so the thousands of idle or chatty connections a node holds cost neither
+//! memory nor pipes (two file descriptors each); only when a read fills the buffer does the
+//! direction take a pipe. Without one (the process is out of file descriptors) it goes on
+//! copying, with larger reads.
 
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
+use bytes::BytesMut;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, Interest},
     net::{
@@ -47,16 +49,19 @@ pub async fn relay_tcp<M: Meter, N: Meter>(
 /// Copies one direction until its end, which is passed on as a half-close.
 async fn copy<M: Meter>(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, meter: &M) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut buf = vec![0u8; BUFFER_SIZE];
+    let mut read_size = BUFFER_SIZE;
     let mut pipe = None;
     loop {
         let n = match &pipe {
             Some(pipe) => splice_chunk(from.as_ref(), to.as_ref(), pipe).await?,
             None => {
-                // `read` (not `try_read`): a short read tells tokio the socket is drained, which
-                // saves a system call per chunk of request/response traffic.
-                let n = from.read(&mut buf).await?;
-                to.write_all(&buf[..n]).await?;
+                // Waits holding no buffer: most connections are idle most of the time.
+                from.as_ref().readable().await?;
+                let mut buf = BytesMut::with_capacity(read_size);
+                // `read_buf` (not `try_read_buf`): a short read tells tokio the socket is
+                // drained, which saves a system call per chunk of request/response traffic.
+                let n = from.read_buf(&mut buf).await?;
+                to.write_all(&buf).await?;
                 n
             }
         };
@@ -67,15 +72,12 @@ async fn copy<M: Meter>(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, meter: &M
         }
         meter.add(n as u64);
         total += n as u64;
-        if pipe.is_none() && n == buf.len() {
+        if pipe.is_none() && n == read_size {
             match Pipe::new() {
-                Ok(busy) => {
-                    pipe = Some(busy);
-                    buf = Vec::new();
-                }
+                Ok(busy) => pipe = Some(busy),
                 Err(err) => {
                     tracing::debug!(error = %err, "no pipe for splice; copying instead");
-                    buf.resize(PIPE_SIZE, 0);
+                    read_size = PIPE_SIZE;
                 }
             }
         }
