@@ -113,12 +113,29 @@ impl AggregatedDiscoveryService for XdsServer {
 /// One node's subscription to one type.
 #[derive(Debug, Default)]
 struct Subscription {
-    /// Name → version the node holds (or will once it applies what was sent).
-    have: HashMap<String, String>,
+    /// What the node holds (or will once it applies what was sent).
+    holds: Holdings,
     /// Nonce of the last response not yet ACKed or NACKed.
     pending: Option<String>,
     /// The snapshot version that response carried.
     pending_version: Option<String>,
+}
+
+/// What a node holds of one type.
+#[derive(Debug)]
+enum Holdings {
+    /// Name → version, as the node listed them when it subscribed.
+    Listed(HashMap<String, String>),
+    /// Exactly that snapshot's resources of the type: after a push, the snapshot itself is kept
+    /// rather than a copy of its names and versions, which at 10,000 workloads was rebuilt for
+    /// every node on every change.
+    Snapshot(Arc<Snapshot>),
+}
+
+impl Default for Holdings {
+    fn default() -> Self {
+        Holdings::Listed(HashMap::new())
+    }
 }
 
 struct Session {
@@ -205,9 +222,10 @@ impl Session {
         }
         // A (re)subscription: start from what the node says it holds.
         let subscription = self.subscriptions.entry(type_url.clone()).or_default();
-        subscription.have = request.initial_resource_versions;
+        let listed = request.initial_resource_versions;
+        tracing::debug!(type_url = %type_url, holds = listed.len(), "subscribed");
+        subscription.holds = Holdings::Listed(listed);
         subscription.pending = None;
-        tracing::debug!(type_url = %type_url, holds = subscription.have.len(), "subscribed");
         // Always answer a subscription, even with nothing new, so the node knows it is in sync.
         self.push(&type_url, true, tx).await.map_err(|_| Status::cancelled("stream closed"))
     }
@@ -265,13 +283,16 @@ impl Session {
     /// Sends what changed for `type_url`; with `always`, sends even an empty response.
     async fn push(&mut self, type_url: &str, always: bool, tx: &Sender) -> Result<(), ()> {
         let Some(subscription) = self.subscriptions.get_mut(type_url) else { return Ok(()) };
-        let delta = self.snapshot.delta(type_url, &subscription.have);
+        let delta = match &subscription.holds {
+            Holdings::Listed(versions) => self.snapshot.delta(type_url, versions),
+            Holdings::Snapshot(held) => self.snapshot.delta_from(held, type_url),
+        };
         if delta.is_empty() && !always {
             return Ok(());
         }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        subscription.have = self.snapshot.versions(type_url);
+        subscription.holds = Holdings::Snapshot(self.snapshot.clone());
         subscription.pending = Some(nonce.clone());
         subscription.pending_version = Some(self.snapshot.version().to_owned());
         tracing::debug!(type_url, nonce = %nonce, resources = delta.resources.len(), removed = delta.removed.len(), "push");
