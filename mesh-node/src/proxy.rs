@@ -86,3 +86,30 @@ pub async fn connect(socket: socket2::Socket, dst: SocketAddr) -> Result<tokio::
         Err(_) => Err(ProxyError::ConnectTimeout { dst, timeout: CONNECT_TIMEOUT }),
     }
 }
+
+/// Helpers the proxy's unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use tokio::{
+        io::AsyncWriteExt,
+        net::{TcpListener, TcpStream},
+        task::JoinHandle,
+    };
+
+    /// Two connected loopback sockets.
+    pub async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (c.expect("connect"), s.expect("accept").0)
+    }
+
+    /// Writes `payload` and half-closes, on a task of its own; gives the socket back.
+    pub fn write_and_half_close(mut socket: TcpStream, payload: Vec<u8>) -> JoinHandle<TcpStream> {
+        tokio::spawn(async move {
+            socket.write_all(&payload).await.expect("write");
+            socket.shutdown().await.expect("half-close");
+            socket
+        })
+    }
+}

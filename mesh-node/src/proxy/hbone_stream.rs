@@ -250,22 +250,14 @@ async fn stream_to_socket<N: Meter>(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::proxy::test_support::{tcp_pair, write_and_half_close};
     use hyper::Response;
     use prometheus_client::metrics::counter::Counter;
-    use tokio::net::TcpListener;
-
-    use super::*;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
-        (c.expect("connect"), s.expect("accept").0)
-    }
 
     /// One CONNECT stream over plain HTTP/2 on loopback: (client end, server end).
     async fn connect_stream() -> (HboneStream, HboneStream) {
-        let (client_io, server_io) = pair().await;
+        let (client_io, server_io) = tcp_pair().await;
         let server = tokio::spawn(async move {
             let mut connection = h2::server::handshake(server_io).await.expect("server handshake");
             let (request, mut respond) = connection.accept().await.expect("a stream").expect("accepted");
@@ -286,7 +278,7 @@ mod tests {
     #[tokio::test]
     async fn relays_a_socket_over_a_stream_both_ways_with_prefixes_and_half_close() {
         let (client_end, mut server_end) = connect_stream().await;
-        let (mut app, proxy_side) = pair().await;
+        let (app, proxy_side) = tcp_pair().await;
         let (up, down) = (Counter::default(), Counter::default());
         let relay = tokio::spawn({
             let (up, down) = (up.clone(), down.clone());
@@ -296,14 +288,7 @@ mod tests {
         });
         // Far more than the initial 64 KiB window: flow control must be honoured both ways.
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
-        let writer = tokio::spawn({
-            let payload = payload.clone();
-            async move {
-                app.write_all(&payload).await.expect("app writes");
-                app.shutdown().await.expect("app half-closes");
-                app
-            }
-        });
+        let writer = write_and_half_close(app, payload.clone());
         let mut got = Vec::new();
         server_end.read_to_end(&mut got).await.expect("the far end reads to the end of stream");
         assert_eq!(&got[..14], b"socket-prefix:");
@@ -323,7 +308,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_reset_by_the_peer_is_an_error() {
         let (client_end, server_end) = connect_stream().await;
-        let (_app, proxy_side) = pair().await;
+        let (_app, proxy_side) = tcp_pair().await;
         let relay = tokio::spawn(async move {
             let (up, down) = (Counter::default(), Counter::default());
             relay_hbone(

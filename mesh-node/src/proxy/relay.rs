@@ -89,21 +89,12 @@ impl<S: AsyncWrite + Unpin, R: Unpin, W: Meter + Unpin> AsyncWrite for Metered<S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::{TcpListener, TcpStream},
-    };
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
-        (c.expect("connect"), s.expect("accept").0)
-    }
+    use crate::proxy::test_support::tcp_pair;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn metered_streams_count_reads_and_writes() {
-        let (client, server) = pair().await;
+        let (client, server) = tcp_pair().await;
         let (read, written) = (Counter::default(), Counter::default());
         let mut metered = Metered::new(server, read.clone(), written.clone());
         let mut client = client;

@@ -140,23 +140,15 @@ impl Pipe {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::proxy::test_support::{tcp_pair, write_and_half_close};
     use bytes::Bytes;
     use prometheus_client::metrics::counter::Counter;
-    use tokio::net::TcpListener;
-
-    use super::*;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
-        (c.expect("connect"), s.expect("accept").0)
-    }
 
     #[tokio::test]
     async fn splices_a_busy_direction_with_prefix_half_close_and_counts() {
-        let (mut client, proxy_a) = pair().await;
-        let (proxy_b, mut server) = pair().await;
+        let (client, proxy_a) = tcp_pair().await;
+        let (proxy_b, mut server) = tcp_pair().await;
         let (up, down) = (Counter::default(), Counter::default());
         let relay = tokio::spawn({
             let (up, down) = (up.clone(), down.clone());
@@ -165,14 +157,7 @@ mod tests {
         });
         // Several megabytes: past the first full buffer, so most of it is spliced.
         let payload: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
-        let writer = tokio::spawn({
-            let payload = payload.clone();
-            async move {
-                client.write_all(&payload).await.expect("write");
-                client.shutdown().await.expect("half-close");
-                client
-            }
-        });
+        let writer = write_and_half_close(client, payload.clone());
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.expect("server reads to EOF");
         assert_eq!(&got[..8], b"sniffed:");
@@ -190,8 +175,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_peer_ends_the_relay_with_an_error() {
-        let (mut client, proxy_a) = pair().await;
-        let (proxy_b, server) = pair().await;
+        let (mut client, proxy_a) = tcp_pair().await;
+        let (proxy_b, server) = tcp_pair().await;
         let relay = tokio::spawn(async move {
             let (up, down) = (Counter::default(), Counter::default());
             relay_tcp(Prefixed::new(Bytes::new(), proxy_a), proxy_b, &up, &down).await
