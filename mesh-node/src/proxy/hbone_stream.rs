@@ -15,14 +15,17 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
     },
 };
 
-use super::{protocol::Prefixed, relay::Meter};
+use super::{
+    protocol::Prefixed,
+    relay::{ChunkReader, Meter},
+};
 
 /// A CONNECT stream, read and written like a socket.
 pub struct HboneStream {
@@ -166,7 +169,7 @@ const READ_SIZE: usize = 16 * 1024;
 const BULK_READ_SIZE: usize = 256 * 1024;
 
 /// Relays between a socket and an HBONE stream until both directions have ended, like
-/// [`super::relay::relay`] (half-closes passed on, an error in either ends both), with the bytes
+/// [`super::splice::relay_tcp`] (half-closes passed on, an error in either ends both), with the bytes
 /// read from the socket sent on as they are and the stream's chunks written straight to the
 /// socket. Bytes already read from either side (protocol detection) go first. Returns
 /// (socket → stream, stream → socket) byte counts.
@@ -200,26 +203,15 @@ async fn socket_to_stream<M: Meter>(
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut chunk = prefix;
-    let mut read_size = READ_SIZE;
-    let mut buf = BytesMut::new();
+    let mut reader = ChunkReader::new(READ_SIZE);
     loop {
         if chunk.is_empty() {
-            // Waits holding no buffer: most of a node's streams are idle most of the time.
-            socket.as_ref().readable().await?;
-            buf.reserve(read_size);
-            // `read_buf` (not `try_read_buf`): a short read tells tokio the socket is drained,
-            // which saves a system call per chunk of request/response traffic.
-            let n = socket.read_buf(&mut buf).await?;
-            if n == 0 {
+            chunk = reader.next(&mut socket).await?;
+            if chunk.is_empty() {
                 return tx.end().map(|()| total);
             }
-            if n >= read_size {
-                read_size = BULK_READ_SIZE;
-            }
-            chunk = buf.split().freeze();
-            if n < read_size {
-                // Drained: the allocation goes with the chunk once HTTP/2 has written it.
-                buf = BytesMut::new();
+            if chunk.len() >= reader.size() {
+                reader.set_size(BULK_READ_SIZE);
             }
         }
         let len = chunk.len();
@@ -250,6 +242,8 @@ async fn stream_to_socket<N: Meter>(
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt;
+
     use super::*;
     use crate::proxy::test_support::{tcp_pair, write_and_half_close};
     use hyper::Response;

@@ -1,5 +1,6 @@
-//! Counting the bytes a connection carries: the relays' [`Meter`], and [`Metered`] streams for
-//! connections the proxy serves itself.
+//! What the relays share: reading a socket chunk by chunk ([`ChunkReader`]), counting the bytes
+//! a connection carries ([`Meter`]), and [`Metered`] streams for connections the proxy serves
+//! itself.
 
 use std::{
     io,
@@ -7,8 +8,51 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    net::tcp::ReadHalf,
+};
+
+/// Reads one direction of a relayed socket in chunks, holding a buffer only while there are
+/// bytes to move: most of a node's connections are idle most of the time.
+pub struct ChunkReader {
+    size: usize,
+    /// What is left of the last allocation while the socket stays busy.
+    spare: BytesMut,
+}
+
+impl ChunkReader {
+    /// Reads at most `size` bytes at a time.
+    pub fn new(size: usize) -> Self {
+        ChunkReader { size, spare: BytesMut::new() }
+    }
+
+    /// The most one read takes; a chunk this long means the socket is busy.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn set_size(&mut self, size: usize) {
+        self.size = size;
+    }
+
+    /// The next chunk the socket has (empty at its end), waiting for it without a buffer.
+    pub async fn next(&mut self, socket: &mut ReadHalf<'_>) -> io::Result<Bytes> {
+        socket.as_ref().readable().await?;
+        self.spare.reserve(self.size);
+        // `read_buf` (not `try_read_buf`): a short read tells tokio the socket is drained, which
+        // saves a system call per chunk of request/response traffic.
+        let n = socket.read_buf(&mut self.spare).await?;
+        let chunk = self.spare.split().freeze();
+        if n < self.size {
+            // Drained: the allocation goes with the chunk once it has been written on.
+            self.spare = BytesMut::new();
+        }
+        Ok(chunk)
+    }
+}
 
 /// Counts the bytes of one direction as they are copied (atomics only: called per chunk).
 pub trait Meter: Sync {
@@ -90,7 +134,7 @@ impl<S: AsyncWrite + Unpin, R: Unpin, W: Meter + Unpin> AsyncWrite for Metered<S
 mod tests {
     use super::*;
     use crate::proxy::test_support::tcp_pair;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
     async fn metered_streams_count_reads_and_writes() {

@@ -13,24 +13,26 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
-use bytes::BytesMut;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    io::{AsyncWriteExt, Interest},
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
     },
 };
 
-use super::{protocol::Prefixed, relay::Meter};
+use super::{
+    protocol::Prefixed,
+    relay::{ChunkReader, Meter},
+};
 
 /// Buffer of a direction before it is busy.
 const BUFFER_SIZE: usize = 16 * 1024;
 /// A busy direction's pipe capacity: the most one splice moves (fewer, larger moves per byte).
 const PIPE_SIZE: usize = 256 * 1024;
 
-/// Relays until both directions have ended, like [`super::relay::relay`] (half-closes passed
-/// on, an error in either direction ends both). Returns (a→b, b→a) byte counts.
+/// Relays until both directions have ended: a half-close is passed on and the other direction
+/// keeps flowing; an error in either direction ends both. Returns (a→b, b→a) byte counts.
 pub async fn relay_tcp<M: Meter, N: Meter>(
     a: Prefixed<TcpStream>,
     mut b: TcpStream,
@@ -49,20 +51,15 @@ pub async fn relay_tcp<M: Meter, N: Meter>(
 /// Copies one direction until its end, which is passed on as a half-close.
 async fn copy<M: Meter>(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, meter: &M) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut read_size = BUFFER_SIZE;
+    let mut reader = ChunkReader::new(BUFFER_SIZE);
     let mut pipe = None;
     loop {
         let n = match &pipe {
             Some(pipe) => splice_chunk(from.as_ref(), to.as_ref(), pipe).await?,
             None => {
-                // Waits holding no buffer: most connections are idle most of the time.
-                from.as_ref().readable().await?;
-                let mut buf = BytesMut::with_capacity(read_size);
-                // `read_buf` (not `try_read_buf`): a short read tells tokio the socket is
-                // drained, which saves a system call per chunk of request/response traffic.
-                let n = from.read_buf(&mut buf).await?;
-                to.write_all(&buf).await?;
-                n
+                let chunk = reader.next(&mut from).await?;
+                to.write_all(&chunk).await?;
+                chunk.len()
             }
         };
         if n == 0 {
@@ -72,12 +69,12 @@ async fn copy<M: Meter>(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, meter: &M
         }
         meter.add(n as u64);
         total += n as u64;
-        if pipe.is_none() && n == read_size {
+        if pipe.is_none() && n >= reader.size() {
             match Pipe::new() {
                 Ok(busy) => pipe = Some(busy),
                 Err(err) => {
                     tracing::debug!(error = %err, "no pipe for splice; copying instead");
-                    read_size = PIPE_SIZE;
+                    reader.set_size(PIPE_SIZE);
                 }
             }
         }
@@ -140,6 +137,8 @@ impl Pipe {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt;
+
     use super::*;
     use crate::proxy::test_support::{tcp_pair, write_and_half_close};
     use bytes::Bytes;
