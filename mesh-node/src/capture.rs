@@ -21,7 +21,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkSkb, SockOps, links::FdLink},
 };
 use mesh_ebpf_common::{
     Addr, DeliveryKey, EnrolledAddr, EnrolledPod, OrigDst, PortKey, maps, programs, stats,
@@ -30,6 +30,8 @@ use mesh_ebpf_common::{
 use links::PinnedLinks;
 pub use links::{LinkError, LinkName};
 pub use usage::KernelUsage;
+
+use crate::proxy::kernel_relay::KernelRelay;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -70,6 +72,8 @@ pub struct CaptureConfig {
     pub pin_root: PathBuf,
     pub pods_cgroup: PathBuf,
     pub excluded_ports: Vec<u16>,
+    /// Relay authorized plain TCP connections in the kernel (see `proxy::kernel_relay`).
+    pub kernel_relay: bool,
 }
 
 /// What a restarted mesh-node found pinned from its predecessor.
@@ -92,6 +96,8 @@ pub struct Capture {
     inbound_listeners: Mutex<SockHash<MapData, Addr>>,
     deliveries: Mutex<HashMap<MapData, DeliveryKey, u8>>,
     stats: PerCpuArray<MapData, u64>,
+    /// `None` when turned off or when this kernel refused the relay program.
+    kernel_relay: Option<KernelRelay>,
     /// The cgroup the programs are attached to (pods' processes run in its subtree).
     pods_cgroup: PathBuf,
     /// Where the maps are pinned (read for metrics with descriptors of their own).
@@ -181,7 +187,19 @@ impl Capture {
             excluded.insert(port, 1, 0).map_err(map_err(maps::EXCLUDED_PORTS))?;
         }
 
+        let kernel_relay = if config.kernel_relay {
+            match install_kernel_relay(&mut ebpf) {
+                Ok(relay) => Some(relay),
+                Err(err) => {
+                    tracing::warn!(error = %err, "kernel relay unavailable: the proxy relays plain TCP itself");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let capture = Capture {
+            kernel_relay,
             enrolled_netns: Mutex::new(take_map(&mut ebpf, maps::ENROLLED_NETNS)?),
             orig_dst_by_port: Mutex::new(take_map(&mut ebpf, maps::ORIG_DST_BY_PORT)?),
             enrolled_addrs: Mutex::new(take_map(&mut ebpf, maps::ENROLLED_ADDRS)?),
@@ -322,6 +340,11 @@ impl Capture {
         self.links.installed().into_iter().map(|l| l.to_string()).collect()
     }
 
+    /// Returns the kernel relay of plain TCP connections, when installed.
+    pub fn kernel_relay(&self) -> Option<&KernelRelay> {
+        self.kernel_relay.as_ref()
+    }
+
     /// Returns the cgroup the programs are attached to: a process is captured when it runs in
     /// its subtree (and in an enrolled netns).
     pub fn pods_cgroup(&self) -> &Path {
@@ -340,6 +363,18 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 }
 
 /// Returns the map form of an IPv4 address.
+/// Loads the relay program and attaches it to its receivers map. Its maps are not pinned: they
+/// hold this process's sockets, which close with it.
+fn install_kernel_relay(ebpf: &mut Ebpf) -> Result<KernelRelay, CaptureError> {
+    let name = programs::RELAY_VERDICT;
+    let receivers: SockHash<MapData, u64> = take_map(ebpf, maps::RELAY_RECEIVERS)?;
+    let targets: SockHash<MapData, u64> = take_map(ebpf, maps::RELAY_TARGETS)?;
+    let verdict: &mut SkSkb = program(ebpf, name)?;
+    verdict.load().map_err(prog_err(name, "load"))?;
+    verdict.attach(receivers.fd()).map_err(prog_err(name, "attach"))?;
+    KernelRelay::new(receivers, targets).map_err(prog_err(name, "start its hang-up watcher"))
+}
+
 pub fn v4_addr(ip: Ipv4Addr) -> Addr {
     Addr::from_v4_be(u32::from(ip).to_be())
 }

@@ -139,6 +139,11 @@ struct RunArgs {
     /// (`cargo xtask bench`), hence hidden.
     #[arg(long, hide = true, default_value_t = true, action = clap::ArgAction::Set)]
     hbone_tunnel_reuse: bool,
+    /// Relay authorized plain TCP connections inside the kernel (sk_skb redirect, default):
+    /// the proxy sees their ends, not their bytes. `--kernel-relay=false` relays them in the
+    /// proxy (splice), e.g. on a kernel without sockmap support.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    kernel_relay: bool,
     /// Kubernetes enrolment: the root-only Unix socket where the CNI plugin announces new pods.
     #[arg(long)]
     cni_socket: Option<PathBuf>,
@@ -262,6 +267,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             pin_root,
             pods_cgroup: pods_cgroup.clone(),
             excluded_ports: args.excluded_ports.clone(),
+            kernel_relay: args.kernel_relay,
         };
         let (capture, logger) = Capture::install(&config)?;
         tokio::spawn(forward_kernel_logs(logger));

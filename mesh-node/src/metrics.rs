@@ -117,6 +117,11 @@ struct ProgramLabels {
     attach_type: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RelayLabels {
+    relay: &'static str,
+}
+
 /// Where a capture failure was seen.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 enum FailureSide {
@@ -407,6 +412,27 @@ impl Metrics {
             "Links attaching each kernel program (sk_lookup: one per enrolled pod)",
             programs,
         );
+        if let Some(relayed) = kernel.relayed {
+            let connections = Family::<RelayLabels, Counter>::default();
+            for (relay, value) in
+                [("kernel", relayed.kernel), ("proxy", relayed.proxy), ("failed", relayed.failed)]
+            {
+                connections.get_or_create(&RelayLabels { relay }).inc_by(value);
+            }
+            registry.register(
+                "plaintext_relay_connections",
+                "Plain TCP connections by who relayed their bytes: the kernel (sk_skb redirect), the \
+                 proxy (bytes left unread at the hand-over), or failed (relay maps full)",
+                connections,
+            );
+            let active = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+            active.set(i64::try_from(relayed.active).unwrap_or(i64::MAX));
+            registry.register(
+                "plaintext_relay_kernel_active",
+                "Plain TCP connections open in the kernel relay",
+                active,
+            );
+        }
         registry
     }
 }
@@ -498,8 +524,16 @@ mod tests {
                 attach_type: "sk_lookup",
                 links: 2,
             }],
+            relayed: Some(crate::proxy::kernel_relay::RelayedConnections {
+                active: 2,
+                kernel: 5,
+                proxy: 1,
+                failed: 0,
+            }),
         };
         let text = m.render(&kernel);
+        assert!(text.contains(r#"nodemesh_plaintext_relay_connections_total{relay="kernel"} 5"#), "{text}");
+        assert!(text.contains("nodemesh_plaintext_relay_kernel_active 2"), "{text}");
         assert!(
             text.contains(
                 r#"nodemesh_proxy_connections_total{namespace="demo",pod="a1",direction="outbound"} 1"#

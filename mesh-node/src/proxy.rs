@@ -2,12 +2,14 @@
 
 pub mod authz;
 pub mod balancer;
+pub mod hangup;
 pub mod hbone;
 pub mod hbone_inbound;
 pub mod hbone_outbound;
 pub mod hbone_stream;
 pub mod http;
 pub mod inbound;
+pub mod kernel_relay;
 pub mod outbound;
 pub mod protocol;
 pub mod relay;

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodemesh_testbed::{NodeId, PodsReport, Topology, topology::EXT_IP};
+use nodemesh_testbed::{NodeId, PodsReport, Topology, prometheus, topology::EXT_IP};
 
 const PORT: u16 = 8080;
 
@@ -81,6 +81,14 @@ fn cross_node_connection_is_captured_on_both_nodes_and_64mib_arrive_intact() {
         BYTES
     );
     assert_eq!(sample(r#"nodemesh_ebpf_events_total{event="inbound_assigned"}"#), 1);
+    // The bytes went through the kernel relay, not the proxy, on both nodes (byte counts above
+    // come from the relay's TCP_INFO accounting).
+    for node in NodeId::ALL {
+        let text = topology.node_metrics(node).expect("metrics");
+        let relayed =
+            |relay| prometheus::sum(&text, "nodemesh_plaintext_relay_connections_total", &[("relay", relay)]);
+        assert_eq!((relayed("kernel"), relayed("proxy"), relayed("failed")), (1.0, 0.0, 0.0), "{node:?}");
+    }
     assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
 }
 

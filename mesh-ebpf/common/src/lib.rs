@@ -30,6 +30,8 @@ pub mod maps {
     pub const DELIVERIES: &str = "DELIVERIES";
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
     pub const CAPTURE_STATS: &str = "CAPTURE_STATS";
+    pub const RELAY_RECEIVERS: &str = "RELAY_RECEIVERS";
+    pub const RELAY_TARGETS: &str = "RELAY_TARGETS";
 }
 
 /// Names of the programs in the object file.
@@ -38,7 +40,11 @@ pub mod programs {
     pub const CONNECT6: &str = "capture_connect6";
     pub const SOCK_OPS: &str = "record_established";
     pub const SK_LOOKUP: &str = "capture_inbound";
+    pub const RELAY_VERDICT: &str = "relay_in_kernel";
 }
+
+/// Entries of each kernel relay map: sockets of relayed connections, two per connection.
+pub const RELAY_MAP_ENTRIES: u32 = 65536;
 
 /// An IPv6 or IPv4-mapped address as four network-order words, exactly as the kernel's
 /// `user_ip6` / `local_ip6` context fields hold it.

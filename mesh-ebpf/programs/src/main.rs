@@ -9,6 +9,9 @@
 //! - `capture_inbound` (sk_lookup), attached to each enrolled pod's netns: steers new TCP
 //!   connections for the pod's address to the proxy's inbound listener in that netns, lets the
 //!   proxy's own delivery connects through, and drops when the listener is gone (fail closed).
+//! - `relay_in_kernel` (sk_skb stream verdict) on the sockets of plain TCP connections the proxy
+//!   relays: moves what one socket receives straight to the send queue of its partner, so the
+//!   proxy is not woken for the bytes of a connection it has already authorized.
 #![no_std]
 #![no_main]
 
@@ -16,14 +19,14 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_ebpf_common::{
     Addr, DeliveryKey, EnrolledAddr, EnrolledPod, HBONE_PORT, OUTBOUND_CAPTURE_PORT, OrigDst, PROXY_MARK,
-    PortKey, stats,
+    PortKey, RELAY_MAP_ENTRIES, stats,
 };
 
 const AF_INET: u16 = 2;
@@ -258,6 +261,29 @@ pub fn capture_inbound(ctx: SkLookupContext) -> u32 {
             sk_action::SK_DROP
         }
     }
+}
+
+/// Sockets whose received bytes the kernel relays, by socket cookie; `relay_in_kernel` is
+/// attached to this map. Not pinned: the sockets belong to this mesh-node process.
+#[map]
+static RELAY_RECEIVERS: SockHash<u64> = SockHash::with_max_entries(RELAY_MAP_ENTRIES, 0);
+/// Where each receiver's bytes go: its partner socket, by the receiver's cookie.
+#[map]
+static RELAY_TARGETS: SockHash<u64> = SockHash::with_max_entries(RELAY_MAP_ENTRIES, 0);
+
+#[stream_verdict]
+pub fn relay_in_kernel(ctx: SkBuffContext) -> u32 {
+    // A segment with no bytes is a FIN the TCP stack has already taken in (the proxy passes
+    // the half-close on): there is nothing to move, and the kernel's sender would fail the
+    // partner with EPIPE on an empty segment.
+    if ctx.len() == 0 {
+        return sk_action::SK_DROP;
+    }
+    // SAFETY: `ctx` is this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The proxy adds a receiver only after its target, and a target leaves the map only when it
+    // closes: a failed lookup (SK_DROP) means the partner is gone, and so is the connection.
+    RELAY_TARGETS.redirect_skb(&ctx, cookie, 0) as u32
 }
 
 #[cfg(not(test))]

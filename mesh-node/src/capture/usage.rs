@@ -14,6 +14,7 @@ use aya::maps::{MapInfo, MapType};
 use mesh_ebpf_common::{maps, programs};
 
 use super::{Capture, LinkName};
+use crate::proxy::kernel_relay::KernelRelay;
 
 /// How full one map is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +40,8 @@ pub struct KernelUsage {
     pub events: BTreeMap<&'static str, u64>,
     pub maps: Vec<MapFill>,
     pub programs: Vec<Attached>,
+    /// Plain TCP connections by who relayed them (`None`: no kernel relay on this node).
+    pub relayed: Option<crate::proxy::kernel_relay::RelayedConnections>,
 }
 
 /// Every map the object declares, all pinned by name.
@@ -60,18 +63,25 @@ impl Capture {
         KernelUsage {
             events: self.stats(),
             maps: MAPS.iter().filter_map(|name| map_fill(&self.map_dir, name)).collect(),
-            programs: attached(&self.links.installed()),
+            programs: attached(&self.links.installed(), self.kernel_relay().is_some()),
+            relayed: self.kernel_relay().map(KernelRelay::snapshot),
         }
     }
 }
 
-/// Counts the installed links per program.
-fn attached(links: &[LinkName]) -> Vec<Attached> {
+/// Counts the installed links per program (the relay program's attachment to its map is not a
+/// pinned link: it lives with this process).
+fn attached(links: &[LinkName], kernel_relay: bool) -> Vec<Attached> {
     let mut out = vec![
         Attached { program: programs::CONNECT4, attach_type: "cgroup_inet4_connect", links: 0 },
         Attached { program: programs::CONNECT6, attach_type: "cgroup_inet6_connect", links: 0 },
         Attached { program: programs::SOCK_OPS, attach_type: "cgroup_sock_ops", links: 0 },
         Attached { program: programs::SK_LOOKUP, attach_type: "sk_lookup", links: 0 },
+        Attached {
+            program: programs::RELAY_VERDICT,
+            attach_type: "sk_skb_stream_verdict",
+            links: u64::from(kernel_relay),
+        },
     ];
     for link in links {
         let at = match link {
@@ -152,14 +162,15 @@ mod tests {
     fn links_are_counted_per_program() {
         let links =
             [LinkName::Connect4, LinkName::SockOps, LinkName::pod("demo", "a1"), LinkName::pod("demo", "a2")];
-        let counted: Vec<_> = attached(&links).into_iter().map(|a| (a.program, a.links)).collect();
+        let counted: Vec<_> = attached(&links, true).into_iter().map(|a| (a.program, a.links)).collect();
         assert_eq!(
             counted,
             [
                 (programs::CONNECT4, 1),
                 (programs::CONNECT6, 0),
                 (programs::SOCK_OPS, 1),
-                (programs::SK_LOOKUP, 2)
+                (programs::SK_LOOKUP, 2),
+                (programs::RELAY_VERDICT, 1)
             ]
         );
     }

@@ -130,7 +130,7 @@ async fn deliver_and_relay(
     let app = deliver(pod, peer, orig).await?;
     let (pod_sent, pod_received) = conn.meters();
     let relayed = tokio::select! {
-        relayed = relay_tcp(client, app, &pod_received, &pod_sent) => relayed,
+        relayed = relay_tcp(client, app, pod.capture.kernel_relay(), &pod_received, &pod_sent) => relayed,
         decision = authz::until_revoked(pod, &caller, orig.port()) => {
             pod.denied_connections.inc();
             // The relay future (owning the sockets) is dropped here: the client sees a close.

@@ -106,7 +106,7 @@ async fn forward(
     };
     let _ = client.get_ref().set_nodelay(true);
     let (pod_sent, pod_received) = conn.meters();
-    let (sent, received) = relay_tcp(client, upstream, &pod_sent, &pod_received)
+    let (sent, received) = relay_tcp(client, upstream, pod.capture.kernel_relay(), &pod_sent, &pod_received)
         .await
         .map_err(|source| ProxyError::Connect { dst, source })?;
     Ok(Some((dst, sent, received)))
@@ -168,7 +168,7 @@ async fn to_service(
         _ => match connect_from_pod(pod, endpoint.addr).await {
             Ok(upstream) => {
                 let (pod_sent, pod_received) = conn.meters();
-                relay_tcp(client, upstream, &pod_sent, &pod_received)
+                relay_tcp(client, upstream, pod.capture.kernel_relay(), &pod_sent, &pod_received)
                     .await
                     .map(|(sent, received)| Some((endpoint.addr, sent, received)))
                     .map_err(|source| ProxyError::Connect { dst: endpoint.addr, source })

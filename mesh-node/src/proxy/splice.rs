@@ -7,6 +7,9 @@
 //! memory nor pipes (two file descriptors each); only when a read fills the buffer does the
 //! direction take a pipe. Without one (the process is out of file descriptors) it goes on
 //! copying, with larger reads.
+//!
+//! Where the kernel relay is available ([`super::kernel_relay`]) a connection goes there instead,
+//! and this relay is the fallback.
 
 use std::{
     io,
@@ -22,6 +25,7 @@ use tokio::{
 };
 
 use super::{
+    kernel_relay::{Handover, KernelRelay},
     protocol::Prefixed,
     relay::{ChunkReader, Meter},
 };
@@ -36,12 +40,19 @@ const PIPE_SIZE: usize = 256 * 1024;
 pub async fn relay_tcp<M: Meter, N: Meter>(
     a: Prefixed<TcpStream>,
     mut b: TcpStream,
+    kernel: Option<&KernelRelay>,
     a_to_b: &M,
     b_to_a: &N,
 ) -> io::Result<(u64, u64)> {
     let (prefix, mut a) = a.into_parts();
     b.write_all(&prefix).await?;
     a_to_b.add(prefix.len() as u64);
+    if let Some(kernel) = kernel {
+        match kernel.relay(a, b, prefix.len() as u64, a_to_b, b_to_a).await {
+            Handover::Relayed(result) => return result,
+            Handover::Declined(declined_a, declined_b) => (a, b) = (declined_a, declined_b),
+        }
+    }
     let (a_read, a_write) = a.split();
     let (b_read, b_write) = b.split();
     let (sent, received) = tokio::try_join!(copy(a_read, b_write, a_to_b), copy(b_read, a_write, b_to_a))?;
@@ -152,7 +163,7 @@ mod tests {
         let relay = tokio::spawn({
             let (up, down) = (up.clone(), down.clone());
             let a = Prefixed::new(Bytes::from_static(b"sniffed:"), proxy_a);
-            async move { relay_tcp(a, proxy_b, &up, &down).await }
+            async move { relay_tcp(a, proxy_b, None, &up, &down).await }
         });
         // Several megabytes: past the first full buffer, so most of it is spliced.
         let payload: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
@@ -178,7 +189,7 @@ mod tests {
         let (proxy_b, server) = tcp_pair().await;
         let relay = tokio::spawn(async move {
             let (up, down) = (Counter::default(), Counter::default());
-            relay_tcp(Prefixed::new(Bytes::new(), proxy_a), proxy_b, &up, &down).await
+            relay_tcp(Prefixed::new(Bytes::new(), proxy_a), proxy_b, None, &up, &down).await
         });
         socket2::SockRef::from(&server).set_linger(Some(std::time::Duration::ZERO)).expect("linger");
         drop(server); // RST
