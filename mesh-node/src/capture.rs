@@ -31,7 +31,7 @@ use links::PinnedLinks;
 pub use links::{LinkError, LinkName};
 pub use usage::KernelUsage;
 
-use crate::proxy::kernel_relay::KernelRelay;
+use crate::proxy::kernel_relay::{KernelRelay, RelayMaps};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -367,12 +367,17 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 /// hold this process's sockets, which close with it.
 fn install_kernel_relay(ebpf: &mut Ebpf) -> Result<KernelRelay, CaptureError> {
     let name = programs::RELAY_VERDICT;
-    let receivers: SockHash<MapData, u64> = take_map(ebpf, maps::RELAY_RECEIVERS)?;
-    let targets: SockHash<MapData, u64> = take_map(ebpf, maps::RELAY_TARGETS)?;
+    let maps = RelayMaps {
+        receivers: take_map(ebpf, maps::RELAY_RECEIVERS)?,
+        targets: take_map(ebpf, maps::RELAY_TARGETS)?,
+        limits: take_map(ebpf, maps::RELAY_LIMITS)?,
+        progress: take_map(ebpf, maps::RELAY_PROGRESS)?,
+        events: take_map(ebpf, maps::RELAY_EVENTS)?,
+    };
     let verdict: &mut SkSkb = program(ebpf, name)?;
     verdict.load().map_err(prog_err(name, "load"))?;
-    verdict.attach(receivers.fd()).map_err(prog_err(name, "attach"))?;
-    KernelRelay::new(receivers, targets).map_err(prog_err(name, "start its hang-up watcher"))
+    verdict.attach(maps.receivers.fd()).map_err(prog_err(name, "attach"))?;
+    KernelRelay::new(maps).map_err(prog_err(name, "start its watchers"))
 }
 
 pub fn v4_addr(ip: Ipv4Addr) -> Addr {

@@ -414,15 +414,19 @@ impl Metrics {
         );
         if let Some(relayed) = kernel.relayed {
             let connections = Family::<RelayLabels, Counter>::default();
-            for (relay, value) in
-                [("kernel", relayed.kernel), ("proxy", relayed.proxy), ("failed", relayed.failed)]
-            {
+            for (relay, value) in [
+                ("kernel", relayed.kernel),
+                ("proxy", relayed.proxy),
+                ("failed", relayed.failed),
+                ("taken_over", relayed.taken_over),
+            ] {
                 connections.get_or_create(&RelayLabels { relay }).inc_by(value);
             }
             registry.register(
                 "plaintext_relay_connections",
                 "Plain TCP connections by who relayed their bytes: the kernel (sk_skb redirect), the \
-                 proxy (bytes left unread at the hand-over), or failed (relay maps full)",
+                 proxy (bytes left unread at the hand-over), or failed (relay maps full); and \
+                 taken_over: directions the proxy took back from the kernel (slow receiver, bulk)",
                 connections,
             );
             let active = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
@@ -529,11 +533,16 @@ mod tests {
                 kernel: 5,
                 proxy: 1,
                 failed: 0,
+                taken_over: 3,
             }),
         };
         let text = m.render(&kernel);
         assert!(text.contains(r#"nodemesh_plaintext_relay_connections_total{relay="kernel"} 5"#), "{text}");
         assert!(text.contains("nodemesh_plaintext_relay_kernel_active 2"), "{text}");
+        assert!(
+            text.contains(r#"nodemesh_plaintext_relay_connections_total{relay="taken_over"} 3"#),
+            "{text}"
+        );
         assert!(
             text.contains(
                 r#"nodemesh_proxy_connections_total{namespace="demo",pod="a1",direction="outbound"} 1"#

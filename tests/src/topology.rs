@@ -775,6 +775,16 @@ impl Topology {
         self.start_server(pod_or_ext, "sink", port, &[])
     }
 
+    /// A [`Topology::sink`] that stops reading for `stall` after each stream's header.
+    pub fn stalling_sink(
+        &self,
+        pod_or_ext: &str,
+        port: u16,
+        stall: Duration,
+    ) -> anyhow::Result<ServerHandle> {
+        self.start_server(pod_or_ext, "sink", port, &["--stall-ms", &stall.as_millis().to_string()])
+    }
+
     fn start_server(
         &self,
         pod_or_ext: &str,

@@ -93,6 +93,46 @@ fn cross_node_connection_is_captured_on_both_nodes_and_64mib_arrive_intact() {
 }
 
 #[test]
+fn a_stalled_receiver_holds_the_sender_back_and_every_byte_arrives_in_order() {
+    let topology = started("capture_stalled_receiver");
+    topology.stalling_sink("b1", PORT, Duration::from_secs(2)).expect("sink");
+    let (report, accepted_while_stalled) = std::thread::scope(|s| {
+        let sender = s.spawn(|| topology.send("a1", addr(&topology, "b1"), 1, Duration::from_secs(3)));
+        // While the receiver reads nothing, the mesh may buffer a few budgets and socket
+        // buffers, never the stream: what the sender got acknowledged stays small.
+        std::thread::sleep(Duration::from_millis(1500));
+        let accepted = bytes_acked_from(&topology, "a1");
+        (sender.join().expect("sender thread"), accepted)
+    });
+    let report = report.expect("send");
+    assert!(report.ok && report.bytes_verified == report.bytes_sent, "every byte verified: {report:?}");
+    assert!(report.bytes_sent > 64 * 1024 * 1024, "a real bulk stream: {report:?}");
+    assert!(
+        accepted_while_stalled < 96 * 1024 * 1024,
+        "the mesh took {accepted_while_stalled} bytes from the sender while the receiver stalled"
+    );
+    // The kernel relay stopped relaying for the stalled receiver: the proxy took the
+    // direction over (with a full receive buffer's backpressure) on the receiver's node.
+    let text = topology.node_metrics(NodeId::B).expect("metrics");
+    let taken =
+        prometheus::sum(&text, "nodemesh_plaintext_relay_connections_total", &[("relay", "taken_over")]);
+    let relay_lines: Vec<_> = text.lines().filter(|l| l.starts_with("nodemesh_plaintext_relay")).collect();
+    assert!(taken >= 1.0, "node-b took the direction over: {relay_lines:?}");
+}
+
+/// Bytes acknowledged on the pod's (one) connection to port 8080, from `ss` in its netns.
+fn bytes_acked_from(topology: &Topology, pod: &str) -> u64 {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", &topology.netns_name(pod), "ss", "-tinH", "dport", "= :8080"])
+        .output()
+        .expect("ss");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split_whitespace()
+        .find_map(|field| field.strip_prefix("bytes_acked:")?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no bytes_acked in ss output: {text}"))
+}
+
+#[test]
 fn invalid_manifests_keep_the_last_good_state_with_a_clear_error() {
     let topology = started("capture_bad_manifest");
     topology.serve("b1", PORT).expect("server");

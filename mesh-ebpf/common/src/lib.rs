@@ -32,6 +32,9 @@ pub mod maps {
     pub const CAPTURE_STATS: &str = "CAPTURE_STATS";
     pub const RELAY_RECEIVERS: &str = "RELAY_RECEIVERS";
     pub const RELAY_TARGETS: &str = "RELAY_TARGETS";
+    pub const RELAY_LIMITS: &str = "RELAY_LIMITS";
+    pub const RELAY_PROGRESS: &str = "RELAY_PROGRESS";
+    pub const RELAY_EVENTS: &str = "RELAY_EVENTS";
 }
 
 /// Names of the programs in the object file.
@@ -45,6 +48,23 @@ pub mod programs {
 
 /// Entries of each kernel relay map: sockets of relayed connections, two per connection.
 pub const RELAY_MAP_ENTRIES: u32 = 65536;
+/// Bytes the kernel relays for a socket beyond what its partner has been seen to send on: the
+/// most the kernel holds for one direction of a connection whose receiver is slow.
+pub const RELAY_BUDGET: u64 = 4 * 1024 * 1024;
+/// When this little of the budget is left the program tells the proxy, which extends the limit
+/// if the partner keeps up.
+pub const RELAY_LOW_WATER: u64 = RELAY_BUDGET / 2;
+
+/// What the relay program has done for one receiving socket (written by the program only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayProgress {
+    /// Bytes moved to the partner.
+    pub redirected: u64,
+    /// 1 once the limit was passed (reported once): the proxy takes the direction over.
+    pub spent: u32,
+    pub _pad: u32,
+}
 
 /// An IPv6 or IPv4-mapped address as four network-order words, exactly as the kernel's
 /// `user_ip6` / `local_ip6` context fields hold it.
@@ -169,6 +189,7 @@ mod user {
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for DeliveryKey {}
     unsafe impl aya::Pod for EnrolledAddr {}
+    unsafe impl aya::Pod for RelayProgress {}
 }
 
 #[cfg(test)]
@@ -183,6 +204,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<PortKey>(), 16);
         assert_eq!(core::mem::size_of::<DeliveryKey>(), 40);
         assert_eq!(core::mem::size_of::<EnrolledAddr>(), 8);
+        assert_eq!(core::mem::size_of::<RelayProgress>(), 16);
     }
 
     #[test]

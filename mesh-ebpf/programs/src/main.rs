@@ -20,13 +20,13 @@ use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
     programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_ebpf_common::{
     Addr, DeliveryKey, EnrolledAddr, EnrolledPod, HBONE_PORT, OUTBOUND_CAPTURE_PORT, OrigDst, PROXY_MARK,
-    PortKey, RELAY_MAP_ENTRIES, stats,
+    PortKey, RELAY_LOW_WATER, RELAY_MAP_ENTRIES, RelayProgress, stats,
 };
 
 const AF_INET: u16 = 2;
@@ -271,16 +271,50 @@ static RELAY_RECEIVERS: SockHash<u64> = SockHash::with_max_entries(RELAY_MAP_ENT
 #[map]
 static RELAY_TARGETS: SockHash<u64> = SockHash::with_max_entries(RELAY_MAP_ENTRIES, 0);
 
+/// How many bytes each receiver may have relayed in all (written by the proxy, only upwards).
+#[map]
+static RELAY_LIMITS: HashMap<u64, u64> = HashMap::with_max_entries(RELAY_MAP_ENTRIES, 0);
+/// What was relayed for each receiver (written by this program only).
+#[map]
+static RELAY_PROGRESS: HashMap<u64, RelayProgress> = HashMap::with_max_entries(RELAY_MAP_ENTRIES, 0);
+/// Cookies of receivers whose budget runs low or has run out, for the proxy.
+#[map]
+static RELAY_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
 #[stream_verdict]
 pub fn relay_in_kernel(ctx: SkBuffContext) -> u32 {
+    let len = u64::from(ctx.len());
     // A segment with no bytes is a FIN the TCP stack has already taken in (the proxy passes
     // the half-close on): there is nothing to move, and the kernel's sender would fail the
     // partner with EPIPE on an empty segment.
-    if ctx.len() == 0 {
+    if len == 0 {
         return sk_action::SK_DROP;
     }
     // SAFETY: `ctx` is this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain map lookups; per socket this program never runs concurrently with itself.
+    let (Some(progress), Some(limit)) =
+        (RELAY_PROGRESS.get_ptr_mut(&cookie), unsafe { RELAY_LIMITS.get(&cookie) }.copied())
+    else {
+        // The proxy adds both before the socket joins the receivers and removes them only
+        // after it closed: without them the connection is gone.
+        return sk_action::SK_DROP;
+    };
+    // SAFETY: the pointer is into the map value, valid while the program runs.
+    let progress = unsafe { &mut *progress };
+    let before = progress.redirected;
+    let after = before + len;
+    progress.redirected = after;
+    let low = limit.saturating_sub(RELAY_LOW_WATER);
+    if after > limit && progress.spent == 0 {
+        // The partner has not kept up: the proxy stops this socket's relaying (bytes then
+        // wait in its receive buffer, which holds the sender back) and moves the rest itself.
+        // Until it has, the bytes keep going this way: never two ways at once.
+        progress.spent = 1;
+        let _ = RELAY_EVENTS.output::<u64>(&cookie, 0);
+    } else if before < low && after >= low {
+        let _ = RELAY_EVENTS.output::<u64>(&cookie, 0);
+    }
     // The proxy adds a receiver only after its target, and a target leaves the map only when it
     // closes: a failed lookup (SK_DROP) means the partner is gone, and so is the connection.
     RELAY_TARGETS.redirect_skb(&ctx, cookie, 0) as u32

@@ -11,19 +11,34 @@
 //! seen before the last bytes have left. A half-close is passed on only once the partner has
 //! taken every byte the socket received (`TCP_INFO`: received on one side, written on the
 //! other), or bytes would be cut off.
+//!
+//! The kernel acknowledges relayed bytes at once, so nothing but a budget holds back a sender
+//! whose receiver is slow. Each direction may run [`RELAY_BUDGET`] ahead of what its partner
+//! has sent on; at the low-water mark the program tells the proxy, which extends the limit if
+//! the partner keeps up. If it does not (a slow receiver, or a bulk transfer, which the proxy's
+//! splice relay moves faster than the kernel's work item), the program leaves every further
+//! byte to the proxy, which takes that direction over with ordinary backpressure.
 
 use std::{
+    collections::HashMap as StdHashMap,
+    future::Future,
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
+    pin::Pin,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use aya::maps::{MapData, SockHash};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use aya::maps::{HashMap, MapData, RingBuf, SockHash};
+use mesh_ebpf_common::{RELAY_BUDGET, RELAY_LOW_WATER, RelayProgress};
+use tokio::{
+    io::{AsyncWriteExt, Interest, unix::AsyncFd},
+    net::TcpStream,
+    sync::Notify,
+};
 
 use super::{
     hangup::{self, Hangups},
@@ -37,49 +52,42 @@ const CLEAN_ATTEMPTS: usize = 4;
 const CLEAN_CHUNK: usize = 64 * 1024;
 /// How often byte counters of a kernel-relayed connection are brought up to date.
 const METER_REFRESH: Duration = Duration::from_secs(5);
-/// The longest pause between checks that a half-closed direction has drained.
+/// The longest pause between checks that a direction has drained.
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(20);
 
 /// The relay maps (the program is attached to `receivers`) and this node's counts.
 pub struct KernelRelay {
     receivers: Mutex<SockHash<MapData, u64>>,
     targets: Mutex<SockHash<MapData, u64>>,
+    limits: Mutex<HashMap<MapData, u64, u64>>,
+    progress: Mutex<HashMap<MapData, u64, RelayProgress>>,
+    budget_events: Arc<BudgetEvents>,
     hangups: Hangups,
     counts: RelayCounts,
 }
 
 /// Connections by how they were relayed.
 #[derive(Debug, Default)]
-pub struct RelayCounts {
-    /// Handed to the kernel.
-    pub kernel: AtomicU64,
-    /// Relayed by the proxy: unread bytes kept the receive queue from a clean boundary.
-    pub proxy: AtomicU64,
-    /// Refused by the maps (full): relayed by the proxy, or reset when half handed over.
-    pub failed: AtomicU64,
+struct RelayCounts {
+    kernel: AtomicU64,
+    proxy: AtomicU64,
+    failed: AtomicU64,
+    taken_over: AtomicU64,
 }
 
-/// A snapshot of [`RelayCounts`], for metrics.
+/// A snapshot of the relay's counts, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayedConnections {
     /// Open now in the kernel relay.
     pub active: u64,
+    /// Handed to the kernel.
     pub kernel: u64,
+    /// Relayed by the proxy: unread bytes kept the receive queue from a clean boundary.
     pub proxy: u64,
+    /// Refused by the maps (full): relayed by the proxy, or reset when half handed over.
     pub failed: u64,
-}
-
-impl KernelRelay {
-    pub fn snapshot(&self) -> RelayedConnections {
-        let counts = &self.counts;
-        RelayedConnections {
-            // Each relayed connection watches its two sockets.
-            active: (self.hangups.registered() / 2) as u64,
-            kernel: counts.kernel.load(Ordering::Relaxed),
-            proxy: counts.proxy.load(Ordering::Relaxed),
-            failed: counts.failed.load(Ordering::Relaxed),
-        }
-    }
+    /// Directions the proxy took back from the kernel (slow receiver or bulk transfer).
+    pub taken_over: u64,
 }
 
 impl std::fmt::Debug for KernelRelay {
@@ -96,15 +104,39 @@ pub enum Handover {
     Declined(TcpStream, TcpStream),
 }
 
+/// The relay maps, taken from the loaded object.
+pub struct RelayMaps {
+    pub receivers: SockHash<MapData, u64>,
+    pub targets: SockHash<MapData, u64>,
+    pub limits: HashMap<MapData, u64, u64>,
+    pub progress: HashMap<MapData, u64, RelayProgress>,
+    pub events: RingBuf<MapData>,
+}
+
 impl KernelRelay {
-    /// Needs a tokio runtime (the hang-up watcher's task runs on it).
-    pub fn new(receivers: SockHash<MapData, u64>, targets: SockHash<MapData, u64>) -> io::Result<Self> {
+    /// Needs a tokio runtime (the watchers' tasks run on it).
+    pub fn new(maps: RelayMaps) -> io::Result<Self> {
         Ok(KernelRelay {
-            receivers: Mutex::new(receivers),
-            targets: Mutex::new(targets),
+            receivers: Mutex::new(maps.receivers),
+            targets: Mutex::new(maps.targets),
+            limits: Mutex::new(maps.limits),
+            progress: Mutex::new(maps.progress),
+            budget_events: BudgetEvents::start(maps.events)?,
             hangups: Hangups::start()?,
             counts: RelayCounts::default(),
         })
+    }
+
+    pub fn snapshot(&self) -> RelayedConnections {
+        let counts = &self.counts;
+        RelayedConnections {
+            // Each relayed connection watches its two sockets.
+            active: (self.hangups.registered() / 2) as u64,
+            kernel: counts.kernel.load(Ordering::Relaxed),
+            proxy: counts.proxy.load(Ordering::Relaxed),
+            failed: counts.failed.load(Ordering::Relaxed),
+            taken_over: counts.taken_over.load(Ordering::Relaxed),
+        }
     }
 
     /// Relays `a` ↔ `b` in the kernel until both directions end, if the connection can be
@@ -128,7 +160,20 @@ impl KernelRelay {
                 Err(err) => return Handover::Relayed(Err(err)),
             }
         }
-        if let Err(err) = self.hand_over(&a, &b) {
+        let cookies = match (socket_cookie(a.as_fd()), socket_cookie(b.as_fd())) {
+            (Ok(a), Ok(b)) => [a, b],
+            (Err(err), _) | (_, Err(err)) => return Handover::Relayed(Err(err)),
+        };
+        // Before the kernel writes anything: what each partner has been given so far.
+        let written_bases = match (tcp_counters(b.as_fd()), tcp_counters(a.as_fd())) {
+            (Ok(b_counters), Ok(a_counters)) => {
+                [b_counters.written.saturating_sub(a_read), a_counters.written]
+            }
+            (Err(err), _) | (_, Err(err)) => return Handover::Relayed(Err(err)),
+        };
+        // Registered first: the program may report a budget event as soon as it runs.
+        let registration = Registration::new(self, cookies);
+        if let Err(err) = self.hand_over(&a, &b, cookies) {
             self.counts.failed.fetch_add(1, Ordering::Relaxed);
             return match err {
                 HandoverError::Untouched(err) => {
@@ -149,28 +194,54 @@ impl KernelRelay {
             (Ok(a), Ok(b)) => (a, b),
             (Err(err), _) | (_, Err(err)) => return Handover::Relayed(Err(err)),
         };
-        let result = self.watch_ends(a.as_fd(), b.as_fd(), a_read, a_to_b, b_to_a).await;
+        let ab = Direction::new(
+            &a,
+            &b,
+            cookies[0],
+            a_read,
+            written_bases[0],
+            &registration.events[0],
+            self.hangups.watch(a.as_fd()),
+        );
+        let ba = Direction::new(
+            &b,
+            &a,
+            cookies[1],
+            0,
+            written_bases[1],
+            &registration.events[1],
+            self.hangups.watch(b.as_fd()),
+        );
+        let result = match (ab, ba) {
+            (Ok(ab), Ok(ba)) => self.watch_ends(ab, ba, a_to_b, b_to_a).await,
+            (Err(err), _) | (_, Err(err)) => Err(err),
+        };
         if result.is_err() {
             reset_both(&a, &b);
         }
         Handover::Relayed(result)
     }
 
-    /// Adds both sockets to the maps: targets first (no effect on their traffic), then
-    /// receivers, each of which starts the kernel relaying what that socket receives.
-    fn hand_over(&self, a: &TcpStream, b: &TcpStream) -> Result<(), HandoverError> {
-        let (a_cookie, b_cookie) = (
-            socket_cookie(a.as_fd()).map_err(HandoverError::Untouched)?,
-            socket_cookie(b.as_fd()).map_err(HandoverError::Untouched)?,
-        );
+    /// Gives both sockets their budget, then adds them to the maps: targets first (no effect
+    /// on their traffic), then receivers, each of which starts the kernel relaying what that
+    /// socket receives.
+    fn hand_over(
+        &self,
+        a: &TcpStream,
+        b: &TcpStream,
+        [a_cookie, b_cookie]: [u64; 2],
+    ) -> Result<(), HandoverError> {
+        let untouched = |err: aya::maps::MapError| HandoverError::Untouched(io::Error::other(err));
+        for cookie in [a_cookie, b_cookie] {
+            lock(&self.progress).insert(cookie, RelayProgress::default(), 0).map_err(untouched)?;
+            lock(&self.limits).insert(cookie, RELAY_BUDGET, 0).map_err(untouched)?;
+        }
         {
             let mut targets = lock(&self.targets);
-            targets
-                .insert(a_cookie, b.as_raw_fd(), 0)
-                .map_err(|e| HandoverError::Untouched(io::Error::other(e)))?;
+            targets.insert(a_cookie, b.as_raw_fd(), 0).map_err(untouched)?;
             if let Err(err) = targets.insert(b_cookie, a.as_raw_fd(), 0) {
                 let _ = targets.remove(&a_cookie);
-                return Err(HandoverError::Untouched(io::Error::other(err)));
+                return Err(untouched(err));
             }
         }
         {
@@ -178,7 +249,7 @@ impl KernelRelay {
             if let Err(err) = receivers.insert(a_cookie, a.as_raw_fd(), 0) {
                 let mut targets = lock(&self.targets);
                 let _ = (targets.remove(&a_cookie), targets.remove(&b_cookie));
-                return Err(HandoverError::Untouched(io::Error::other(err)));
+                return Err(untouched(err));
             }
             receivers
                 .insert(b_cookie, b.as_raw_fd(), 0)
@@ -192,25 +263,43 @@ impl KernelRelay {
         Ok(())
     }
 
-    /// Waits for each direction's end, passes it on once drained, and returns the byte counts.
-    /// `a_counted`: bytes from `a` already counted (read by the proxy).
+    /// Waits for each direction's end, passes it on once drained, answers budget events, and
+    /// returns the byte counts.
     async fn watch_ends<M: Meter, N: Meter>(
         &self,
-        a: BorrowedFd<'_>,
-        b: BorrowedFd<'_>,
-        a_counted: u64,
+        mut ab: Direction<'_>,
+        mut ba: Direction<'_>,
         a_to_b: &M,
         b_to_a: &N,
     ) -> io::Result<(u64, u64)> {
-        let mut ab =
-            Direction { from: a, to: b, watch: self.hangups.watch(a)?, open: true, counted: a_counted };
-        let mut ba = Direction { from: b, to: a, watch: self.hangups.watch(b)?, open: true, counted: 0 };
+        let mut ab_proxy: Option<TakenOver<'_>> = None;
+        let mut ba_proxy: Option<TakenOver<'_>> = None;
         let mut refresh = tokio::time::interval(METER_REFRESH);
         refresh.tick().await;
-        while ab.open || ba.open {
+        while ab.state != State::Ended || ba.state != State::Ended {
             tokio::select! {
-                events = ab.watch.next(ab.asks()) => ab.on(events?, a_to_b).await?,
-                events = ba.watch.next(ba.asks()) => ba.on(events?, b_to_a).await?,
+                events = ab.watch.next(ab.asks()) => {
+                    if let Some(copy) = self.on_socket(&mut ab, events?, a_to_b).await? { ab_proxy = Some(copy) }
+                }
+                events = ba.watch.next(ba.asks()) => {
+                    if let Some(copy) = self.on_socket(&mut ba, events?, b_to_a).await? { ba_proxy = Some(copy) }
+                }
+                () = ab.budget.notified(), if ab.state == State::Kernel => {
+                    if let Some(copy) = self.on_budget(&mut ab, a_to_b).await? { ab_proxy = Some(copy) }
+                }
+                () = ba.budget.notified(), if ba.state == State::Kernel => {
+                    if let Some(copy) = self.on_budget(&mut ba, b_to_a).await? { ba_proxy = Some(copy) }
+                }
+                copied = async { ab_proxy.as_mut().expect("guarded").await }, if ab_proxy.is_some() => {
+                    ab.counted += copied?;
+                    ab.state = State::Ended;
+                    ab_proxy = None;
+                }
+                copied = async { ba_proxy.as_mut().expect("guarded").await }, if ba_proxy.is_some() => {
+                    ba.counted += copied?;
+                    ba.state = State::Ended;
+                    ba_proxy = None;
+                }
                 _ = refresh.tick() => {
                     ab.refresh(a_to_b)?;
                     ba.refresh(b_to_a)?;
@@ -219,6 +308,102 @@ impl KernelRelay {
         }
         Ok((ab.counted, ba.counted))
     }
+
+    /// The socket reported its end of stream (or an error).
+    async fn on_socket<'d, M: Meter>(
+        &self,
+        direction: &mut Direction<'d>,
+        events: u32,
+        meter: &'d M,
+    ) -> io::Result<Option<TakenOver<'d>>> {
+        if events & hangup::ERROR != 0 {
+            tracing::debug!(
+                state = ?direction.state,
+                from = ?tcp_counters(direction.from.as_fd()),
+                to = ?tcp_counters(direction.to.as_fd()),
+                progress = ?self.progress_of(direction.cookie),
+                "kernel-relayed socket failed"
+            );
+            return Err(socket_error(direction.from.as_fd()));
+        }
+        if direction.state != State::Kernel || events & (hangup::END_OF_STREAM | hangup::HANG_UP) == 0 {
+            return Ok(None);
+        }
+        // The end of stream took one sequence number; the rest are bytes.
+        let received = tcp_counters(direction.from.as_fd())?.received.saturating_sub(1);
+        wait_written(direction.to.as_fd(), direction.written_base, received).await?;
+        shutdown_write(direction.to.as_fd())?;
+        meter.add(received.saturating_sub(direction.counted));
+        direction.counted = direction.counted.max(received);
+        direction.state = State::Ended;
+        Ok(None)
+    }
+
+    /// The program reported the direction's budget low or spent.
+    async fn on_budget<'d, M: Meter>(
+        &self,
+        direction: &mut Direction<'d>,
+        meter: &'d M,
+    ) -> io::Result<Option<TakenOver<'d>>> {
+        let progress = self.progress_of(direction.cookie)?;
+        if progress.spent != 0 {
+            return self.take_over(direction, meter).await.map(Some);
+        }
+        let relayed = direction.before + progress.redirected;
+        let written = tcp_counters(direction.to.as_fd())?.written.saturating_sub(direction.written_base);
+        let behind = relayed.saturating_sub(written);
+        if behind <= RELAY_LOW_WATER {
+            // Keeping up: another budget's worth. The limit only ever grows.
+            let limit = progress.redirected + RELAY_BUDGET;
+            let mut limits = lock(&self.limits);
+            let current = limits.get(&direction.cookie, 0).unwrap_or(0);
+            if limit > current {
+                limits.insert(direction.cookie, limit, 0).map_err(io::Error::other)?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Takes a direction whose budget is spent over from the kernel: its socket leaves the
+    /// receivers (new bytes wait in its receive buffer, which holds the sender back), and once
+    /// the partner has taken what the kernel relayed, the proxy's splice relay moves the rest.
+    async fn take_over<'d, M: Meter>(
+        &self,
+        direction: &mut Direction<'d>,
+        meter: &'d M,
+    ) -> io::Result<TakenOver<'d>> {
+        lock(&self.receivers).remove(&direction.cookie).map_err(io::Error::other)?;
+        // The program runs under the socket's lock: once a call that takes the lock returns,
+        // no run is in flight and `redirected` is final. (This one also tells epoll the bytes
+        // now queued are readable.)
+        set_rcvlowat(direction.from.as_fd(), 1)?;
+        let relayed = direction.before + self.progress_of(direction.cookie)?.redirected;
+        wait_written(direction.to.as_fd(), direction.written_base, relayed).await?;
+        meter.add(relayed.saturating_sub(direction.counted));
+        direction.counted = direction.counted.max(relayed);
+        direction.state = State::Proxy;
+        self.counts.taken_over.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(relayed, "kernel relay budget spent; the proxy takes the direction over");
+        // Registered with tokio through duplicates, which go when the copy ends.
+        let from = TcpStream::from_std(direction.from.try_clone()?)?;
+        let to = TcpStream::from_std(direction.to.try_clone()?)?;
+        Ok(Box::pin(copy_to_end(from, to, meter)))
+    }
+
+    fn progress_of(&self, cookie: u64) -> io::Result<RelayProgress> {
+        lock(&self.progress).get(&cookie, 0).map_err(io::Error::other)
+    }
+}
+
+/// A direction the proxy took over: copies to the end, returns the bytes it copied.
+type TakenOver<'d> = Pin<Box<dyn Future<Output = io::Result<u64>> + Send + 'd>>;
+
+/// Copies what is left of a taken-over direction (the splice relay's copy, half-close
+/// included); returns the bytes it copied.
+async fn copy_to_end<M: Meter>(mut from: TcpStream, mut to: TcpStream, meter: &M) -> io::Result<u64> {
+    let (read, _) = from.split();
+    let (_, write) = to.split();
+    super::splice::copy(read, write, meter).await
 }
 
 /// Why a hand-over failed: before any socket was relaying (the proxy can take over), or after
@@ -228,47 +413,63 @@ enum HandoverError {
     Partial(io::Error),
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// The kernel moves the bytes.
+    Kernel,
+    /// The proxy moves them (the budget ran out).
+    Proxy,
+    /// The end of stream has been passed on.
+    Ended,
+}
+
 /// One direction of a kernel-relayed connection: what `from` receives goes to `to`.
 struct Direction<'a> {
-    from: BorrowedFd<'a>,
-    to: BorrowedFd<'a>,
+    from: &'a std::net::TcpStream,
+    to: &'a std::net::TcpStream,
+    cookie: u64,
+    /// Bytes the proxy wrote to `to` itself before the hand-over.
+    before: u64,
+    /// `to`'s [`TcpCounters::written`] less everything of this direction written to it.
+    written_base: u64,
+    budget: &'a Notify,
     watch: hangup::Watch,
-    open: bool,
-    /// Bytes already added to the meter (the proxy's own reads included).
+    state: State,
+    /// Bytes already added to the meter.
     counted: u64,
 }
 
-impl Direction<'_> {
-    /// While open, the end of `from`'s stream; after that only errors.
-    fn asks(&self) -> u32 {
-        if self.open { hangup::END_OF_STREAM } else { 0 }
+impl<'a> Direction<'a> {
+    fn new(
+        from: &'a std::net::TcpStream,
+        to: &'a std::net::TcpStream,
+        cookie: u64,
+        before: u64,
+        written_base: u64,
+        budget: &'a Notify,
+        watch: io::Result<hangup::Watch>,
+    ) -> io::Result<Self> {
+        Ok(Direction {
+            from,
+            to,
+            cookie,
+            before,
+            written_base,
+            budget,
+            watch: watch?,
+            state: State::Kernel,
+            counted: before,
+        })
     }
 
-    async fn on<M: Meter>(&mut self, events: u32, meter: &M) -> io::Result<()> {
-        if events & hangup::ERROR != 0 {
-            return Err(socket_error(self.from));
-        }
-        if self.open && events & (hangup::END_OF_STREAM | hangup::HANG_UP) != 0 {
-            // The end of stream took one sequence number; the rest are bytes.
-            let received = tcp_counters(self.from)?.received.saturating_sub(1);
-            drain(self.to, received).await?;
-            // SAFETY: plain syscall on an open socket.
-            if unsafe { libc::shutdown(self.to.as_raw_fd(), libc::SHUT_WR) } != 0 {
-                let err = io::Error::last_os_error();
-                if err.raw_os_error() != Some(libc::ENOTCONN) {
-                    return Err(err);
-                }
-            }
-            meter.add(received.saturating_sub(self.counted));
-            self.counted = self.counted.max(received);
-            self.open = false;
-        }
-        Ok(())
+    /// While the kernel relays, the end of `from`'s stream; after that only errors.
+    fn asks(&self) -> u32 {
+        if self.state == State::Kernel { hangup::END_OF_STREAM } else { 0 }
     }
 
     fn refresh<M: Meter>(&mut self, meter: &M) -> io::Result<()> {
-        if self.open {
-            let received = tcp_counters(self.from)?.received;
+        if self.state == State::Kernel {
+            let received = tcp_counters(self.from.as_fd())?.received;
             meter.add(received.saturating_sub(self.counted));
             self.counted = self.counted.max(received);
         }
@@ -276,13 +477,86 @@ impl Direction<'_> {
     }
 }
 
-/// Waits until `to` has been given `bytes` in all (by the proxy before the hand-over and by the
-/// kernel since), or fails when `to` can no longer take them.
-async fn drain(to: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
+/// A connection's entries in the budget maps and its event waiters, removed when it ends (the
+/// sockets leave the socket maps by themselves when they close).
+struct Registration<'r> {
+    relay: &'r KernelRelay,
+    cookies: [u64; 2],
+    events: [Arc<Notify>; 2],
+}
+
+impl<'r> Registration<'r> {
+    fn new(relay: &'r KernelRelay, cookies: [u64; 2]) -> Self {
+        let events = cookies.map(|cookie| relay.budget_events.register(cookie));
+        Registration { relay, cookies, events }
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        for cookie in self.cookies {
+            self.relay.budget_events.unregister(cookie);
+            let _ = lock(&self.relay.limits).remove(&cookie);
+            let _ = lock(&self.relay.progress).remove(&cookie);
+        }
+    }
+}
+
+/// Reads the program's budget events (socket cookies) and wakes the connection concerned.
+struct BudgetEvents {
+    waiting: Mutex<StdHashMap<u64, Arc<Notify>>>,
+}
+
+impl BudgetEvents {
+    fn start(ring: RingBuf<MapData>) -> io::Result<Arc<Self>> {
+        // SAFETY: the ring buffer owns its map descriptor, open for as long as it lives, which
+        // is as long as the `AsyncFd`.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|err| err.into_parts().1)?;
+        let events = Arc::new(BudgetEvents { waiting: Mutex::default() });
+        tokio::spawn(read_budget_events(ring, Arc::downgrade(&events)));
+        Ok(events)
+    }
+
+    fn register(&self, cookie: u64) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        lock(&self.waiting).insert(cookie, notify.clone());
+        notify
+    }
+
+    fn unregister(&self, cookie: u64) {
+        lock(&self.waiting).remove(&cookie);
+    }
+}
+
+async fn read_budget_events(mut ring: AsyncFd<RingBuf<MapData>>, events: std::sync::Weak<BudgetEvents>) {
+    loop {
+        let mut ready = match ring.readable_mut().await {
+            Ok(ready) => ready,
+            Err(err) => {
+                tracing::error!(error = %err, "kernel relay budget events stopped");
+                return;
+            }
+        };
+        let Some(events) = events.upgrade() else { return };
+        let ring = ready.get_inner_mut();
+        while let Some(item) = ring.next() {
+            let Ok(cookie) = <[u8; 8]>::try_from(&item[..]).map(u64::from_ne_bytes) else { continue };
+            if let Some(notify) = lock(&events.waiting).get(&cookie) {
+                notify.notify_one();
+            }
+        }
+        ready.clear_ready();
+    }
+}
+
+/// Waits until `to` has been given `bytes` in all (counted from `base`, its
+/// [`TcpCounters::written`] before any of them), or fails when it can no longer take them.
+async fn wait_written(to: BorrowedFd<'_>, base: u64, bytes: u64) -> io::Result<()> {
     let mut pause = Duration::from_micros(200);
     loop {
         let counters = tcp_counters(to)?;
-        if counters.written >= bytes {
+        if counters.written.saturating_sub(base) >= bytes {
             return Ok(());
         }
         if !counters.can_send() {
@@ -291,6 +565,18 @@ async fn drain(to: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(DRAIN_POLL_MAX);
     }
+}
+
+fn shutdown_write(socket: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on an open socket.
+    if unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) } != 0 {
+        let err = io::Error::last_os_error();
+        // The peer may already be gone, which is not an error here.
+        if err.raw_os_error() != Some(libc::ENOTCONN) {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 /// Reads what `a` has queued and writes it to `b` until nothing is left unread (a clean
@@ -384,7 +670,9 @@ struct TcpCounters {
     state: u8,
     /// Sequence space received in order: the bytes, plus one once the peer's FIN is in.
     received: u64,
-    /// Bytes written to the socket (sent once, or still queued unsent).
+    /// Sequence space written to the socket: acknowledged plus still queued (`SIOCOUTQ`),
+    /// which is exact however often segments were sent; it includes the SYN on a connecting
+    /// socket, hence [`Direction::written_base`].
     written: u64,
 }
 
@@ -396,7 +684,7 @@ impl TcpCounters {
 }
 
 /// The leading part of the kernel's `struct tcp_info` (uapi/linux/tcp.h), through
-/// `tcpi_bytes_retrans`; the kernel fills what both sides know.
+/// `tcpi_bytes_received`; the kernel fills what both sides know.
 #[repr(C)]
 #[derive(Default)]
 struct TcpInfo {
@@ -405,16 +693,8 @@ struct TcpInfo {
     _u32s: [u32; 24],
     _pacing_rate: u64,
     _max_pacing_rate: u64,
-    _bytes_acked: u64,
+    bytes_acked: u64,
     bytes_received: u64,
-    _segs: [u32; 2],
-    notsent_bytes: u32,
-    _u32s_2: [u32; 3],
-    _delivery_rate: u64,
-    _busy_times: [u64; 3],
-    _delivered: [u32; 2],
-    bytes_sent: u64,
-    bytes_retrans: u64,
 }
 
 fn tcp_counters(socket: BorrowedFd<'_>) -> io::Result<TcpCounters> {
@@ -434,12 +714,19 @@ fn tcp_counters(socket: BorrowedFd<'_>) -> io::Result<TcpCounters> {
         return Err(io::Error::last_os_error());
     }
     if (len as usize) < size_of::<TcpInfo>() {
-        return Err(io::Error::other("TCP_INFO is too short for byte counters (kernel older than 4.19)"));
+        return Err(io::Error::other("TCP_INFO is too short for byte counters (kernel older than 4.1)"));
+    }
+    // Read after TCP_INFO: an acknowledgement in between only makes the sum smaller, so a wait
+    // for bytes to be written never ends early.
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(TcpCounters {
         state: info.state,
         received: info.bytes_received,
-        written: info.bytes_sent.saturating_sub(info.bytes_retrans) + u64::from(info.notsent_bytes),
+        written: info.bytes_acked + u64::try_from(queued).unwrap_or(0),
     })
 }
 
@@ -454,7 +741,7 @@ mod tests {
     async fn tcp_counters_count_bytes_written_and_received_with_the_end_of_stream() {
         let (mut client, mut server) = tcp_pair().await;
         let fresh = tcp_counters(client.as_fd()).expect("tcp_info");
-        assert_eq!((fresh.received, fresh.written), (0, 0));
+        assert_eq!(fresh.received, 0);
         assert!(fresh.can_send());
         let payload = vec![7u8; 300_000];
         let writer = tokio::spawn(async move {
@@ -466,7 +753,8 @@ mod tests {
         server.read_to_end(&mut got).await.expect("read");
         let client = writer.await.expect("writer");
         assert_eq!(got.len(), 300_000);
-        assert_eq!(tcp_counters(client.as_fd()).expect("tcp_info").written, 300_000);
+        let written = tcp_counters(client.as_fd()).expect("tcp_info").written - fresh.written;
+        assert_eq!(written, 300_001, "the bytes, and the FIN once shut down");
         let server_counters = tcp_counters(server.as_fd()).expect("tcp_info");
         assert_eq!(server_counters.received, 300_001, "the FIN takes one sequence number");
         assert!(server_counters.can_send(), "a half-closed peer can still be written to");

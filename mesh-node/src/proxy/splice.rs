@@ -60,7 +60,11 @@ pub async fn relay_tcp<M: Meter, N: Meter>(
 }
 
 /// Copies one direction until its end, which is passed on as a half-close.
-async fn copy<M: Meter>(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, meter: &M) -> io::Result<u64> {
+pub(super) async fn copy<M: Meter>(
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    meter: &M,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut reader = ChunkReader::new(BUFFER_SIZE);
     let mut pipe = None;

@@ -71,6 +71,10 @@ enum Command {
     Sink {
         #[arg(long)]
         port: u16,
+        /// Stop reading for this long after each stream's header (a slow receiver: the sender
+        /// must be held back, not buffered for without limit).
+        #[arg(long, default_value_t = 0)]
+        stall_ms: u64,
     },
     /// Streams a seeded pattern one way to a `sink`; prints a JSON report.
     Send {
@@ -182,7 +186,7 @@ fn main() -> std::process::ExitCode {
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
-            Command::Sink { port } => sink(port).await,
+            Command::Sink { port, stall_ms } => sink(port, Duration::from_millis(stall_ms)).await,
             Command::Send { to, conns, duration_ms, seed, connect_timeout_ms } => {
                 let (duration, connect) =
                     (Duration::from_millis(duration_ms), Duration::from_millis(connect_timeout_ms));
@@ -408,7 +412,7 @@ async fn one_connection(to: SocketAddr, bytes: u64, seed: u64, timing: Timing) -
 /// The most a `send` or `sink` moves per system call.
 const CHUNK: usize = 256 * 1024;
 
-async fn sink(port: u16) -> anyhow::Result<()> {
+async fn sink(port: u16, stall: Duration) -> anyhow::Result<()> {
     let listener = listen(port).map_err(|err| anyhow::anyhow!("cannot listen on 0.0.0.0:{port}: {err}"))?;
     println!("LISTENING {}", listener.local_addr()?.port());
     loop {
@@ -421,7 +425,7 @@ async fn sink(port: u16) -> anyhow::Result<()> {
             }
         };
         tokio::spawn(async move {
-            if let Err(err) = receive(stream).await {
+            if let Err(err) = receive(stream, stall).await {
                 eprintln!("pod-app: stream from {peer}: {err}");
             }
         });
@@ -430,7 +434,7 @@ async fn sink(port: u16) -> anyhow::Result<()> {
 
 /// Reads `SEND <seed>\n` and then the pattern of that seed until EOF, checking every byte, and
 /// answers `OK <bytes>` (or `BAD <offset>` at the first wrong byte, and stops reading).
-async fn receive(stream: TcpStream) -> std::io::Result<()> {
+async fn receive(stream: TcpStream, stall: Duration) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::with_capacity(CHUNK, read);
     let mut header = String::new();
@@ -440,6 +444,7 @@ async fn receive(stream: TcpStream) -> std::io::Result<()> {
         return Ok(());
     };
     let pattern = Pattern::new(seed);
+    tokio::time::sleep(stall).await;
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
