@@ -26,6 +26,7 @@ pub const END_OF_STREAM: u32 = libc::EPOLLRDHUP as u32;
 /// The connection failed (reset, timed out); reported whether asked for or not.
 pub const ERROR: u32 = libc::EPOLLERR as u32;
 /// Both sides of the socket are shut; reported whether asked for or not.
+#[cfg(test)]
 pub const HANG_UP: u32 = libc::EPOLLHUP as u32;
 
 /// Events read at once by the dispatching task.

@@ -21,10 +21,8 @@
 
 use std::{
     collections::HashMap as StdHashMap,
-    future::Future,
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -263,96 +261,59 @@ impl KernelRelay {
         Ok(())
     }
 
-    /// Waits for each direction's end, passes it on once drained, answers budget events, and
-    /// returns the byte counts.
+    /// Runs both directions to their ends and returns the byte counts. Each direction waits on
+    /// its own (a drain or a taken-over copy must never hold the other one up: an echoing peer
+    /// would deadlock); an error in either ends both.
     async fn watch_ends<M: Meter, N: Meter>(
         &self,
-        mut ab: Direction<'_>,
-        mut ba: Direction<'_>,
+        ab: Direction<'_>,
+        ba: Direction<'_>,
         a_to_b: &M,
         b_to_a: &N,
     ) -> io::Result<(u64, u64)> {
-        let mut ab_proxy: Option<TakenOver<'_>> = None;
-        let mut ba_proxy: Option<TakenOver<'_>> = None;
+        tokio::try_join!(self.run_direction(ab, a_to_b), self.run_direction(ba, b_to_a))
+    }
+
+    /// One direction: the kernel relays it until its end of stream (passed on once drained) or
+    /// until its budget is spent (then the proxy copies the rest). Returns its byte count.
+    async fn run_direction<M: Meter>(&self, mut direction: Direction<'_>, meter: &M) -> io::Result<u64> {
         let mut refresh = tokio::time::interval(METER_REFRESH);
         refresh.tick().await;
-        while ab.state != State::Ended || ba.state != State::Ended {
+        loop {
             tokio::select! {
-                events = ab.watch.next(ab.asks()) => {
-                    if let Some(copy) = self.on_socket(&mut ab, events?, a_to_b).await? { ab_proxy = Some(copy) }
+                events = direction.watch.next(hangup::END_OF_STREAM) => {
+                    let events = events?;
+                    if events & hangup::ERROR != 0 {
+                        return Err(socket_error(direction.from.as_fd()));
+                    }
+                    // End of stream (or hang-up): it took one sequence number, the rest are bytes.
+                    let received = tcp_counters(direction.from.as_fd())?.received.saturating_sub(1);
+                    wait_written(direction.to.as_fd(), direction.written_base, received).await?;
+                    shutdown_write(direction.to.as_fd())?;
+                    meter.add(received.saturating_sub(direction.counted));
+                    return Ok(received.max(direction.counted));
                 }
-                events = ba.watch.next(ba.asks()) => {
-                    if let Some(copy) = self.on_socket(&mut ba, events?, b_to_a).await? { ba_proxy = Some(copy) }
+                () = direction.budget.notified() => {
+                    if self.budget_spent(&direction)? {
+                        break;
+                    }
                 }
-                () = ab.budget.notified(), if ab.state == State::Kernel => {
-                    if let Some(copy) = self.on_budget(&mut ab, a_to_b).await? { ab_proxy = Some(copy) }
-                }
-                () = ba.budget.notified(), if ba.state == State::Kernel => {
-                    if let Some(copy) = self.on_budget(&mut ba, b_to_a).await? { ba_proxy = Some(copy) }
-                }
-                copied = async { ab_proxy.as_mut().expect("guarded").await }, if ab_proxy.is_some() => {
-                    ab.counted += copied?;
-                    ab.state = State::Ended;
-                    ab_proxy = None;
-                }
-                copied = async { ba_proxy.as_mut().expect("guarded").await }, if ba_proxy.is_some() => {
-                    ba.counted += copied?;
-                    ba.state = State::Ended;
-                    ba_proxy = None;
-                }
-                _ = refresh.tick() => {
-                    ab.refresh(a_to_b)?;
-                    ba.refresh(b_to_a)?;
-                }
+                _ = refresh.tick() => direction.refresh(meter)?,
             }
         }
-        Ok((ab.counted, ba.counted))
+        self.take_over(direction, meter).await
     }
 
-    /// The socket reported its end of stream (or an error).
-    async fn on_socket<'d, M: Meter>(
-        &self,
-        direction: &mut Direction<'d>,
-        events: u32,
-        meter: &'d M,
-    ) -> io::Result<Option<TakenOver<'d>>> {
-        if events & hangup::ERROR != 0 {
-            tracing::debug!(
-                state = ?direction.state,
-                from = ?tcp_counters(direction.from.as_fd()),
-                to = ?tcp_counters(direction.to.as_fd()),
-                progress = ?self.progress_of(direction.cookie),
-                "kernel-relayed socket failed"
-            );
-            return Err(socket_error(direction.from.as_fd()));
-        }
-        if direction.state != State::Kernel || events & (hangup::END_OF_STREAM | hangup::HANG_UP) == 0 {
-            return Ok(None);
-        }
-        // The end of stream took one sequence number; the rest are bytes.
-        let received = tcp_counters(direction.from.as_fd())?.received.saturating_sub(1);
-        wait_written(direction.to.as_fd(), direction.written_base, received).await?;
-        shutdown_write(direction.to.as_fd())?;
-        meter.add(received.saturating_sub(direction.counted));
-        direction.counted = direction.counted.max(received);
-        direction.state = State::Ended;
-        Ok(None)
-    }
-
-    /// The program reported the direction's budget low or spent.
-    async fn on_budget<'d, M: Meter>(
-        &self,
-        direction: &mut Direction<'d>,
-        meter: &'d M,
-    ) -> io::Result<Option<TakenOver<'d>>> {
+    /// Answers the program's report that the direction's budget runs low or is spent: extends
+    /// it while the partner keeps up; returns whether it is spent (the proxy takes over).
+    fn budget_spent(&self, direction: &Direction<'_>) -> io::Result<bool> {
         let progress = self.progress_of(direction.cookie)?;
         if progress.spent != 0 {
-            return self.take_over(direction, meter).await.map(Some);
+            return Ok(true);
         }
         let relayed = direction.before + progress.redirected;
         let written = tcp_counters(direction.to.as_fd())?.written.saturating_sub(direction.written_base);
-        let behind = relayed.saturating_sub(written);
-        if behind <= RELAY_LOW_WATER {
+        if relayed.saturating_sub(written) <= RELAY_LOW_WATER {
             // Keeping up: another budget's worth. The limit only ever grows.
             let limit = progress.redirected + RELAY_BUDGET;
             let mut limits = lock(&self.limits);
@@ -361,17 +322,14 @@ impl KernelRelay {
                 limits.insert(direction.cookie, limit, 0).map_err(io::Error::other)?;
             }
         }
-        Ok(None)
+        Ok(false)
     }
 
     /// Takes a direction whose budget is spent over from the kernel: its socket leaves the
     /// receivers (new bytes wait in its receive buffer, which holds the sender back), and once
     /// the partner has taken what the kernel relayed, the proxy's splice relay moves the rest.
-    async fn take_over<'d, M: Meter>(
-        &self,
-        direction: &mut Direction<'d>,
-        meter: &'d M,
-    ) -> io::Result<TakenOver<'d>> {
+    /// Returns the direction's byte count.
+    async fn take_over<M: Meter>(&self, direction: Direction<'_>, meter: &M) -> io::Result<u64> {
         lock(&self.receivers).remove(&direction.cookie).map_err(io::Error::other)?;
         // The program runs under the socket's lock: once a call that takes the lock returns,
         // no run is in flight and `redirected` is final. (This one also tells epoll the bytes
@@ -380,23 +338,21 @@ impl KernelRelay {
         let relayed = direction.before + self.progress_of(direction.cookie)?.redirected;
         wait_written(direction.to.as_fd(), direction.written_base, relayed).await?;
         meter.add(relayed.saturating_sub(direction.counted));
-        direction.counted = direction.counted.max(relayed);
-        direction.state = State::Proxy;
         self.counts.taken_over.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(relayed, "kernel relay budget spent; the proxy takes the direction over");
+        // Errors now surface in the copy; the watch would only report them twice.
+        drop(direction.watch);
         // Registered with tokio through duplicates, which go when the copy ends.
         let from = TcpStream::from_std(direction.from.try_clone()?)?;
         let to = TcpStream::from_std(direction.to.try_clone()?)?;
-        Ok(Box::pin(copy_to_end(from, to, meter)))
+        let copied = copy_to_end(from, to, meter).await?;
+        Ok(relayed.max(direction.counted) + copied)
     }
 
     fn progress_of(&self, cookie: u64) -> io::Result<RelayProgress> {
         lock(&self.progress).get(&cookie, 0).map_err(io::Error::other)
     }
 }
-
-/// A direction the proxy took over: copies to the end, returns the bytes it copied.
-type TakenOver<'d> = Pin<Box<dyn Future<Output = io::Result<u64>> + Send + 'd>>;
 
 /// Copies what is left of a taken-over direction (the splice relay's copy, half-close
 /// included); returns the bytes it copied.
@@ -413,16 +369,6 @@ enum HandoverError {
     Partial(io::Error),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// The kernel moves the bytes.
-    Kernel,
-    /// The proxy moves them (the budget ran out).
-    Proxy,
-    /// The end of stream has been passed on.
-    Ended,
-}
-
 /// One direction of a kernel-relayed connection: what `from` receives goes to `to`.
 struct Direction<'a> {
     from: &'a std::net::TcpStream,
@@ -434,7 +380,6 @@ struct Direction<'a> {
     written_base: u64,
     budget: &'a Notify,
     watch: hangup::Watch,
-    state: State,
     /// Bytes already added to the meter.
     counted: u64,
 }
@@ -449,30 +394,13 @@ impl<'a> Direction<'a> {
         budget: &'a Notify,
         watch: io::Result<hangup::Watch>,
     ) -> io::Result<Self> {
-        Ok(Direction {
-            from,
-            to,
-            cookie,
-            before,
-            written_base,
-            budget,
-            watch: watch?,
-            state: State::Kernel,
-            counted: before,
-        })
-    }
-
-    /// While the kernel relays, the end of `from`'s stream; after that only errors.
-    fn asks(&self) -> u32 {
-        if self.state == State::Kernel { hangup::END_OF_STREAM } else { 0 }
+        Ok(Direction { from, to, cookie, before, written_base, budget, watch: watch?, counted: before })
     }
 
     fn refresh<M: Meter>(&mut self, meter: &M) -> io::Result<()> {
-        if self.state == State::Kernel {
-            let received = tcp_counters(self.from.as_fd())?.received;
-            meter.add(received.saturating_sub(self.counted));
-            self.counted = self.counted.max(received);
-        }
+        let received = tcp_counters(self.from.as_fd())?.received;
+        meter.add(received.saturating_sub(self.counted));
+        self.counted = self.counted.max(received);
         Ok(())
     }
 }
