@@ -15,6 +15,7 @@ pub mod protocol;
 pub mod relay;
 pub mod splice;
 pub mod trace_context;
+pub mod warm_up;
 
 use std::{io, net::SocketAddr, time::Duration};
 

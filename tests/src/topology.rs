@@ -886,9 +886,22 @@ impl Topology {
         conns: u32,
         duration: Duration,
     ) -> anyhow::Result<SendReport> {
+        self.send_after(from, to, conns, Duration::ZERO, duration)
+    }
+
+    /// Like [`Topology::send`], quiet for `pause` after each stream's header.
+    pub fn send_after(
+        &self,
+        from: &str,
+        to: SocketAddr,
+        conns: u32,
+        pause: Duration,
+        duration: Duration,
+    ) -> anyhow::Result<SendReport> {
         let mut cmd = self.app_command(from)?;
         cmd.args(["send", "--to", &to.to_string(), "--conns", &conns.to_string()])
-            .args(["--duration-ms", &duration.as_millis().to_string()]);
+            .args(["--duration-ms", &duration.as_millis().to_string()])
+            .args(["--pause-ms", &pause.as_millis().to_string()]);
         let output = cmd.output().context("running pod-app send")?;
         anyhow::ensure!(
             output.status.success(),

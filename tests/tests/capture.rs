@@ -81,23 +81,45 @@ fn cross_node_connection_is_captured_on_both_nodes_and_64mib_arrive_intact() {
         BYTES
     );
     assert_eq!(sample(r#"nodemesh_ebpf_events_total{event="inbound_assigned"}"#), 1);
-    // The bytes went through the kernel relay, not the proxy, on both nodes (byte counts above
-    // come from the relay's TCP_INFO accounting).
+    assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+}
+
+#[test]
+fn a_long_lived_connection_is_relayed_in_the_kernel_with_its_bytes_counted() {
+    let topology = started("capture_kernel_relay");
+    topology.serve("b1", PORT).expect("server");
+    const BYTES: u64 = 4 * 1024 * 1024;
+    let (connect, spread) = (Duration::from_secs(5), Duration::from_secs(2));
+    let report =
+        topology.client_spread("a1", addr(&topology, "b1"), BYTES, 2, connect, spread).expect("client");
+    assert!(report.ok, "transfer failed: {report:?}");
+    assert_eq!((report.bytes_sent, report.bytes_received), (2 * BYTES, 2 * BYTES), "echo verified");
+    // Both connections outlived their warm-up at a steady trickle: the kernel relayed them on
+    // both nodes, and the partner always kept up, so the proxy never took a direction back.
     for node in NodeId::ALL {
         let text = topology.node_metrics(node).expect("metrics");
         let relayed =
             |relay| prometheus::sum(&text, "nodemesh_plaintext_relay_connections_total", &[("relay", relay)]);
-        assert_eq!((relayed("kernel"), relayed("proxy"), relayed("failed")), (1.0, 0.0, 0.0), "{node:?}");
+        let counts = [relayed("kernel"), relayed("proxy"), relayed("failed"), relayed("taken_over")];
+        assert_eq!(counts, [2.0, 0.0, 0.0, 0.0], "{node:?}: kernel, proxy, failed, taken over");
+        assert_eq!(prometheus::sum(&text, "nodemesh_plaintext_relay_kernel_active", &[]), 0.0, "{node:?}");
     }
-    assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    // The byte counts of kernel-relayed connections (from TCP_INFO) are exact.
+    let a1 = pods(&topology, NodeId::A).pod("a1").expect("a1").outbound;
+    let b1 = pods(&topology, NodeId::B).pod("b1").expect("b1").inbound;
+    assert_eq!((a1.connections, b1.connections), (2, 2));
+    assert_eq!((a1.bytes_sent, b1.bytes_received), (2 * BYTES, 2 * BYTES), "{a1:?} {b1:?}");
+    assert!(b1.bytes_sent == a1.bytes_received && a1.bytes_received > 2 * BYTES, "{a1:?} {b1:?}");
 }
 
 #[test]
 fn a_stalled_receiver_holds_the_sender_back_and_every_byte_arrives_in_order() {
     let topology = started("capture_stalled_receiver");
     topology.stalling_sink("b1", PORT, Duration::from_secs(2)).expect("sink");
+    // Quiet after its header, the connection goes to the kernel relay; then it streams.
+    let (pause, duration) = (Duration::from_millis(300), Duration::from_secs(3));
     let (report, accepted_while_stalled) = std::thread::scope(|s| {
-        let sender = s.spawn(|| topology.send("a1", addr(&topology, "b1"), 1, Duration::from_secs(3)));
+        let sender = s.spawn(|| topology.send_after("a1", addr(&topology, "b1"), 1, pause, duration));
         // While the receiver reads nothing, the mesh may buffer a few budgets and socket
         // buffers, never the stream: what the sender got acknowledged stays small.
         std::thread::sleep(Duration::from_millis(1500));
@@ -113,6 +135,7 @@ fn a_stalled_receiver_holds_the_sender_back_and_every_byte_arrives_in_order() {
     );
     // The kernel relay stopped relaying for the stalled receiver: the proxy took the
     // direction over (with a full receive buffer's backpressure) on the receiver's node.
+    // (Seen from the sender, the stall began 300 ms in; the check above is at 1.5 s.)
     let text = topology.node_metrics(NodeId::B).expect("metrics");
     let taken =
         prometheus::sum(&text, "nodemesh_plaintext_relay_connections_total", &[("relay", "taken_over")]);

@@ -33,7 +33,7 @@ use std::{
 use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use mesh_ebpf_common::{RELAY_BUDGET, RELAY_LOW_WATER, RelayProgress};
 use tokio::{
-    io::{AsyncWriteExt, Interest, unix::AsyncFd},
+    io::{Interest, unix::AsyncFd},
     net::TcpStream,
     sync::Notify,
 };
@@ -43,11 +43,6 @@ use super::{
     relay::Meter,
 };
 
-/// Reads of the receive queue tried to reach a clean boundary before giving the connection to
-/// the user-space relay instead.
-const CLEAN_ATTEMPTS: usize = 4;
-/// Bytes read at most per attempt.
-const CLEAN_CHUNK: usize = 64 * 1024;
 /// How often byte counters of a kernel-relayed connection are brought up to date.
 const METER_REFRESH: Duration = Duration::from_secs(5);
 /// The longest pause between checks that a direction has drained.
@@ -98,7 +93,7 @@ impl std::fmt::Debug for KernelRelay {
 pub enum Handover {
     /// The kernel relayed it to its end: (a→b, b→a) byte counts, or the error that ended it.
     Relayed(io::Result<(u64, u64)>),
-    /// Not handed over (no clean boundary, or the maps are full): relay it in user space.
+    /// Not handed over (the maps are full): relay it in user space.
     Declined(TcpStream, TcpStream),
 }
 
@@ -137,27 +132,17 @@ impl KernelRelay {
         }
     }
 
-    /// Relays `a` ↔ `b` in the kernel until both directions end, if the connection can be
-    /// handed over. `a_read`: bytes the proxy has already read from `a` (sniffing), written to
-    /// `b` and counted; then `a`'s queue must be emptied to a boundary first.
+    /// Relays `a` ↔ `b` in the kernel until both directions end. The connection must be at a
+    /// clean boundary (nothing half-read: see [`super::warm_up`]); `before`: the bytes the
+    /// proxy has moved so far (a→b, b→a), already counted.
     pub async fn relay<M: Meter, N: Meter>(
         &self,
-        mut a: TcpStream,
-        mut b: TcpStream,
-        mut a_read: u64,
+        a: TcpStream,
+        b: TcpStream,
+        before: [u64; 2],
         a_to_b: &M,
         b_to_a: &N,
     ) -> Handover {
-        if a_read > 0 {
-            match read_to_boundary(&mut a, &mut b, a_to_b).await {
-                Ok(Some(read)) => a_read += read,
-                Ok(None) => {
-                    self.counts.proxy.fetch_add(1, Ordering::Relaxed);
-                    return Handover::Declined(a, b);
-                }
-                Err(err) => return Handover::Relayed(Err(err)),
-            }
-        }
         let cookies = match (socket_cookie(a.as_fd()), socket_cookie(b.as_fd())) {
             (Ok(a), Ok(b)) => [a, b],
             (Err(err), _) | (_, Err(err)) => return Handover::Relayed(Err(err)),
@@ -165,7 +150,7 @@ impl KernelRelay {
         // Before the kernel writes anything: what each partner has been given so far.
         let written_bases = match (tcp_counters(b.as_fd()), tcp_counters(a.as_fd())) {
             (Ok(b_counters), Ok(a_counters)) => {
-                [b_counters.written.saturating_sub(a_read), a_counters.written]
+                [b_counters.written.saturating_sub(before[0]), a_counters.written.saturating_sub(before[1])]
             }
             (Err(err), _) | (_, Err(err)) => return Handover::Relayed(Err(err)),
         };
@@ -196,7 +181,7 @@ impl KernelRelay {
             &a,
             &b,
             cookies[0],
-            a_read,
+            before[0],
             written_bases[0],
             &registration.events[0],
             self.hangups.watch(a.as_fd()),
@@ -205,7 +190,7 @@ impl KernelRelay {
             &b,
             &a,
             cookies[1],
-            0,
+            before[1],
             written_bases[1],
             &registration.events[1],
             self.hangups.watch(b.as_fd()),
@@ -495,7 +480,7 @@ async fn wait_written(to: BorrowedFd<'_>, base: u64, bytes: u64) -> io::Result<(
     }
 }
 
-fn shutdown_write(socket: BorrowedFd<'_>) -> io::Result<()> {
+pub(super) fn shutdown_write(socket: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain syscall on an open socket.
     if unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) } != 0 {
         let err = io::Error::last_os_error();
@@ -505,33 +490,6 @@ fn shutdown_write(socket: BorrowedFd<'_>) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Reads what `a` has queued and writes it to `b` until nothing is left unread (a clean
-/// boundary); returns the bytes moved, or `None` when data kept arriving.
-async fn read_to_boundary<M: Meter>(
-    a: &mut TcpStream,
-    b: &mut TcpStream,
-    meter: &M,
-) -> io::Result<Option<u64>> {
-    let mut buffer = Vec::new();
-    let mut moved = 0u64;
-    for _ in 0..CLEAN_ATTEMPTS {
-        let queued = unread_bytes(a.as_fd())?;
-        if queued == 0 {
-            return Ok(Some(moved));
-        }
-        buffer.resize(queued.min(CLEAN_CHUNK), 0);
-        let n = match a.try_read(&mut buffer) {
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(err) => return Err(err),
-        };
-        b.write_all(&buffer[..n]).await?;
-        meter.add(n as u64);
-        moved += n as u64;
-    }
-    Ok(None)
 }
 
 fn reset_both(a: &impl AsFd, b: &impl AsFd) {
@@ -583,7 +541,7 @@ fn set_rcvlowat(socket: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
 }
 
 /// Bytes received and not yet read (`SIOCINQ`).
-fn unread_bytes(socket: BorrowedFd<'_>) -> io::Result<usize> {
+pub(super) fn unread_bytes(socket: BorrowedFd<'_>) -> io::Result<usize> {
     let mut queued: libc::c_int = 0;
     // SAFETY: FIONREAD (SIOCINQ) writes one c_int.
     if unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut queued) } < 0 {
@@ -660,7 +618,7 @@ fn tcp_counters(socket: BorrowedFd<'_>) -> io::Result<TcpCounters> {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
     use crate::proxy::test_support::tcp_pair;

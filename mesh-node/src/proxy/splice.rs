@@ -8,8 +8,9 @@
 //! direction take a pipe. Without one (the process is out of file descriptors) it goes on
 //! copying, with larger reads.
 //!
-//! Where the kernel relay is available ([`super::kernel_relay`]) a connection goes there instead,
-//! and this relay is the fallback.
+//! Where the kernel relay is available ([`super::kernel_relay`]), a connection still open and
+//! quiet after its warm-up ([`super::warm_up`]) goes there instead; this relay carries bulk
+//! transfers and is the fallback.
 
 use std::{
     io,
@@ -28,6 +29,7 @@ use super::{
     kernel_relay::{Handover, KernelRelay},
     protocol::Prefixed,
     relay::{ChunkReader, Meter},
+    warm_up::{Settled, warm_up},
 };
 
 /// Buffer of a direction before it is busy.
@@ -47,16 +49,23 @@ pub async fn relay_tcp<M: Meter, N: Meter>(
     let (prefix, mut a) = a.into_parts();
     b.write_all(&prefix).await?;
     a_to_b.add(prefix.len() as u64);
+    let mut before = [prefix.len() as u64, 0];
     if let Some(kernel) = kernel {
-        match kernel.relay(a, b, prefix.len() as u64, a_to_b, b_to_a).await {
-            Handover::Relayed(result) => return result,
-            Handover::Declined(declined_a, declined_b) => (a, b) = (declined_a, declined_b),
+        let (settled, moved) = warm_up(&a, &b, a_to_b, b_to_a).await?;
+        before = [before[0] + moved[0], moved[1]];
+        match settled {
+            Settled::Ended => return Ok((before[0], before[1])),
+            Settled::Busy => {}
+            Settled::Idle => match kernel.relay(a, b, before, a_to_b, b_to_a).await {
+                Handover::Relayed(result) => return result,
+                Handover::Declined(declined_a, declined_b) => (a, b) = (declined_a, declined_b),
+            },
         }
     }
     let (a_read, a_write) = a.split();
     let (b_read, b_write) = b.split();
     let (sent, received) = tokio::try_join!(copy(a_read, b_write, a_to_b), copy(b_read, a_write, b_to_a))?;
-    Ok((sent + prefix.len() as u64, received))
+    Ok((sent + before[0], received + before[1]))
 }
 
 /// Copies one direction until its end, which is passed on as a half-close.

@@ -85,6 +85,9 @@ enum Command {
         /// How long each connection sends.
         #[arg(long)]
         duration_ms: u64,
+        /// Wait this long after the header before streaming (a connection that is quiet first).
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         #[arg(long, default_value_t = 5000)]
@@ -187,10 +190,11 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Sink { port, stall_ms } => sink(port, Duration::from_millis(stall_ms)).await,
-            Command::Send { to, conns, duration_ms, seed, connect_timeout_ms } => {
+            Command::Send { to, conns, duration_ms, pause_ms, seed, connect_timeout_ms } => {
                 let (duration, connect) =
                     (Duration::from_millis(duration_ms), Duration::from_millis(connect_timeout_ms));
-                let report = send(to, conns, duration, seed, connect).await;
+                let report =
+                    send(to, conns, (Duration::from_millis(pause_ms), duration), seed, connect).await;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
@@ -462,7 +466,15 @@ async fn receive(stream: TcpStream, stall: Duration) -> std::io::Result<()> {
     write.shutdown().await
 }
 
-async fn send(to: SocketAddr, conns: u32, duration: Duration, seed: u64, connect: Duration) -> SendReport {
+/// `timing`: the pause after the header, and how long to stream.
+async fn send(
+    to: SocketAddr,
+    conns: u32,
+    timing: (Duration, Duration),
+    seed: u64,
+    connect: Duration,
+) -> SendReport {
+    let duration = timing.0 + timing.1;
     let started = Instant::now();
     let tasks: Vec<_> = (0..conns)
         .map(|i| {
@@ -470,7 +482,7 @@ async fn send(to: SocketAddr, conns: u32, duration: Duration, seed: u64, connect
             // Generous: the sink may still be draining buffers when the sending stops.
             let limit = connect + duration + Duration::from_secs(60);
             tokio::spawn(async move {
-                match tokio::time::timeout(limit, send_one(to, duration, seed, connect)).await {
+                match tokio::time::timeout(limit, send_one(to, timing, seed, connect)).await {
                     Ok(result) => result,
                     Err(_) => Err(format!("stream timed out after {limit:?}")),
                 }
@@ -506,7 +518,7 @@ async fn send(to: SocketAddr, conns: u32, duration: Duration, seed: u64, connect
 /// the sink verified).
 async fn send_one(
     to: SocketAddr,
-    duration: Duration,
+    (pause, duration): (Duration, Duration),
     seed: u64,
     connect: Duration,
 ) -> Result<(u64, u64), String> {
@@ -517,6 +529,7 @@ async fn send_one(
     };
     let (read, mut write) = stream.into_split();
     write.write_all(format!("SEND {seed}\n").as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+    tokio::time::sleep(pause).await;
     let pattern = Pattern::new(seed);
     let deadline = Instant::now() + duration;
     let mut sent = 0u64;
