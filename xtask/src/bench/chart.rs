@@ -333,6 +333,7 @@ mod tests {
                 added_p99_us: None,
                 cpu_secs_per_1k: None,
                 cpu_vs_mtls: None,
+                added_machine_cpu_per_1k: None,
             }],
             http_latency: Vec::new(),
             connect: None,

@@ -91,7 +91,12 @@ pub fn number(value: Option<f64>, decimals: usize) -> String {
 
 /// Formats an added latency in µs with its sign (`+31`, `-2`), or `—`.
 pub fn added(value: Option<f64>) -> String {
-    value.map_or_else(|| "—".into(), |v| format!("{v:+.0}"))
+    signed(value, 0)
+}
+
+/// Formats a difference with its sign and `decimals` decimals (`+0.031`), or `—`.
+pub fn signed(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "—".into(), |v| format!("{v:+.decimals$}"))
 }
 
 /// Returns the tables of a run.
@@ -141,7 +146,9 @@ pub fn tables(meta: &Meta, summary: &[ModeSummary]) -> Vec<Table> {
             ),
             note: Some(
                 "A run whose achieved rate is off the target by more than ±2 % is discarded. vCPU per 1k req/s is \
-                 both proxies' CPU seconds per 1,000 requests (/proc/<pid>/stat)."
+                 both proxies' CPU seconds per 1,000 requests (/proc/<pid>/stat). Added machine vCPU: the whole \
+                 machine's busy CPU seconds per 1,000 requests (/proc/stat) less direct's in the same run: \
+                 everything the mesh costs, kernel work outside the proxies (softirqs, kernel workers) included."
                     .into(),
             ),
             ..table
@@ -259,6 +266,7 @@ fn latency_table(
                     if m.mode.has_proxies() { added(l.added_p50_us) } else { "—".into() },
                     if m.mode.has_proxies() { added(l.added_p99_us) } else { "—".into() },
                     number(l.cpu_secs_per_1k, 3),
+                    if m.mode.has_proxies() { signed(l.added_machine_cpu_per_1k, 3) } else { "—".into() },
                 ];
                 if vs_mtls {
                     row.push(ratio(l.cpu_vs_mtls));
@@ -272,10 +280,20 @@ fn latency_table(
             })
         })
         .collect();
-    let mut header: Vec<String> =
-        ["mode", "req/s", "p50", "p90", "p99", "p99.9", "added p50", "added p99", "vCPU per 1k req/s"]
-            .map(String::from)
-            .to_vec();
+    let mut header: Vec<String> = [
+        "mode",
+        "req/s",
+        "p50",
+        "p90",
+        "p99",
+        "p99.9",
+        "added p50",
+        "added p99",
+        "vCPU per 1k req/s",
+        "added machine vCPU",
+    ]
+    .map(String::from)
+    .to_vec();
     if vs_mtls {
         header.push("CPU × mTLS".into());
     }
@@ -438,6 +456,7 @@ mod tests {
                     added_p99_us: Some(0.0),
                     cpu_secs_per_1k: None,
                     cpu_vs_mtls: None,
+                    added_machine_cpu_per_1k: None,
                 }],
                 http_latency: Vec::new(),
                 connect: None,
@@ -464,6 +483,7 @@ mod tests {
                     added_p99_us: Some(80.0),
                     cpu_secs_per_1k: Some(0.0321),
                     cpu_vs_mtls: None,
+                    added_machine_cpu_per_1k: Some(0.0456),
                 }],
                 http_latency: Vec::new(),
                 connect: None,
@@ -476,7 +496,7 @@ mod tests {
         assert_eq!(tables[0].rows[1], ["HBONE mTLS", "6.00", "0.60×"]);
         assert_eq!(
             tables[1].rows[1],
-            ["HBONE mTLS", "1000", "90", "100", "150", "300", "+50", "+80", "0.032", "4/5"]
+            ["HBONE mTLS", "1000", "90", "100", "150", "300", "+50", "+80", "0.032", "+0.046", "4/5"]
         );
         assert_eq!(tables[1].rows[0][6], "—", "the baseline adds nothing to itself");
     }
@@ -496,6 +516,7 @@ mod tests {
             added_p99_us: Some(150.0),
             cpu_secs_per_1k: cpu,
             cpu_vs_mtls: vs,
+            added_machine_cpu_per_1k: None,
         };
         let mode = |mode, http_latency| ModeSummary {
             mode,
@@ -515,7 +536,8 @@ mod tests {
         assert_eq!(tables.len(), 1, "HTTP runs only: one table");
         let table = &tables[0];
         assert!(table.title.starts_with("HTTP/1.1 latency") && table.title.contains("16 keep-alive"));
-        assert_eq!(table.header[9], "CPU × mTLS");
+        assert_eq!(table.header[9], "added machine vCPU");
+        assert_eq!(table.header[10], "CPU × mTLS");
         assert_eq!(
             table.rows[2],
             [
@@ -528,11 +550,12 @@ mod tests {
                 "+100",
                 "+150",
                 "0.250",
+                "—",
                 "2.50×",
                 "5/5"
             ]
         );
-        assert_eq!(table.rows[3][8..], ["—", "—", "5/5"], "nothing to compare");
+        assert_eq!(table.rows[3][8..], ["—", "—", "—", "5/5"], "nothing to compare");
         assert_eq!(table.rows[0][6], "—");
     }
 }

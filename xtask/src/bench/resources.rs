@@ -1,5 +1,7 @@
 //! What the proxies cost, read from `/proc`: CPU time (`/proc/<pid>/stat`, user + system) and
-//! resident memory (`VmRSS` in `/proc/<pid>/status`) of the mesh-node processes.
+//! resident memory (`VmRSS` in `/proc/<pid>/status`) of the mesh-node processes, and the whole
+//! machine's busy CPU time (`/proc/stat`), which also holds what the kernel does for the mesh
+//! outside the proxies' own time (softirqs, kernel workers).
 
 use std::time::Duration;
 
@@ -58,6 +60,21 @@ pub fn ticks_per_second() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
+/// Returns the machine's busy time so far (all CPUs: user, nice, system, irq, softirq, steal;
+/// not idle or iowait), in clock ticks, from the text of `/proc/stat`.
+pub fn parse_machine_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal, ..] = fields[..] else { return None };
+    Some(user + nice + system + irq + softirq + steal)
+}
+
+/// Reads [`parse_machine_busy_ticks`] now.
+pub fn machine_busy_ticks() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_machine_busy_ticks(&stat).context("no cpu line in /proc/stat")
 }
 
 /// Returns the CPU time spent between two readings of the same processes.
@@ -125,6 +142,14 @@ mod tests {
         assert_eq!(parse_rss_kib("VmRSS:\t12 MB\n"), None, "an unknown unit is not guessed");
         assert_eq!(parse_status_kib(status, "VmPeak"), Some(99_999));
         assert_eq!(parse_status_kib("VmHWMx:\t1 kB\nVmHWM:\t2 kB\n", "VmHWM"), Some(2), "the exact field");
+    }
+
+    #[test]
+    fn machine_busy_time_leaves_out_idle_and_iowait() {
+        let stat = "cpu  100 2 30 9000 50 4 6 8 0 0\ncpu0 50 1 15 4500 25 2 3 4 0 0\n";
+        assert_eq!(super::parse_machine_busy_ticks(stat), Some(100 + 2 + 30 + 4 + 6 + 8));
+        assert_eq!(super::parse_machine_busy_ticks("cpu  1 2 3\n"), None, "too few fields");
+        assert_eq!(super::parse_machine_busy_ticks("intr 5\n"), None);
     }
 
     #[test]

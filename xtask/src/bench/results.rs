@@ -196,6 +196,10 @@ pub struct LatencyRun {
     pub report: LoadReport,
     /// CPU seconds both proxies used during the run.
     pub proxy_cpu_secs: Option<f64>,
+    /// Busy CPU seconds of the whole machine during the run (load generator, apps, kernel and
+    /// proxies; the same for every mode but what the mesh adds).
+    #[serde(default)]
+    pub machine_cpu_secs: Option<f64>,
     /// Why the run is not counted (the rate was missed, it stalled, a response was not 200), if
     /// it is not.
     pub discarded: Option<String>,
@@ -288,6 +292,10 @@ pub struct LatencySummary {
     /// That CPU over HBONE mTLS's at the same rate in the same run (L7 policy against L4 only).
     #[serde(default)]
     pub cpu_vs_mtls: Option<f64>,
+    /// The whole machine's busy CPU seconds per 1,000 requests, less the direct path's: all the
+    /// mesh costs, including kernel work outside the proxies' own time.
+    #[serde(default)]
+    pub added_machine_cpu_per_1k: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -416,14 +424,16 @@ fn latency_summaries(runs: &[LatencyRun], mode: Mode) -> Vec<LatencySummary> {
     let pick = |runs: &[&LatencyRun], field: fn(&LoadReport) -> f64| -> Option<f64> {
         median(&runs.iter().map(|r| field(&r.report)).collect::<Vec<_>>())
     };
-    let cpu = |runs: &[&LatencyRun]| -> Option<f64> {
+    let per_1k = |runs: &[&LatencyRun], field: fn(&LatencyRun) -> Option<f64>| -> Option<f64> {
         let per_1k: Vec<f64> = runs
             .iter()
             .filter(|r| r.report.completed > 0)
-            .filter_map(|r| r.proxy_cpu_secs.map(|cpu| cpu * 1000.0 / r.report.completed as f64))
+            .filter_map(|r| field(r).map(|cpu| cpu * 1000.0 / r.report.completed as f64))
             .collect();
         median(&per_1k)
     };
+    let cpu = |runs: &[&LatencyRun]| per_1k(runs, |r| r.proxy_cpu_secs);
+    let machine = |runs: &[&LatencyRun]| per_1k(runs, |r| r.machine_cpu_secs);
     rates
         .into_iter()
         .map(|rate| {
@@ -449,6 +459,7 @@ fn latency_summaries(runs: &[LatencyRun], mode: Mode) -> Vec<LatencySummary> {
                     .zip(cpu(&kept(Mode::Mtls, rate)))
                     .filter(|(_, m)| *m > 0.0)
                     .map(|(c, m)| c / m),
+                added_machine_cpu_per_1k: machine(&mine).zip(machine(&base)).map(|(m, b)| m - b),
             }
         })
         .collect()
@@ -487,6 +498,7 @@ mod tests {
 
     fn lat(mode: Mode, p50: f64, p99: f64, cpu: Option<f64>, discarded: bool) -> LatencyRun {
         LatencyRun {
+            machine_cpu_secs: None,
             mode,
             round: 0,
             report: LoadReport {

@@ -293,7 +293,9 @@ fn latency_run(
     }
     bed.settle(Duration::from_secs(2));
     let before = bed.sample_proxies()?;
+    let machine_before = resources::machine_busy_ticks()?;
     let report: LoadReport = in_pod(bed, &args)?;
+    let machine_after = resources::machine_busy_ticks()?;
     let after = bed.sample_proxies()?;
     let discarded = report.discard_reason();
     if smoke && discarded.is_some() && discarded != report.rate_miss() {
@@ -303,7 +305,9 @@ fn latency_run(
         .mode
         .has_proxies()
         .then(|| resources::cpu_between(&before, &after, resources::ticks_per_second()).as_secs_f64());
-    Ok(LatencyRun { mode: bed.mode, round, report, proxy_cpu_secs, discarded })
+    let machine_cpu_secs =
+        Some(machine_after.saturating_sub(machine_before) as f64 / resources::ticks_per_second() as f64);
+    Ok(LatencyRun { mode: bed.mode, round, report, proxy_cpu_secs, machine_cpu_secs, discarded })
 }
 
 fn connect_run(bed: &Bed, plan: &Plan, round: u32) -> anyhow::Result<ConnectRun> {
@@ -493,7 +497,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                     if let Some((_, why)) = saturated.iter().find(|(m, _)| *m == mode) {
                         let report = LoadReport { target_rps: rate, ..LoadReport::default() };
                         let discarded = Some(format!("not run: {why}"));
-                        let run = LatencyRun { mode, round, report, proxy_cpu_secs: None, discarded };
+                        let run = LatencyRun {
+                            mode,
+                            round,
+                            report,
+                            proxy_cpu_secs: None,
+                            machine_cpu_secs: None,
+                            discarded,
+                        };
                         match wire {
                             Wire::Raw => results.latency.push(run),
                             Wire::Http => results.http_latency.push(run),
