@@ -27,7 +27,7 @@ pub struct ProgramUse {
     pub since: KernelVersion,
 }
 
-pub const PROGRAM_TYPES: [ProgramUse; 3] = [
+pub const PROGRAM_TYPES: [ProgramUse; 4] = [
     ProgramUse {
         name: "cgroup_sock_addr",
         program_type: ProgramType::CgroupSockAddr,
@@ -46,6 +46,13 @@ pub const PROGRAM_TYPES: [ProgramUse; 3] = [
         programs: "capture_inbound",
         since: KernelVersion::new(5, 9),
     },
+    // The kernel relay of plain TCP; mesh-node relays in the proxy where it does not load.
+    ProgramUse {
+        name: "sk_skb",
+        program_type: ProgramType::SkSkb,
+        programs: "relay_in_kernel",
+        since: KernelVersion::new(4, 14),
+    },
 ];
 
 /// A helper and the program types that call it, each with the kernel that first allows it
@@ -59,12 +66,13 @@ pub struct HelperUse {
 const CONNECT: ProgramType = ProgramType::CgroupSockAddr;
 const SOCK_OPS: ProgramType = ProgramType::SockOps;
 const SK_LOOKUP: ProgramType = ProgramType::SkLookup;
+const SK_SKB: ProgramType = ProgramType::SkSkb;
 
-pub const HELPERS: [HelperUse; 10] = [
+pub const HELPERS: [HelperUse; 12] = [
     HelperUse {
         name: "bpf_map_lookup_elem",
         helper: BpfHelper::BPF_FUNC_map_lookup_elem,
-        callers: &[(CONNECT, None), (SOCK_OPS, None), (SK_LOOKUP, None)],
+        callers: &[(CONNECT, None), (SOCK_OPS, None), (SK_LOOKUP, None), (SK_SKB, None)],
     },
     HelperUse {
         name: "bpf_map_update_elem",
@@ -79,7 +87,18 @@ pub const HELPERS: [HelperUse; 10] = [
     HelperUse {
         name: "bpf_get_socket_cookie",
         helper: BpfHelper::BPF_FUNC_get_socket_cookie,
-        callers: &[(CONNECT, None), (SOCK_OPS, None)],
+        callers: &[(CONNECT, None), (SOCK_OPS, None), (SK_SKB, None)],
+    },
+    HelperUse {
+        name: "bpf_sk_redirect_hash",
+        helper: BpfHelper::BPF_FUNC_sk_redirect_hash,
+        callers: &[(SK_SKB, None)],
+    },
+    // The relay's budget reports.
+    HelperUse {
+        name: "bpf_ringbuf_output",
+        helper: BpfHelper::BPF_FUNC_ringbuf_output,
+        callers: &[(SK_SKB, Some(KernelVersion::new(5, 8)))],
     },
     HelperUse {
         name: "bpf_get_netns_cookie",
@@ -125,12 +144,20 @@ pub const MAP_TYPES: [MapUse; 6] = [
     MapUse {
         name: "hash",
         map_type: MapType::Hash,
-        maps: "ENROLLED_NETNS, EXCLUDED_PORTS, ENROLLED_ADDRS, DELIVERIES",
+        maps: "ENROLLED_NETNS, EXCLUDED_PORTS, ENROLLED_ADDRS, DELIVERIES, RELAY_LIMITS, RELAY_PROGRESS",
     },
     MapUse { name: "lru_hash", map_type: MapType::LruHash, maps: "ORIG_DST_BY_COOKIE, ORIG_DST_BY_PORT" },
-    MapUse { name: "sockhash", map_type: MapType::SockHash, maps: "INBOUND_LISTENERS" },
+    MapUse {
+        name: "sockhash",
+        map_type: MapType::SockHash,
+        maps: "INBOUND_LISTENERS, RELAY_RECEIVERS, RELAY_TARGETS",
+    },
     MapUse { name: "percpu_array", map_type: MapType::PerCpuArray, maps: "CAPTURE_STATS" },
-    MapUse { name: "ringbuf", map_type: MapType::RingBuf, maps: "AYA_LOGS (kernel log records)" },
+    MapUse {
+        name: "ringbuf",
+        map_type: MapType::RingBuf,
+        maps: "AYA_LOGS (kernel log records), RELAY_EVENTS",
+    },
     MapUse { name: "array", map_type: MapType::Array, maps: ".rodata (AYA_LOG_LEVEL and constants)" },
 ];
 
@@ -279,6 +306,7 @@ mod tests {
                 "CgroupSockAddr { attach_type: Connect4 }",
                 "CgroupSockAddr { attach_type: Connect6 }",
                 "SkLookup",
+                "SkSkbStream { kind: StreamVerdict }",
                 "SockOps"
             ],
             "the program types `check` probes: {}",
