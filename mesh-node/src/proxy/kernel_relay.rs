@@ -177,24 +177,21 @@ impl KernelRelay {
             (Ok(a), Ok(b)) => (a, b),
             (Err(err), _) | (_, Err(err)) => return Handover::Relayed(Err(err)),
         };
-        let ab = Direction::new(
-            &a,
-            &b,
-            cookies[0],
-            before[0],
-            written_bases[0],
-            &registration.events[0],
-            self.hangups.watch(a.as_fd()),
-        );
-        let ba = Direction::new(
-            &b,
-            &a,
-            cookies[1],
-            before[1],
-            written_bases[1],
-            &registration.events[1],
-            self.hangups.watch(b.as_fd()),
-        );
+        // Direction `i` reads socket `i` and writes the other one.
+        let sockets = [&a, &b];
+        let direction = |i: usize| -> io::Result<Direction<'_>> {
+            Ok(Direction {
+                from: sockets[i],
+                to: sockets[1 - i],
+                cookie: cookies[i],
+                before: before[i],
+                written_base: written_bases[i],
+                budget: &registration.events[i],
+                watch: self.hangups.watch(sockets[i].as_fd())?,
+                counted: before[i],
+            })
+        };
+        let (ab, ba) = (direction(0), direction(1));
         let result = match (ab, ba) {
             (Ok(ab), Ok(ba)) => self.watch_ends(ab, ba, a_to_b, b_to_a).await,
             (Err(err), _) | (_, Err(err)) => Err(err),
@@ -369,19 +366,7 @@ struct Direction<'a> {
     counted: u64,
 }
 
-impl<'a> Direction<'a> {
-    fn new(
-        from: &'a std::net::TcpStream,
-        to: &'a std::net::TcpStream,
-        cookie: u64,
-        before: u64,
-        written_base: u64,
-        budget: &'a Notify,
-        watch: io::Result<hangup::Watch>,
-    ) -> io::Result<Self> {
-        Ok(Direction { from, to, cookie, before, written_base, budget, watch: watch?, counted: before })
-    }
-
+impl Direction<'_> {
     fn refresh<M: Meter>(&mut self, meter: &M) -> io::Result<()> {
         let received = tcp_counters(self.from.as_fd())?.received;
         meter.add(received.saturating_sub(self.counted));
