@@ -425,7 +425,7 @@ impl Metrics {
             registry.register(
                 "plaintext_relay_connections",
                 "Plain TCP connections by who relayed their bytes: the kernel (sk_skb redirect), the \
-                 proxy (bytes left unread at the hand-over), or failed (relay maps full); and \
+                 proxy (over within the warm-up, or bulk), or failed (relay maps full); and \
                  taken_over: directions the proxy took back from the kernel (slow receiver, bulk)",
                 connections,
             );

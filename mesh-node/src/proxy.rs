@@ -54,7 +54,7 @@ pub fn reset(stream: tokio::net::TcpStream) {
 }
 
 /// Makes closing the connection send a reset (used where the stream is owned elsewhere).
-pub fn set_reset_on_close(stream: &tokio::net::TcpStream) {
+pub fn set_reset_on_close(stream: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 

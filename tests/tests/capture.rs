@@ -81,6 +81,14 @@ fn cross_node_connection_is_captured_on_both_nodes_and_64mib_arrive_intact() {
         BYTES
     );
     assert_eq!(sample(r#"nodemesh_ebpf_events_total{event="inbound_assigned"}"#), 1);
+    // Each node relayed the connection once: whole in the proxy (a bulk transfer, normally) or
+    // in the kernel, never both and never lost from the count.
+    for node in NodeId::ALL {
+        let text = topology.node_metrics(node).expect("metrics");
+        let relayed =
+            |relay| prometheus::sum(&text, "nodemesh_plaintext_relay_connections_total", &[("relay", relay)]);
+        assert_eq!((relayed("kernel") + relayed("proxy"), relayed("failed")), (1.0, 0.0), "{node:?}");
+    }
     assert!(metrics.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
 }
 

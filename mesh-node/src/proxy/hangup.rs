@@ -79,7 +79,8 @@ impl Hangups {
         Ok(watch)
     }
 
-    /// Sockets registered now (for tests and the admin endpoint).
+    /// Sockets registered now.
+    #[cfg(test)]
     pub fn registered(&self) -> usize {
         lock(&self.inner.waiting).len()
     }

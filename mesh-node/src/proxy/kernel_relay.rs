@@ -3,9 +3,9 @@
 //! proxy is not woken for the connection's bytes at all, only for its ends.
 //!
 //! Handing a connection over is safe only at a byte boundary the kernel agrees on: the program
-//! sees whole received segments, so nothing may be half-read by the proxy. A socket the proxy
-//! never read is clean; one it has read from (protocol sniffing) is clean once nothing unread is
-//! queued. After the hand-over the proxy only watches for ends and errors ([`super::hangup`]).
+//! sees whole received segments, so nothing may be half-read by the proxy. The connection comes
+//! from its warm-up ([`super::warm_up`]) with nothing unread on either socket. After the
+//! hand-over the proxy only watches for ends and errors ([`super::hangup`]).
 //!
 //! The kernel moves bytes asynchronously (a work item per socket), so an end of stream can be
 //! seen before the last bytes have left. A half-close is passed on only once the partner has
@@ -16,8 +16,8 @@
 //! whose receiver is slow. Each direction may run [`RELAY_BUDGET`] ahead of what its partner
 //! has sent on; at the low-water mark the program tells the proxy, which extends the limit if
 //! the partner keeps up. If it does not (a slow receiver, or a bulk transfer, which the proxy's
-//! splice relay moves faster than the kernel's work item), the program leaves every further
-//! byte to the proxy, which takes that direction over with ordinary backpressure.
+//! splice relay moves faster than the kernel's work item), the program reports the overrun and
+//! the proxy takes that direction back, with the ordinary backpressure of a receive buffer.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -62,6 +62,7 @@ pub struct KernelRelay {
 /// Connections by how they were relayed.
 #[derive(Debug, Default)]
 struct RelayCounts {
+    active: AtomicU64,
     kernel: AtomicU64,
     proxy: AtomicU64,
     failed: AtomicU64,
@@ -75,7 +76,7 @@ pub struct RelayedConnections {
     pub active: u64,
     /// Handed to the kernel.
     pub kernel: u64,
-    /// Relayed by the proxy: unread bytes kept the receive queue from a clean boundary.
+    /// Relayed whole by the proxy: over within the warm-up, or a bulk transfer.
     pub proxy: u64,
     /// Refused by the maps (full): relayed by the proxy, or reset when half handed over.
     pub failed: u64,
@@ -120,11 +121,15 @@ impl KernelRelay {
         })
     }
 
+    /// Counts a connection the proxy relayed whole (it never came here).
+    pub fn relayed_by_proxy(&self) {
+        self.counts.proxy.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> RelayedConnections {
         let counts = &self.counts;
         RelayedConnections {
-            // Each relayed connection watches its two sockets.
-            active: (self.hangups.registered() / 2) as u64,
+            active: counts.active.load(Ordering::Relaxed),
             kernel: counts.kernel.load(Ordering::Relaxed),
             proxy: counts.proxy.load(Ordering::Relaxed),
             failed: counts.failed.load(Ordering::Relaxed),
@@ -143,7 +148,8 @@ impl KernelRelay {
         a_to_b: &M,
         b_to_a: &N,
     ) -> Handover {
-        let cookies = match (socket_cookie(a.as_fd()), socket_cookie(b.as_fd())) {
+        let cookie = |socket: &TcpStream| socket2::SockRef::from(socket).cookie();
+        let cookies = match (cookie(&a), cookie(&b)) {
             (Ok(a), Ok(b)) => [a, b],
             (Err(err), _) | (_, Err(err)) => return Handover::Relayed(Err(err)),
         };
@@ -155,7 +161,7 @@ impl KernelRelay {
             (Err(err), _) | (_, Err(err)) => return Handover::Relayed(Err(err)),
         };
         // Registered first: the program may report a budget event as soon as it runs.
-        let registration = Registration::new(self, cookies);
+        let mut registration = Registration::new(self, cookies);
         if let Err(err) = self.hand_over(&a, &b, cookies) {
             self.counts.failed.fetch_add(1, Ordering::Relaxed);
             return match err {
@@ -172,6 +178,7 @@ impl KernelRelay {
             };
         }
         self.counts.kernel.fetch_add(1, Ordering::Relaxed);
+        registration.mark_active();
         // Off tokio's epoll: from here on, the sockets' data must wake nobody.
         let (a, b) = match (a.into_std(), b.into_std()) {
             (Ok(a), Ok(b)) => (a, b),
@@ -376,22 +383,32 @@ impl Direction<'_> {
 }
 
 /// A connection's entries in the budget maps and its event waiters, removed when it ends (the
-/// sockets leave the socket maps by themselves when they close).
+/// sockets leave the socket maps by themselves when they close), and its place in the count of
+/// active connections once handed over.
 struct Registration<'r> {
     relay: &'r KernelRelay,
     cookies: [u64; 2],
     events: [Arc<Notify>; 2],
+    active: bool,
 }
 
 impl<'r> Registration<'r> {
     fn new(relay: &'r KernelRelay, cookies: [u64; 2]) -> Self {
         let events = cookies.map(|cookie| relay.budget_events.register(cookie));
-        Registration { relay, cookies, events }
+        Registration { relay, cookies, events, active: false }
+    }
+
+    fn mark_active(&mut self) {
+        self.relay.counts.active.fetch_add(1, Ordering::Relaxed);
+        self.active = true;
     }
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
+        if self.active {
+            self.relay.counts.active.fetch_sub(1, Ordering::Relaxed);
+        }
         for cookie in self.cookies {
             self.relay.budget_events.unregister(cookie);
             let _ = lock(&self.relay.limits).remove(&cookie);
@@ -478,9 +495,8 @@ pub(super) fn shutdown_write(socket: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 fn reset_both(a: &impl AsFd, b: &impl AsFd) {
-    for socket in [a.as_fd(), b.as_fd()] {
-        let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
-    }
+    super::set_reset_on_close(a);
+    super::set_reset_on_close(b);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -493,22 +509,6 @@ fn socket_error(socket: BorrowedFd<'_>) -> io::Error {
         Ok(None) => io::Error::new(io::ErrorKind::ConnectionAborted, "the connection closed"),
         Err(err) => err,
     }
-}
-
-fn socket_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` are valid for the kernel to write.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(cookie) }
 }
 
 fn set_rcvlowat(socket: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {

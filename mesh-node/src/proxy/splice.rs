@@ -53,6 +53,9 @@ pub async fn relay_tcp<M: Meter, N: Meter>(
     if let Some(kernel) = kernel {
         let (settled, moved) = warm_up(&a, &b, a_to_b, b_to_a).await?;
         before = [before[0] + moved[0], moved[1]];
+        if settled != Settled::Idle {
+            kernel.relayed_by_proxy();
+        }
         match settled {
             Settled::Ended => return Ok((before[0], before[1])),
             Settled::Busy => {}

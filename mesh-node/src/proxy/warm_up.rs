@@ -31,9 +31,10 @@ pub enum Settled {
     Busy,
 }
 
-/// One direction's bytes between a read and its write.
+/// One direction's bytes between a read and its write. The buffer is taken at the first read:
+/// a connection that never sends in its warm-up costs none.
 struct Flow {
-    buffer: Box<[u8]>,
+    buffer: Vec<u8>,
     pending: Range<usize>,
     ended: bool,
     moved: u64,
@@ -41,7 +42,7 @@ struct Flow {
 
 impl Flow {
     fn new() -> Self {
-        Flow { buffer: vec![0; BUFFER_SIZE].into_boxed_slice(), pending: 0..0, ended: false, moved: 0 }
+        Flow { buffer: Vec::new(), pending: 0..0, ended: false, moved: 0 }
     }
 
     fn wants_read(&self) -> bool {
@@ -55,6 +56,9 @@ impl Flow {
     /// Reads what `from` has (an end of stream is passed on as a half-close), then writes as
     /// much of it as `to` takes.
     fn read<M: Meter>(&mut self, from: &TcpStream, to: &TcpStream, meter: &M) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            self.buffer = vec![0; BUFFER_SIZE];
+        }
         match from.try_read(&mut self.buffer) {
             Ok(0) => {
                 self.ended = true;
